@@ -1,0 +1,65 @@
+"""``HumanAlignment``: the reference alignment score of model maps with human maps, as a torchmetrics Metric."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from explain.metrics.base import ExplanationMetric
+from explain.metrics.functional.alignment import CLICKME_CEILING, per_image_spearman, top_fraction_dice_iou
+
+
+class HumanAlignment(ExplanationMetric):
+    """Alignment of explanation maps with human importance maps (Fel et al. 2022, reference evaluation).
+
+    ``update(maps [B,H,W], human [B,H,W], has_heatmap [B] = None)``; images without a human map are skipped.
+    ``compute()`` returns ``mean(spearman rho) / ceiling`` (the score reported in the paper, ceiling = ClickMe
+    inter-rater agreement 0.65753). ``compute_all()`` also gives the raw rho and the top-``fraction`` Dice/IoU.
+
+    The model map of the reference evaluation is ``|gradient|`` max over channels, not blurred
+    (``explain.Saliency``).
+    """
+
+    requires = ("maps", "human", "has_heatmap")
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(self, ceiling: float = CLICKME_CEILING, top_fraction: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < ceiling <= 1.0:
+            raise ValueError(f"ceiling must be in (0, 1], got {ceiling}")
+        if not 0.0 < top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        self.ceiling = ceiling
+        self.top_fraction = top_fraction
+        for key in ("rho_sum", "dice_sum", "iou_sum", "count"):
+            self.add_state(key, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, maps: Tensor, human: Tensor, has_heatmap: Tensor | None = None) -> None:
+        if has_heatmap is not None:
+            keep = has_heatmap.to(torch.bool).reshape(-1).to(maps.device)
+            if keep.shape[0] != maps.shape[0]:
+                raise ValueError(f"has_heatmap has {keep.shape[0]} entries for {maps.shape[0]} maps")
+            maps, human = maps[keep], human.to(maps.device)[keep]
+        if maps.shape[0] == 0:
+            return
+        rho = per_image_spearman(maps, human)
+        dice, iou = top_fraction_dice_iou(maps, human, self.top_fraction)
+        self.rho_sum += rho.double().sum()
+        self.dice_sum += dice.double().sum()
+        self.iou_sum += iou.double().sum()
+        self.count += rho.shape[0]
+
+    def compute_all(self) -> dict[str, Tensor]:
+        """``alignment`` (mean rho / ceiling), ``spearman`` (mean rho), ``dice`` and ``iou`` (top fraction)."""
+        count = self.count.clamp_min(1)
+        rho = self.rho_sum / count
+        return {
+            "alignment": (rho / self.ceiling).float(),
+            "spearman": rho.float(),
+            "dice": (self.dice_sum / count).float(),
+            "iou": (self.iou_sum / count).float(),
+        }
+
+    def compute(self) -> Tensor:
+        return self.compute_all()["alignment"]
