@@ -2,5 +2,19 @@
 
 from explain.metrics.alignment import HumanAlignment
 from explain.metrics.base import UPDATE_KEYS, ExplanationMetric
+from explain.metrics.drift import ExplanationDrift
+from explain.metrics.fidelity import Deletion, Insertion, MuFidelity
+from explain.metrics.functional.stability import mege_reco
+from explain.metrics.stability import AverageStability
 
-__all__ = ["ExplanationMetric", "HumanAlignment", "UPDATE_KEYS"]
+__all__ = [
+    "AverageStability",
+    "Deletion",
+    "ExplanationDrift",
+    "ExplanationMetric",
+    "HumanAlignment",
+    "Insertion",
+    "MuFidelity",
+    "UPDATE_KEYS",
+    "mege_reco",
+]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional import spearman_corrcoef
 
 CLICKME_CEILING = 0.65753
 
@@ -24,22 +23,57 @@ def _flatten_pair(maps: Tensor, human: Tensor) -> tuple[Tensor, Tensor]:
     return maps.flatten(1).float(), human.flatten(1).float().to(maps.device)
 
 
+def average_ranks(x: Tensor) -> Tensor:
+    """Ranks (1-based, float64) of the values of each row of ``x`` [B,N]; tied values share their average rank
+    (``scipy.stats.rankdata(method="average")`` per row)."""
+    b, n = x.shape
+    if x.numel() == 0:
+        return torch.zeros(b, n, dtype=torch.float64, device=x.device)
+    sorted_x, order = x.sort(dim=1)
+    starts_group = torch.ones_like(sorted_x, dtype=torch.bool)
+    starts_group[:, 1:] = sorted_x[:, 1:] != sorted_x[:, :-1]
+    # groups of tied values, numbered across the whole batch (row r's groups come after row r-1's)
+    group = starts_group.flatten().long().cumsum(0) - 1
+    position = torch.arange(n, dtype=torch.float64, device=x.device).repeat(b)
+    nb_groups = int(group[-1]) + 1
+    first = torch.full((nb_groups,), float(n), dtype=torch.float64, device=x.device)
+    first = first.scatter_reduce(0, group, position, reduce="amin")
+    last = torch.zeros(nb_groups, dtype=torch.float64, device=x.device).scatter_reduce(0, group, position, "amax")
+    sorted_ranks = ((first + last) / 2 + 1)[group].view(b, n)
+    return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)
+
+
+def rowwise_spearman(x: Tensor, y: Tensor) -> Tensor:
+    """Spearman rho [B] between the rows of ``x`` and ``y`` [B,N]: Pearson correlation of the average ranks
+    (ties handled as ``scipy.stats.spearmanr``), computed and returned in float64.
+
+    A constant row has no ranking and gets rho = 0 (scipy gives NaN); a row holding a NaN gets NaN.
+    """
+    if x.ndim != 2 or x.shape != y.shape:
+        raise ValueError(f"x and y must both be [B, N] of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    y = y.to(x.device)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(1, keepdim=True), ry - ry.mean(1, keepdim=True)
+    norm = (rx.square().sum(1) * ry.square().sum(1)).sqrt()
+    rho = (rx * ry).sum(1) / norm.clamp_min(torch.finfo(torch.float64).tiny)
+    # a constant row has all ranks equal: zero variance, no ranking
+    rho = torch.where(norm > 0, rho, torch.zeros_like(rho)).clamp(-1.0, 1.0)
+    return rho.masked_fill(x.isnan().any(1) | y.isnan().any(1), float("nan"))
+
+
 def per_image_spearman(maps: Tensor, human: Tensor) -> Tensor:
     """Spearman rho [B] between each model map [B,H,W] and its human map (ties get average ranks).
 
     A constant map has no ranking and gets rho = 0.
     """
-    maps, human = _flatten_pair(maps, human)
-    if maps.shape[0] == 0:
-        return maps.new_zeros(0)
-    # torchmetrics correlates columns: [H*W, B]
-    rho = spearman_corrcoef(maps.T.contiguous(), human.T.contiguous())
-    constant = (maps.amax(1) == maps.amin(1)) | (human.amax(1) == human.amin(1))
-    return torch.where(constant, torch.zeros_like(rho), rho).reshape(-1)
+    return rowwise_spearman(*_flatten_pair(maps, human)).float()
 
 
 def top_fraction_mask(maps: Tensor, fraction: float = 0.1) -> Tensor:
-    """Boolean mask [B,N] of the ``ceil(fraction * N)`` largest values of each flattened map (ties by index)."""
+    """Boolean mask [B,N] of the ``round(fraction * N)`` (at least 1) largest values of each flattened map (ties
+    by index)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     flat = maps.flatten(1)

@@ -1,0 +1,143 @@
+"""``Deletion``, ``Insertion`` and ``MuFidelity``: fidelity metrics as torchmetrics Metrics.
+
+They only accumulate sums of the per-image values of :mod:`explain.metrics.functional.fidelity` (synced across
+processes with ``dist_reduce_fx="sum"``); ``compute()`` is the mean over every image seen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from explain.metrics.base import ExplanationMetric
+from explain.metrics.functional.fidelity import (
+    Baseline,
+    auc,
+    deletion_curve,
+    insertion_curve,
+    mufidelity,
+    stage_sizes,
+)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+class _CausalFidelity(ExplanationMetric):
+    requires = ("model", "images", "targets", "maps")
+    is_differentiable = False
+    insertion: bool
+
+    def __init__(self, steps: int = 10, baseline: Baseline = 0.0, batch_size: int = 64, **kwargs) -> None:
+        super().__init__(**kwargs)
+        stage_sizes(1, steps)  # validates steps
+        _check_batch_size(batch_size)
+        self.steps = steps
+        self.baseline = baseline
+        self.batch_size = batch_size
+        dtype = torch.float64
+        self.add_state("auc_sum", default=torch.tensor(0.0, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("curve_sum", default=torch.zeros(steps + 1, dtype=dtype), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=dtype), dist_reduce_fx="sum")
+
+    def update(self, model: nn.Module, images: Tensor, targets: Tensor, maps: Tensor) -> None:
+        curve_fn = insertion_curve if self.insertion else deletion_curve
+        curves = curve_fn(model, images, targets, maps, self.steps, self.baseline, self.batch_size)
+        curves = curves.to(self.auc_sum.device, torch.float64)
+        self.auc_sum += auc(curves).sum()
+        self.curve_sum += curves.sum(0)
+        self.count += curves.shape[0]
+
+    def compute(self) -> Tensor:
+        """Mean area under the curve over every image seen."""
+        return (self.auc_sum / self.count.clamp_min(1)).float()
+
+    def compute_curve(self) -> Tensor:
+        """Mean curve [steps + 1] over every image seen, for a plot (synced like ``compute``: in a distributed
+        run every process must call it)."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+            return (self.curve_sum / self.count.clamp_min(1)).float()
+
+
+class Deletion(_CausalFidelity):
+    """Deletion (Petsiuk et al. 2018): area under ``f(x_k)[y]`` as the top pixels of the map are set to
+    ``baseline`` in ``steps`` equal stages (trapezoid mean). Lower is better.
+
+    ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean AUC.
+    """
+
+    insertion = False
+    higher_is_better = False
+
+
+class Insertion(_CausalFidelity):
+    """Insertion (Petsiuk et al. 2018): area under ``f(x_k)[y]`` as the top pixels of the map are copied onto
+    the ``baseline`` image in ``steps`` equal stages (trapezoid mean). Higher is better.
+
+    ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean AUC.
+    """
+
+    insertion = True
+    higher_is_better = True
+
+
+class MuFidelity(ExplanationMetric):
+    """MuFidelity (Bhatt et al. 2020): mean over images of the Spearman rho between the score drops of random
+    cell removals and the attribution of the removed cells (:func:`~explain.metrics.functional.mufidelity`).
+    Higher is better (1: the map ranks the removals exactly as the model does).
+
+    ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean rho.
+    """
+
+    requires = ("model", "images", "targets", "maps")
+    higher_is_better = True
+    is_differentiable = False
+
+    def __init__(
+        self,
+        grid_size: int = 9,
+        subset_percent: float = 0.2,
+        nb_samples: int = 200,
+        baseline: Baseline = 0.0,
+        batch_size: int = 64,
+        seed: int | None = 0,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_batch_size(batch_size)
+        if not isinstance(grid_size, int) or grid_size < 1:
+            raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
+        if not 0.0 < subset_percent < 1.0:
+            raise ValueError(f"subset_percent must be in (0, 1), got {subset_percent}")
+        if not isinstance(nb_samples, int) or nb_samples < 2:
+            raise ValueError(f"nb_samples must be an int >= 2, got {nb_samples!r}")
+        self.grid_size = grid_size
+        self.subset_percent = subset_percent
+        self.nb_samples = nb_samples
+        self.baseline = baseline
+        self.batch_size = batch_size
+        self.seed = seed
+        self.add_state("rho_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, model: nn.Module, images: Tensor, targets: Tensor, maps: Tensor) -> None:
+        rho = mufidelity(
+            model,
+            images,
+            targets,
+            maps,
+            grid_size=self.grid_size,
+            subset_percent=self.subset_percent,
+            nb_samples=self.nb_samples,
+            baseline=self.baseline,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        self.rho_sum += rho.to(self.rho_sum.device, torch.float64).sum()
+        self.count += rho.shape[0]
+
+    def compute(self) -> Tensor:
+        """Mean Spearman rho over every image seen."""
+        return (self.rho_sum / self.count.clamp_min(1)).float()

@@ -1,0 +1,60 @@
+"""Human alignment: per-image Spearman against scipy, top-fraction Dice/IoU against sets, metric merging."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from explain.metrics import HumanAlignment
+from explain.metrics.functional import per_image_spearman, rowwise_spearman, top_fraction_dice_iou
+
+
+def _scipy_rho(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return np.array([spearmanr(x.flatten().numpy(), y.flatten().numpy())[0] for x, y in zip(a, b)])
+
+
+def test_per_image_spearman_matches_scipy_with_ties():
+    maps = torch.rand(6, 12, 12)
+    human = 0.5 * maps + torch.rand(6, 12, 12)
+    maps = (maps * 5).round()  # many ties
+    human[::2] = (human[::2] * 3).floor()  # ties on both sides
+    rho = per_image_spearman(maps, human)
+    np.testing.assert_allclose(rho.numpy(), _scipy_rho(maps, human), atol=1e-5)
+
+
+def test_rowwise_spearman_negative_and_constant_rows():
+    x = torch.rand(3, 50)
+    y = torch.stack([-x[0], x[1] ** 3, torch.ones(50)])
+    rho = rowwise_spearman(x, y)
+    assert rho[0] == pytest.approx(-1.0, abs=1e-5)
+    assert rho[1] == pytest.approx(1.0, abs=1e-5)
+    assert rho[2] == 0.0  # scipy gives NaN for a constant input; the metric counts it as no correlation
+    x[1, 3] = float("nan")
+    assert rowwise_spearman(x, y)[1].isnan()  # a broken map shows, it is not ranked as a number
+    with pytest.raises(ValueError, match="same shape"):
+        rowwise_spearman(x, y[:, :10])
+
+
+def test_top_fraction_dice_iou_match_set_computation():
+    maps, human = torch.rand(4, 10, 10), torch.rand(4, 10, 10)
+    dice, iou = top_fraction_dice_iou(maps, human, fraction=0.1)
+    for i in range(4):
+        a = set(maps[i].flatten().argsort(descending=True)[:10].tolist())
+        b = set(human[i].flatten().argsort(descending=True)[:10].tolist())
+        assert dice[i].item() == pytest.approx(2 * len(a & b) / (len(a) + len(b)))
+        assert iou[i].item() == pytest.approx(len(a & b) / len(a | b))
+
+
+def test_human_alignment_merged_halves_equal_single_instance():
+    maps, human = torch.rand(8, 9, 9), torch.rand(8, 9, 9)
+    has = torch.tensor([True, True, False, True, True, True, False, True])
+    whole = HumanAlignment()
+    whole.update(maps=maps, human=human, has_heatmap=has)
+    first, second = HumanAlignment(), HumanAlignment()
+    first.update(maps=maps[:4], human=human[:4], has_heatmap=has[:4])
+    second.update(maps=maps[4:], human=human[4:], has_heatmap=has[4:])
+    first.merge_state(second)
+    for key, value in whole.compute_all().items():
+        assert first.compute_all()[key].item() == pytest.approx(value.item(), abs=1e-6)
+    expected = _scipy_rho(maps[has], human[has]).mean() / 0.65753
+    assert whole.compute().item() == pytest.approx(expected, abs=1e-5)
