@@ -1,0 +1,105 @@
+"""Split a classifier into ``input_to_latent`` (g) and ``latent_to_logit`` (h), with ``model = h o g``.
+
+CRAFT factorizes the activations of ``g`` (Fel et al. 2023). :func:`split_model` handles
+
+* ``nn.Sequential`` models (the project's networks: ``features``..., a global pooling child, ``flatten``,
+  ``head``), split after a named child, by default the child just before the first global pooling layer;
+* torchvision ResNets (whose ``forward`` flattens before ``fc``), by default after ``layer4``.
+
+CRAFT needs ``g >= 0``. 1-Lipschitz networks with GroupSort2/MaxMin activations have signed activations:
+``sign_split=True`` makes the split exact for them too, with ``g'(x) = cat(relu(z), relu(-z))`` (``z = g(x)``,
+twice the channels, nonnegative) and ``h'(p, n) = h(p - n)``, since ``relu(z) - relu(-z) = z``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd
+
+
+class SignSplit(nn.Module):
+    """``z -> cat(relu(z), relu(-z))`` along ``dim`` (channels): nonnegative, and exactly invertible."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.cat([z.clamp_min(0), (-z).clamp_min(0)], dim=self.dim)
+
+
+class SignMerge(nn.Module):
+    """``cat(p, n) -> p - n`` along ``dim``: the inverse of :class:`SignSplit`."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, latent: Tensor) -> Tensor:
+        positive, negative = latent.chunk(2, dim=self.dim)
+        return positive - negative
+
+
+def is_global_pooling(module: nn.Module) -> bool:
+    """An adaptive average/max pooling to 1 x 1 (deel-torchlip's scaled and L2-norm variants included)."""
+    if not isinstance(module, (_AdaptiveAvgPoolNd, _AdaptiveMaxPoolNd)):
+        return False
+    size = module.output_size
+    sizes = size if isinstance(size, (tuple, list)) else (size,)
+    return all(s == 1 for s in sizes)
+
+
+def _children(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], bool]:
+    """Named children in forward order, and whether ``flatten`` must be inserted after global pooling."""
+    if isinstance(model, nn.Sequential):
+        return list(model.named_children()), False
+    try:
+        from torchvision.models import ResNet
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        ResNet = ()  # noqa: N806
+    if isinstance(model, ResNet):
+        return list(model.named_children()), True
+    raise TypeError(
+        f"split_model handles nn.Sequential models and torchvision ResNets, got {type(model).__name__}: "
+        "write the two parts yourself, e.g. input_to_latent = lambda x: ...features(x) (activations >= 0) and "
+        "latent_to_logit = lambda a: ...head(a), and pass them to Craft"
+    )
+
+
+def split_model(
+    model: nn.Module, at: str | None = None, *, sign_split: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """``(input_to_latent, latent_to_logit)``: two ``nn.Sequential`` sharing ``model``'s modules (module docstring).
+
+    ``at``: name of the last child of ``input_to_latent`` (e.g. ``"layer3"``, ``"features"``); by default the
+    child before the first global pooling layer. ``sign_split``: make signed activations nonnegative, exactly.
+    """
+    children, flatten_before_linear = _children(model)
+    names = [name for name, _ in children]
+    if at is None:
+        pooling = [i for i, (_, module) in enumerate(children) if is_global_pooling(module)]
+        if not pooling or pooling[0] == 0:
+            raise ValueError(
+                f"no global pooling child (AdaptiveAvgPool2d(1), ...) found after a first child in "
+                f"{type(model).__name__} with children {names}: pass at=<name of the last child of "
+                "input_to_latent>"
+            )
+        cut = pooling[0]
+    elif at in names:
+        cut = names.index(at) + 1
+        if cut == len(names):
+            raise ValueError(f"at={at!r} is the last child of the model: latent_to_logit would be empty")
+    else:
+        raise ValueError(f"at={at!r} is not a child of {type(model).__name__}; its children are {names}")
+    head = list(children[cut:])
+    if flatten_before_linear:
+        linear = next((i for i, (_, m) in enumerate(head) if isinstance(m, nn.Linear)), len(head))
+        head.insert(linear, ("flatten", nn.Flatten(1)))
+    body = list(children[:cut])
+    if sign_split:
+        body.append(("sign_split", SignSplit()))
+        head.insert(0, ("sign_merge", SignMerge()))
+    return nn.Sequential(OrderedDict(body)), nn.Sequential(OrderedDict(head))
