@@ -1,0 +1,21 @@
+"""LightningDataModules that yield the batch dict of the data contract (DESIGN section 2).
+
+``image`` float [B, 3, H, W] in [0, 1], ``label`` int64 [B], ``heatmap`` float [B, H, W] in [0, 1] (zeros where
+there is no human map), ``has_heatmap`` bool [B]. Image and map always get the same crop and flip.
+"""
+
+from datamodules.augmentation import PairedTransform, eval_transform, train_transform
+from datamodules.clickme_folder import ClickMeFolderDataModule
+from datamodules.clickme_heatmap import clickme_heatmap
+from datamodules.clickme_tfrecord import ClickMeTFRecordDataModule
+from datamodules.shortcut import ShortcutShapesDataModule
+
+__all__ = [
+    "ClickMeFolderDataModule",
+    "ClickMeTFRecordDataModule",
+    "PairedTransform",
+    "ShortcutShapesDataModule",
+    "clickme_heatmap",
+    "eval_transform",
+    "train_transform",
+]
