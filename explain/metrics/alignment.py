@@ -45,9 +45,10 @@ class HumanAlignment(ExplanationMetric):
             return
         rho = per_image_spearman(maps, human)
         dice, iou = top_fraction_dice_iou(maps, human, self.top_fraction)
-        self.rho_sum += rho.double().sum()
-        self.dice_sum += dice.double().sum()
-        self.iou_sum += iou.double().sum()
+        device = self.rho_sum.device
+        self.rho_sum += rho.double().sum().to(device)
+        self.dice_sum += dice.double().sum().to(device)
+        self.iou_sum += iou.double().sum().to(device)
         self.count += rho.shape[0]
 
     def compute_all(self) -> dict[str, Tensor]:

@@ -9,7 +9,8 @@
   trained without fold ``i``. For an image of fold ``f``, the maps of model ``f`` (which never saw it) and of each
   other model ``j`` are compared with ``d = sqrt(1 - |spearman rho|)`` (the pairs xplique uses: one model of the
   pair did not see the image). Pairs where both models are right form ``S=``, pairs where exactly one is right
-  ``S!=`` (pairs where both are wrong are not used).
+  ``S!=`` (pairs where both are wrong are not used). A constant map has no ranking: rho = 0 here, so ``d = 1``
+  (xplique gets NaN from scipy and drops the pair).
   ``MeGe = 1 / (1 + mean S=)``; ``ReCo = max_gamma TPR + TNR - 1`` for the test "``d > gamma`` means exactly
   one model is right", over every threshold.
 """
@@ -91,6 +92,7 @@ def average_stability(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     distance_fn = resolve_distance(distance)
     images, targets = check_images_targets(images, targets)
+    targets = targets.to(images.device)  # indexed below by positions on the images' device
     if maps is None:
         maps = explainer(images, targets)
     if maps.shape != (images.shape[0], *images.shape[-2:]):
@@ -166,6 +168,7 @@ def fold_pair_distances(
     if k < 2:
         raise ValueError(f"MeGe/ReCo need at least 2 fold models, got {k}")
     images, labels = check_images_targets(images, labels)
+    labels = labels.to(images.device)  # compared below with predictions on the images' device
     fold_of_sample = torch.as_tensor(fold_of_sample).reshape(-1).to(images.device)
     if fold_of_sample.shape[0] != images.shape[0] or fold_of_sample.is_floating_point():
         raise ValueError(
