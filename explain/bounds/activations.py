@@ -1,0 +1,102 @@
+"""Piecewise-linear activations: ReLU, GroupSort2 (pairwise sort) and MaxMin.
+
+GroupSort2 reduces to ReLU: for a pair ``(a, b)``, with ``d = a - b``,
+``min(a, b) = a - relu(d)`` and ``max(a, b) = b + relu(d)``. So ``<A, out>`` is linear in ``(a, b)`` plus
+``(A_max - A_min) relu(d)``, which gets the ReLU relaxation on the box of ``d``. That box is tightest when
+computed through the preceding affine layer with differenced weights (:meth:`Conv2d.pair_difference`);
+:class:`~explain.bounds.containers.Chain` passes it in when available, otherwise ``[l_a - u_b, u_a - l_b]``.
+MaxMin (``cat(relu(x), relu(-x))``) is two ReLUs of ``x`` and ``-x``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from explain.bounds.node import Node
+from explain.bounds.relaxations import relu_relaxation
+
+
+def relaxed_backward(A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """``<A, relu(x)> <= <A', x> + c`` over the box ``[lower, upper]`` (one per box: [n, *shape]), A [n, r, *shape].
+
+    Positive coefficients take the upper line of the relaxation, negative ones the lower line.
+    """
+    lower_slope, upper_slope, upper_offset = relu_relaxation(lower, upper)
+    positive = A.clamp(min=0)
+    A_in = A * lower_slope.unsqueeze(1)
+    A_in.addcmul_(positive, (upper_slope - lower_slope).unsqueeze(1))
+    offset = (positive.flatten(2) @ upper_offset.flatten(1).unsqueeze(-1)).squeeze(-1)
+    return A_in, offset
+
+
+class ReLU(Node):
+    def interval(self, lower, upper, records):
+        records[id(self)] = (lower, upper)
+        return lower.clamp(min=0), upper.clamp(min=0)
+
+    def backward(self, A, bias, records):
+        A_in, offset = relaxed_backward(A, *records[id(self)])
+        return A_in, bias + offset
+
+
+class PairSort(Node):
+    """deel-torchlip ``GroupSort2``: channels ``(2j, 2j+1)`` of dim 1 become ``(min, max)``, times ``scale``."""
+
+    def __init__(self, path: str, scale: float = 1.0) -> None:
+        super().__init__(path)
+        self.scale = scale
+
+    def _pairs(self, x: Tensor, dim: int) -> Tensor:
+        channels = x.shape[dim]
+        if channels % 2:
+            raise ValueError(f"GroupSort2 at '{self.path}' needs an even number of channels, got {channels}")
+        return x.view(*x.shape[:dim], channels // 2, 2, *x.shape[dim + 1 :])
+
+    def interval(self, lower, upper, records, difference: tuple[Tensor, Tensor] | None = None):
+        lower, upper = self._pairs(lower, 1), self._pairs(upper, 1)
+        la, lb, ua, ub = lower[:, :, 0], lower[:, :, 1], upper[:, :, 0], upper[:, :, 1]
+        low_d, up_d = la - ub, ua - lb
+        if difference is not None:
+            low_d, up_d = torch.maximum(low_d, difference[0]), torch.minimum(up_d, difference[1])
+            up_d = torch.maximum(up_d, low_d)  # guard against float rounding crossing the two estimates
+        records[id(self)] = (low_d, up_d)
+        relu_low, relu_up = low_d.clamp(min=0), up_d.clamp(min=0)
+        # both enclosures are sound; keep their intersection
+        min_low = torch.maximum(torch.minimum(la, lb), la - relu_up)
+        min_up = torch.minimum(torch.minimum(ua, ub), ua - relu_low)
+        max_low = torch.maximum(torch.maximum(la, lb), lb + relu_low)
+        max_up = torch.minimum(torch.maximum(ua, ub), ub + relu_up)
+        new_lower = torch.stack([min_low, torch.minimum(max_low, max_up)], dim=2).flatten(1, 2) * self.scale
+        new_upper = torch.stack([torch.maximum(min_up, min_low), max_up], dim=2).flatten(1, 2) * self.scale
+        return new_lower, new_upper
+
+    def backward(self, A, bias, records):
+        pairs = self._pairs(A if self.scale == 1 else A * self.scale, 2)
+        A_min, A_max = pairs[:, :, :, 0], pairs[:, :, :, 1]
+        slope, offset = relaxed_backward(A_max - A_min, *records[id(self)])
+        A_in = torch.empty_like(pairs)
+        torch.add(A_min, slope, out=A_in[:, :, :, 0])
+        torch.sub(A_max, slope, out=A_in[:, :, :, 1])
+        return A_in.flatten(2, 3), bias + offset
+
+
+class MaxMin(Node):
+    """deel-torchlip ``MaxMin``: ``cat(relu(x), relu(-x))`` along dim 1, times ``scale``."""
+
+    def __init__(self, path: str, scale: float = 1.0) -> None:
+        super().__init__(path)
+        self.scale = scale
+
+    def interval(self, lower, upper, records):
+        records[id(self)] = (lower, upper)
+        new_lower = torch.cat([lower.clamp(min=0), (-upper).clamp(min=0)], dim=1)
+        new_upper = torch.cat([upper.clamp(min=0), (-lower).clamp(min=0)], dim=1)
+        return new_lower * self.scale, new_upper * self.scale
+
+    def backward(self, A, bias, records):
+        lower, upper = records[id(self)]
+        A_pos, A_neg = (A if self.scale == 1 else A * self.scale).chunk(2, dim=2)
+        slope_pos, offset_pos = relaxed_backward(A_pos, lower, upper)
+        slope_neg, offset_neg = relaxed_backward(A_neg, -upper, -lower)
+        return slope_pos - slope_neg, bias + offset_pos + offset_neg

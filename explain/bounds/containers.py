@@ -1,0 +1,66 @@
+"""Composition: a chain of nodes (``nn.Sequential``) and a residual sum of two chains."""
+
+from __future__ import annotations
+
+import torch
+
+from explain.bounds.activations import PairSort
+from explain.bounds.node import Node
+
+
+class Chain(Node):
+    """Nodes applied one after the other."""
+
+    def __init__(self, nodes: list[Node], path: str) -> None:
+        super().__init__(path)
+        self.nodes = nodes
+
+    def interval(self, lower, upper, records):
+        difference = None
+        for index, node in enumerate(self.nodes):
+            following = self.nodes[index + 1] if index + 1 < len(self.nodes) else None
+            if isinstance(node, PairSort):
+                lower, upper = node.interval(lower, upper, records, difference=difference)
+                difference = None
+            elif isinstance(following, PairSort) and hasattr(node, "interval_with_pairs"):
+                lower, upper, difference = node.interval_with_pairs(lower, upper, records)
+            else:
+                lower, upper = node.interval(lower, upper, records)
+        return lower, upper
+
+    def backward(self, A, bias, records):
+        for node in reversed(self.nodes):
+            A, bias = node.backward(A, bias, records)
+        return A, bias
+
+
+class Residual(Node):
+    """``post(w_s * shortcut(x) + w_b * branch(x))`` with ``w_s, w_b >= 0``.
+
+    deel-torchlip ``LipResidual``: ``w_s = sigmoid(alpha)``, ``w_b = 1 - w_s``, empty shortcut and post;
+    torchvision ``BasicBlock``/``Bottleneck``: ``w_s = w_b = 1``, shortcut = ``downsample``, post = ReLU.
+    IBP adds the two boxes; CROWN sends ``w_s A`` and ``w_b A`` down both paths and adds what comes back.
+    """
+
+    def __init__(
+        self, shortcut: Chain, branch: Chain, shortcut_weight: float, branch_weight: float, post: Chain, path: str
+    ) -> None:
+        super().__init__(path)
+        if shortcut_weight < 0 or branch_weight < 0:
+            raise ValueError(f"residual weights must be nonnegative at '{path}'")
+        self.shortcut, self.branch, self.post = shortcut, branch, post
+        self.shortcut_weight, self.branch_weight = shortcut_weight, branch_weight
+
+    def interval(self, lower, upper, records):
+        short_lower, short_upper = self.shortcut.interval(lower, upper, records)
+        branch_lower, branch_upper = self.branch.interval(lower, upper, records)
+        lower = self.shortcut_weight * short_lower + self.branch_weight * branch_lower
+        upper = self.shortcut_weight * short_upper + self.branch_weight * branch_upper
+        return self.post.interval(lower, upper, records)
+
+    def backward(self, A, bias, records):
+        A, bias = self.post.backward(A, bias, records)
+        zero = torch.zeros_like(bias)
+        A_short, bias_short = self.shortcut.backward(A * self.shortcut_weight, zero, records)
+        A_branch, bias_branch = self.branch.backward(A * self.branch_weight, zero, records)
+        return A_short + A_branch, bias + bias_short + bias_branch

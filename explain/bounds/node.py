@@ -1,0 +1,47 @@
+"""The contract every operation of a bounded network follows (one class per operation kind).
+
+A network is turned into a tree of :class:`Node` (see :mod:`explain.bounds.graph`). Two passes go through it:
+
+* ``interval(lower, upper, records)``: interval bound propagation (IBP, Gowal et al. 2018). Maps the box of
+  the node's input to a box of its output, and stores in ``records[id(node)]`` what the backward pass needs
+  (the input box, or for pairwise sorts the box of the pair differences).
+* ``backward(A, bias, records)``: one step of CROWN's backward linear relaxation (Zhang et al. 2018). The
+  quantity to bound from above is ``<A, z_out> + bias`` with ``A`` [n, r, *out_shape] (n boxes, r linear
+  functions each) and ``bias`` [n, r]; the node returns ``(A', bias')`` with
+  ``<A, z_out> + bias <= <A', z_in> + bias'`` for every ``z_in`` in the recorded input box.
+
+Every step is sound: a box or linear bound that holds for all inputs of the box (up to float rounding).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+Records = dict[int, tuple[Tensor, ...]]
+
+
+class Node:
+    """One operation; ``path`` is the module path it came from (for error messages)."""
+
+    #: True when the operation is affine: the IBP margin bound folds trailing affine nodes into the spec.
+    affine: bool = False
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def interval(self, lower: Tensor, upper: Tensor, records: Records) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(self, A: Tensor, bias: Tensor, records: Records) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+
+def concretize_upper(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """``max_{lower <= z <= upper} <A, z> + bias = <A, centre> + <|A|, radius> + bias``, shape [n, r]."""
+    centre = ((lower + upper) / 2).flatten(1).unsqueeze(-1)
+    radius = ((upper - lower) / 2).flatten(1).unsqueeze(-1)
+    A = A.flatten(2)
+    return (A @ centre).squeeze(-1) + (A.abs() @ radius).squeeze(-1) + bias

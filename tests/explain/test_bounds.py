@@ -1,0 +1,359 @@
+"""Bound propagation (explain.bounds): soundness against an independent attack, exactness on points, errors.
+
+The independent check is a projected-gradient attack (PGD, many random starts) that searches the same box for
+the largest margin ``max_{c != y} f_c - f_y``: whatever it finds is a true value of the network, so no sound
+upper bound may be below it.
+"""
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from deel import torchlip
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from explain.attributions.eva import adversarial_overlap_bound
+from explain.bounds import UnsupportedLayerError, build_graph, margin_spec, margin_upper_bounds
+from explain.bounds.relaxations import l2_norm_relaxation, relu_relaxation
+
+NUM_CLASSES = 4
+SHAPE = (3, 8, 8)
+
+
+# --------------------------------------------------------------------------------------------- the attack
+def margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``f_c(x) - f_y(x)`` for every ``c != y``: [N, K-1] (class order, y skipped)."""
+    logits = model(x)
+    keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, y[:, None], False)
+    return (logits - logits.gather(1, y[:, None]))[keep].view(len(x), -1)
+
+
+def pgd(model, lower, upper, y, starts=12, steps=25):
+    """Largest ``max_c f_c - f_y`` found in the boxes [lower, upper] by sign-gradient ascent, per class [N, K-1]."""
+    n = len(lower)
+    lo, hi = lower.repeat(starts, 1, 1, 1), upper.repeat(starts, 1, 1, 1)
+    targets = y.repeat(starts)
+    x = lo + (hi - lo) * torch.rand_like(lo)
+    x[:n] = (lower + upper) / 2  # one start at the centre
+    best = torch.full((starts * n, NUM_CLASSES - 1), -float("inf"))
+    # each class separately (the per-class bounds are checked too), summed: the gradients do not interact
+    for step in range(steps):
+        x.requires_grad_(True)
+        values = margins(model, x, targets)
+        best = torch.maximum(best, values.detach())
+        (grad,) = torch.autograd.grad(values.sum(), x)
+        size = (hi - lo) / 2 * (0.5 * 0.9**step)
+        x = torch.minimum(torch.maximum(x.detach() + size * grad.sign(), lo), hi)
+    with torch.no_grad():
+        best = torch.maximum(best, margins(model, x, targets))
+    return best.view(starts, n, -1).amax(0)
+
+
+# ----------------------------------------------------------------------------------------- the networks
+class LipBlock(nn.Module):
+    """The project's residual block contract: ``merge(x, branch(x))`` with a deel-torchlip LipResidual."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+        self.merge = torchlip.LipResidual()
+        nn.init.normal_(self.merge.alpha)
+
+    def forward(self, x):
+        return self.merge(x, self.branch(x))
+
+
+def _randomize_batch_norm(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(module.weight, 1.0, 0.3)
+            nn.init.normal_(module.bias, 0.0, 0.3)
+    return model
+
+
+def make_network(name: str) -> nn.Module:
+    k = NUM_CLASSES
+    if name == "linear_relu":
+        net = nn.Sequential(nn.Flatten(), nn.Linear(192, 24), nn.ReLU(), nn.Dropout(0.5), nn.Linear(24, k))
+    elif name == "conv_relu_avgpool":
+        net = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 6, 3, stride=2, padding=1, dilation=1), nn.ReLU(), nn.Identity(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, k),
+        )
+    elif name == "groupsort":
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), torchlip.GroupSort2(), nn.Conv2d(8, 4, 3, stride=2),
+            torchlip.GroupSort2(), nn.Flatten(), nn.Linear(36, 8), torchlip.GroupSort2(), nn.Linear(8, k),
+        )
+    elif name == "maxmin":
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), torchlip.MaxMin(),
+            nn.Conv2d(8, 4, 3, padding=1, padding_mode="circular"), torchlip.MaxMin(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 6), torchlip.MaxMin(), nn.Linear(12, k),
+        )
+    elif name == "maxpool":
+        net = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),  # overlapping (ResNet)
+            nn.Conv2d(6, 6, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(24, k),
+        )
+    elif name == "l2_pool":
+        net = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.LPPool2d(2, 2), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+            torchlip.ScaledL2NormPool2d(kernel_size=2, k_coef_lip=0.7), nn.Conv2d(6, 4, 1),
+            torchlip.ScaledAdaptativeL2NormPool2d((1, 1)), nn.Flatten(), nn.Linear(4, k),
+        )
+    elif name == "downsampling":
+        net = nn.Sequential(
+            torchlip.InvertibleDownSampling(2), nn.Conv2d(12, 8, 3, padding=1), nn.ReLU(),
+            nn.PixelUnshuffle(2), nn.Flatten(), nn.Unflatten(1, (32, 2, 2)), nn.Conv2d(32, 4, 2),
+            nn.Flatten(), nn.Linear(4, k),
+        )
+    elif name == "batchnorm":
+        net = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.AvgPool2d(2),
+            nn.Flatten(), nn.Linear(96, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, k),
+        )
+    elif name == "lip_residual":
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), torchlip.GroupSort2(),
+            LipBlock(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), torchlip.GroupSort2(), nn.Conv2d(4, 4, 1))),
+            nn.AvgPool2d(4), nn.Flatten(), nn.Linear(16, k),
+        )
+    elif name == "basic_block":
+        down = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), BasicBlock(4, 4), BasicBlock(4, 8, stride=2, downsample=down),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, k),
+        )
+    elif name == "bottleneck":
+        down = nn.Sequential(nn.Conv2d(4, 8, 1, bias=False), nn.BatchNorm2d(8))
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Bottleneck(4, 2, downsample=down),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, k),
+        )
+    elif name == "torchlip":
+        net = lip_network()
+    else:
+        raise KeyError(name)
+    return _randomize_batch_norm(net).eval()
+
+
+def lip_network() -> nn.Module:
+    """A 1-Lipschitz deel-torchlip network (exported inside the bound code by ``vanilla_model``)."""
+    net = nn.Sequential(
+        torchlip.SpectralConv2d(3, 8, 3, padding=1), torchlip.GroupSort2(),
+        torchlip.ScaledL2NormPool2d(kernel_size=2),
+        LipBlock(torchlip.Sequential(torchlip.SpectralConv2d(8, 8, 3, padding=1), torchlip.GroupSort2())),
+        torchlip.InvertibleDownSampling(2), torchlip.SpectralConv2d(32, 8, 1), torchlip.MaxMin(),
+        torchlip.ScaledAdaptativeL2NormPool2d((1, 1)), nn.Flatten(), torchlip.FrobeniusLinear(16, NUM_CLASSES),
+    )
+    net.lipschitz_body = True
+    return net.eval()
+
+
+NETWORKS = ["linear_relu", "conv_relu_avgpool", "groupsort", "maxmin", "maxpool", "l2_pool", "downsampling",
+            "batchnorm", "lip_residual", "basic_block", "bottleneck", "torchlip"]
+
+
+def _data(n=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *SHAPE, generator=generator)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
+    return x, y
+
+
+def _box(x, eps, fixed):
+    radius = eps * (~fixed).unsqueeze(1).float()
+    return x - radius, x + radius
+
+
+# ----------------------------------------------------------------------------------------- soundness
+@pytest.mark.parametrize("name", NETWORKS)
+def test_bounds_are_sound_against_pgd_and_exact_on_points(name):
+    torch.manual_seed(0)
+    net = make_network(name)
+    x, y = _data()
+    fixed = torch.rand(len(x), *SHAPE[1:]) < 0.3  # some cells may not move
+    eps = 0.1
+    methods = ["ibp", "crown"] + (["lipschitz", "best"] if name == "torchlip" else [])
+    graph = build_graph(net)
+    lower, upper = _box(x, eps, fixed)
+    attack = pgd(net, lower, upper, y)
+    with torch.no_grad():
+        clean = margins(net, x, y)
+    for method in methods:
+        bound = margin_upper_bounds(graph, lower, upper, y, method)
+        assert bound.shape == attack.shape
+        assert (attack <= bound + 1e-5).all(), f"{name}/{method}: PGD {attack} exceeds bound {bound}"
+        # the whole image fixed: the box is the point x and every bound is the clean margin
+        point = margin_upper_bounds(graph, x, x, y, method)
+        torch.testing.assert_close(point, clean, rtol=1e-4, atol=1e-5, msg=f"{name}/{method}")
+
+
+def test_crown_is_on_average_at_least_as_tight_as_ibp():
+    x, y = _data(n=4, seed=3)
+    gaps = {"ibp": [], "crown": []}
+    for name in NETWORKS:
+        torch.manual_seed(0)
+        net = make_network(name)
+        graph = build_graph(net)
+        lower, upper = _box(x, 0.05, torch.zeros(len(x), *SHAPE[1:], dtype=torch.bool))
+        attack = pgd(net, lower, upper, y, starts=4, steps=10)
+        for method in gaps:
+            gaps[method].append((margin_upper_bounds(graph, lower, upper, y, method) - attack).mean())
+    ibp, crown = torch.stack(gaps["ibp"]), torch.stack(gaps["crown"])
+    assert crown.mean() <= ibp.mean()
+    assert (crown <= ibp).all(), dict(zip(NETWORKS, (crown / ibp).tolist()))  # here even on every network
+
+
+def test_lipschitz_bound_formula_and_best_is_the_smallest():
+    """Lipschitz bound = clean margin + ||w_c - w_y|| * eps * sqrt(#free cells * channels)."""
+    net = make_network("torchlip")
+    x, y = _data(n=2)
+    fixed = torch.zeros(2, *SHAPE[1:], dtype=torch.bool)
+    fixed[0, :4] = True  # half of image 0 does not move
+    lower, upper = _box(x, 0.02, fixed)
+    graph = build_graph(net)
+    bound = margin_upper_bounds(graph, lower, upper, y, "lipschitz")
+    weight = graph.head.weight
+    with torch.no_grad():
+        clean = margins(net, x, y)
+    free = torch.tensor([3 * 32, 3 * 64], dtype=torch.float)
+    gaps = (margin_spec(y, NUM_CLASSES) @ weight).norm(dim=-1)
+    torch.testing.assert_close(bound, clean + gaps * 0.02 * free.sqrt()[:, None], rtol=1e-4, atol=1e-5)
+    best = margin_upper_bounds(graph, lower, upper, y, "best")
+    for method in ("ibp", "crown", "lipschitz"):
+        assert (best <= margin_upper_bounds(graph, lower, upper, y, method) + 1e-6).all()
+
+
+def test_crown_on_the_top_classes_only_keeps_ibp_for_the_others():
+    net = make_network("batchnorm")
+    x, y = _data(n=3)
+    lower, upper = _box(x, 0.05, torch.zeros(3, *SHAPE[1:], dtype=torch.bool))
+    graph = build_graph(net)
+    ibp = margin_upper_bounds(graph, lower, upper, y, "ibp")
+    crown = margin_upper_bounds(graph, lower, upper, y, "crown")
+    partial = margin_upper_bounds(graph, lower, upper, y, "crown", crown_classes=1)
+    chosen = ibp.argmax(1, keepdim=True)
+    torch.testing.assert_close(partial.gather(1, chosen), crown.gather(1, chosen))
+    others = torch.ones_like(ibp, dtype=torch.bool).scatter_(1, chosen, False)
+    torch.testing.assert_close(partial[others], ibp[others])
+    torch.testing.assert_close(margin_upper_bounds(graph, lower, upper, y, "crown", crown_classes=3), crown)
+    assert (pgd(net, lower, upper, y) <= partial + 1e-5).all()
+
+
+def test_input_range_intersection_is_sound():
+    net = make_network("conv_relu_avgpool")
+    x, y = _data()
+    x[:, :, :2] = 1.0  # saturated rows: the clipped box is one-sided there
+    eps = 0.2
+    bound = adversarial_overlap_bound(net, x, y, eps, method="crown", input_range=(0.0, 1.0))
+    unclipped = adversarial_overlap_bound(net, x, y, eps, method="crown")
+    attack = pgd(net, (x - eps).clamp(min=0), (x + eps).clamp(max=1), y).amax(1)
+    assert (attack <= bound + 1e-5).all()
+    assert (bound <= unclipped + 1e-5).all()
+    with pytest.raises(ValueError, match="outside input_range"):
+        adversarial_overlap_bound(net, x + 1, y, eps, input_range=(0.0, 1.0))
+
+
+def test_margin_bounds_can_be_called_from_inference_mode():
+    net = make_network("conv_relu_avgpool")  # average pooling is transposed through autograd
+    x, y = _data()
+    graph = build_graph(net)
+    expected = margin_upper_bounds(graph, x - 0.1, x + 0.1, y, "crown")
+    with torch.inference_mode():
+        torch.testing.assert_close(margin_upper_bounds(build_graph(net), x - 0.1, x + 0.1, y, "crown"), expected)
+
+
+def test_adversarial_overlap_bound_fixed_everything_is_the_clean_margin():
+    net = make_network("basic_block")
+    x, y = _data()
+    with torch.no_grad():
+        clean = margins(net, x, y).amax(1)
+    for method in ("ibp", "crown"):
+        bound = adversarial_overlap_bound(net, x, y, 0.3, fixed=torch.ones(*SHAPE[1:], dtype=torch.bool), method=method)
+        torch.testing.assert_close(bound, clean, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- relaxations
+def test_relu_relaxation_sandwiches_relu():
+    lower = torch.randn(500)
+    upper = lower + torch.rand(500) * 2
+    x = lower + (upper - lower) * torch.rand(50, 500)
+    lower_slope, upper_slope, upper_offset = relu_relaxation(lower, upper)
+    assert (lower_slope * x <= x.relu() + 1e-6).all()
+    assert (x.relu() <= upper_slope * x + upper_offset + 1e-6).all()
+
+
+def test_l2_norm_relaxation_sandwiches_the_window_norm():
+    lower = torch.randn(4, 2, 6, 5)
+    upper = lower + torch.rand(4, 2, 6, 5)
+    upper[0, 0] = lower[0, 0] = 0.0  # a degenerate plane
+    for kernel in [(2, 2), None]:
+        lower_slope, upper_slope, upper_offset = l2_norm_relaxation(lower, upper, kernel)
+        for _ in range(20):
+            x = lower + (upper - lower) * torch.rand_like(lower)
+            if kernel is None:
+                norm = x.square().sum((-2, -1), keepdim=True).sqrt()
+                low = (lower_slope * x).sum((-2, -1), keepdim=True)
+                up = (upper_slope * x).sum((-2, -1), keepdim=True) + upper_offset
+            else:
+                window = lambda t: nn.functional.avg_pool2d(t, kernel) * 4  # noqa: E731
+                norm = window(x.square()).sqrt()
+                low, up = window(lower_slope * x), window(upper_slope * x) + upper_offset
+            assert (low <= norm + 1e-5).all() and (norm <= up + 1e-5).all()
+
+
+# ----------------------------------------------------------------------------------------- errors and graph
+def test_unsupported_layer_names_type_and_path():
+    net = nn.Sequential(OrderedDict(features=nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()), head=nn.Linear(4, 2)))
+    with pytest.raises(UnsupportedLayerError, match=r"Tanh.*'features\.1'"):
+        build_graph(net)
+
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(UnsupportedLayerError, match=r"Custom.*'2'"):
+        build_graph(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), Custom()))
+    with pytest.raises(UnsupportedLayerError, match="norm_type=2"):
+        build_graph(nn.Sequential(nn.LPPool2d(3, 2)))
+
+
+def test_layers_that_compute_something_else_are_refused():
+    class SafeL2(torchlip.ScaledL2NormPool2d):  # same values, different code (e.g. a NaN-safe sqrt)
+        def forward(self, x):
+            return nn.functional.avg_pool2d(x.square(), self.kernel_size).mul(4).clamp(min=0).sqrt()
+
+        def vanilla_export(self):
+            return self
+
+    class NotL2(SafeL2):  # kept by the export, caught by the probe at build time
+        def forward(self, x):
+            return nn.functional.avg_pool2d(x.abs(), self.kernel_size)
+
+    class ExportedAway(torchlip.ScaledL2NormPool2d):  # the export replaces it by LPPool2d: caught at call time
+        def forward(self, x):
+            return nn.functional.avg_pool2d(x.abs(), self.kernel_size)
+
+    x, y = _data(n=2)
+    head = [nn.Flatten(), nn.Linear(48, NUM_CLASSES)]
+    adversarial_overlap_bound(nn.Sequential(SafeL2(kernel_size=2), *head), x, y, 0.1)
+    with pytest.raises(UnsupportedLayerError, match="NotL2"):
+        build_graph(nn.Sequential(NotL2(kernel_size=2), *head))
+    with pytest.raises(UnsupportedLayerError, match="does not reproduce the model's outputs"):
+        adversarial_overlap_bound(nn.Sequential(ExportedAway(kernel_size=2), *head), x, y, 0.1)
+
+
+def test_torchlip_export_leaves_the_callers_model_untouched():
+    net = lip_network().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = _data(n=2)
+    adversarial_overlap_bound(net, x, y, 0.01, method="best")
+    assert net.training and all(m.training for m in net.modules())
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key])
