@@ -19,8 +19,7 @@ to a few minutes; ``--model tiny`` shows the cost of the MACO machinery alone.
 
 Horama downloads its ImageNet spectrum at run time; here it finds a local file instead (the 1/f fallback
 spectrum written to a temporary directory), so nothing is downloaded. The spectrum does not change the cost.
-Horama 0.3's ``__init__`` also imports einops without declaring it; when einops is absent a placeholder module
-stands in (it is used only by Horama's feature accentuation, which is not run here).
+Horama 0.3's ``__init__`` also imports einops without declaring it: the ``[bench]`` extra installs it.
 """
 
 from __future__ import annotations
@@ -72,25 +71,6 @@ def run_ours(model, args, magnitude) -> list[float]:
     return timer.step_times(args.warmup)
 
 
-def import_horama():
-    """``import horama``; its ``__init__`` imports einops (undeclared in its metadata) for feature accentuation
-    only. Without einops, a placeholder module lets ``horama.maco`` load (accentuation would fail if called)."""
-    import importlib.util
-    import types
-
-    if "einops" not in sys.modules and importlib.util.find_spec("einops") is None:
-        placeholder = types.ModuleType("einops")
-
-        def rearrange(*args, **kwargs):
-            raise ImportError("einops is not installed (placeholder from bench_maco.py)")
-
-        placeholder.rearrange = rearrange
-        sys.modules["einops"] = placeholder
-    import horama
-
-    return horama
-
-
 def run_horama(horama, model, args, spectrum_dir: str) -> list[float]:
 
     timer = StepTimer(lambda crops: model(crops)[:, args.class_id].mean())
@@ -135,7 +115,7 @@ def main() -> None:
     if args.steps < args.warmup + 2:
         parser.error("--steps must be at least --warmup + 2")
 
-    horama = import_horama()
+    import horama
     torch.manual_seed(0)
     model = build_model(args.model).to(args.device).eval()
     magnitude = power_law_spectrum(args.image_size)
