@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from explain.bounds.activations import PairSort
 from explain.bounds.node import Node
@@ -19,6 +20,14 @@ class Chain(Node):
         difference = None
         for index, node in enumerate(self.nodes):
             following = self.nodes[index + 1] if index + 1 < len(self.nodes) else None
+            if not node.affine:
+                if records.inputs is not None:
+                    records.inputs[id(node)] = lower
+                limit = records.limits.get(id(node))
+                if limit is not None:
+                    lower, upper = _intersect((lower, upper), limit[:2])
+                    if limit[2] is not None:
+                        difference = limit[2] if difference is None else _intersect(difference, limit[2])
             if isinstance(node, PairSort):
                 lower, upper = node.interval(lower, upper, records, difference=difference)
                 difference = None
@@ -32,6 +41,13 @@ class Chain(Node):
         for node in reversed(self.nodes):
             A, bias = node.backward(A, bias, records)
         return A, bias
+
+
+def _intersect(box: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Intersection of two enclosures of the same values (the upper end kept >= the lower one, against
+    float rounding)."""
+    lower = torch.maximum(box[0], other[0])
+    return lower, torch.maximum(torch.minimum(box[1], other[1]), lower)
 
 
 class Residual(Node):

@@ -13,7 +13,7 @@ raises :class:`UnsupportedLayerError` naming the layer's type and module path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,9 @@ class BoundGraph:
 
     root: Chain
     lipschitz_body: bool
+    #: per input shape, dtype and device: the Lipschitz constants of the nonlinear nodes' inputs
+    #: (:func:`~explain.bounds.lipschitz.input_gains`)
+    gains: dict[tuple, dict] = field(default_factory=dict, repr=False)
 
     @property
     def head(self) -> Linear | None:

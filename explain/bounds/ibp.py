@@ -14,11 +14,16 @@ from explain.bounds.containers import Chain
 from explain.bounds.node import Records, concretize_upper
 
 
-def interval_bounds(root: Chain, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Records]:
-    """Output box of ``root`` for the input box ``[lower, upper]``, and the records the backward pass needs."""
+def interval_bounds(
+    root: Chain, lower: Tensor, upper: Tensor, limits: dict[int, tuple] | None = None
+) -> tuple[Tensor, Tensor, Records]:
+    """Output box of ``root`` for the input box ``[lower, upper]``, and the records the backward pass needs.
+
+    ``limits``: boxes that the input boxes of nonlinear nodes are intersected with (:class:`Records`).
+    """
     if lower.shape != upper.shape:
         raise ValueError(f"lower and upper must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}")
-    records: Records = {}
+    records = Records(limits)
     out_lower, out_upper = root.interval(lower, upper, records)
     records[id(root)] = (out_lower, out_upper)  # the output box
     return out_lower, out_upper, records

@@ -11,7 +11,8 @@ from torch import Tensor
 from explain.bounds.crown import crown_spec_upper
 from explain.bounds.graph import BoundGraph
 from explain.bounds.ibp import ibp_spec_upper, interval_bounds
-from explain.bounds.lipschitz import lipschitz_spec_upper
+from explain.bounds.lipschitz import input_gains, lipschitz_limits, lipschitz_spec_upper
+from explain.bounds.node import Records
 
 METHODS = ("crown", "ibp", "lipschitz", "best")
 
@@ -22,12 +23,29 @@ def margin_spec(targets: Tensor, num_classes: int) -> Tensor:
         raise ValueError(f"the margin f_c - f_y needs at least 2 classes, the model has {num_classes}")
     if targets.min() < 0 or targets.max() >= num_classes:
         raise ValueError(
-            f"targets must lie in [0, {num_classes - 1}], got values in [{targets.min()}, {targets.max()}]"
+            f"targets must be class indices in [0, {num_classes}) for a model with {num_classes} outputs, got "
+            f"values in [{int(targets.min())}, {int(targets.max())}]"
         )
     eye = torch.eye(num_classes, device=targets.device)
     others = torch.arange(num_classes - 1, device=targets.device).unsqueeze(0)
     others = others + (others >= targets.unsqueeze(1)).long()  # skip y
     return eye[others] - eye[targets].unsqueeze(1)
+
+
+def intermediate_bounds(
+    graph: BoundGraph, lower: Tensor, upper: Tensor, lipschitz_boxes: bool = True
+) -> tuple[Tensor, Records]:
+    """The interval pass over the boxes ``[lower, upper]``: output lower bounds [n, K] and the records of the
+    intermediate boxes, intersected with the Lipschitz boxes (:mod:`explain.bounds.lipschitz`) when
+    ``lipschitz_boxes``."""
+    limits = None
+    if lipschitz_boxes:
+        key = (tuple(lower.shape[1:]), lower.dtype, lower.device)
+        if key not in graph.gains:
+            graph.gains[key] = input_gains(graph.root, lower)
+        limits = lipschitz_limits(graph.root, graph.gains[key], lower, upper)
+    out_lower, _, records = interval_bounds(graph.root, lower, upper, limits)
+    return out_lower, records
 
 
 def margin_upper_bounds(
@@ -37,10 +55,13 @@ def margin_upper_bounds(
     targets: Tensor,
     method: str = "crown",
     crown_classes: int | None = None,
+    lipschitz_boxes: bool = True,
 ) -> Tensor:
     """Upper bounds [n, K-1] of ``max_{lower <= x <= upper} f_c(x) - f_y(x)`` for each ``c != y`` (in class
     order, ``y`` skipped). ``method``: ``crown`` (CROWN-IBP), ``ibp``, ``lipschitz`` (needs a declared
     1-Lipschitz body under a last linear layer) or ``best`` (per class, the smallest of the available ones).
+    ``lipschitz_boxes``: intersect the intermediate boxes of IBP and CROWN with Lipschitz boxes
+    (:func:`intermediate_bounds`; computed from the weights, sound for any network).
 
     ``crown_classes``: CROWN's backward pass carries one row per class, which is heavy for many classes
     (ImageNet: 999 rows per box). With ``crown_classes=m`` only the ``m`` classes with the largest IBP bound
@@ -59,7 +80,7 @@ def margin_upper_bounds(
     bounds = []
     spec = None
     if method != "lipschitz":
-        out_lower, _, records = interval_bounds(graph.root, lower, upper)
+        out_lower, records = intermediate_bounds(graph, lower, upper, lipschitz_boxes)
         spec = margin_spec(targets, _num_classes(out_lower)).to(lower.dtype)
         partial = crown_classes is not None and crown_classes < spec.shape[1]
         if method in ("ibp", "best") or (method == "crown" and partial):

@@ -4,7 +4,9 @@ A network is turned into a tree of :class:`Node` (see :mod:`explain.bounds.graph
 
 * ``interval(lower, upper, records)``: interval bound propagation (IBP, Gowal et al. 2018). Maps the box of
   the node's input to a box of its output, and stores in ``records[id(node)]`` what the backward pass needs
-  (the input box, or for pairwise sorts the box of the pair differences).
+  (the input box, or for pairwise sorts the box of the pair differences). The box reaching a nonlinear node
+  is first intersected with ``records.limits[id(node)]`` when there is one (a second sound enclosure of the
+  same values, from :mod:`explain.bounds.lipschitz`).
 * ``backward(A, bias, records)``: one step of CROWN's backward linear relaxation (Zhang et al. 2018). The
   quantity to bound from above is ``<A, z_out> + bias`` with ``A`` [n, r, *out_shape] (n boxes, r linear
   functions each) and ``bias`` [n, r]; the node returns ``(A', bias')`` with
@@ -17,7 +19,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-Records = dict[int, tuple[Tensor, ...]]
+
+class Records(dict):
+    """``id(node) -> tensors`` that the interval pass leaves for the backward pass, and two optional maps
+    read by :class:`~explain.bounds.containers.Chain`: ``limits`` (``id(node) -> (lower, upper, difference)``,
+    boxes that the input box of a nonlinear node is intersected with; ``difference`` bounds the pair
+    differences of a GroupSort2, or is None) and ``inputs`` (when not None, filled with the input of every
+    nonlinear node: used on zero-width boxes to get the values at a point)."""
+
+    def __init__(self, limits: dict[int, tuple] | None = None, inputs: dict[int, Tensor] | None = None) -> None:
+        super().__init__()
+        self.limits = {} if limits is None else limits
+        self.inputs = inputs
 
 
 class Node:

@@ -7,7 +7,7 @@ import torch
 from captum.attr import Saliency as CaptumSaliency
 from torch import nn
 
-from explain import Explainer, GradientInput, Saliency, SmoothGrad, Sobol, from_captum
+from explain import EVA, Explainer, GradientInput, Saliency, SmoothGrad, Sobol, from_captum
 from explain.base import batched, check_images_targets, eval_mode, grad_enabled, model_device
 
 # ---------------------------------------------------------------- helpers
@@ -160,6 +160,8 @@ EXPLAINERS = {
     "sobol": lambda m: Sobol(m, grid_size=4, nb_design=8, batch_size=50, seed=0),
     "sobol_blur": lambda m: Sobol(m, grid_size=2, nb_design=8, perturbation="blur", estimator="janon"),
     "captum_saliency": lambda m: from_captum(CaptumSaliency)(m, batch_size=2),
+    "eva": lambda m: EVA(m, eps=0.05, grid_size=4, batch_size=2),
+    "eva_per_box": lambda m: EVA(m, eps=0.05, grid_size=4, bound="ibp", relaxation="per_box", batch_size=7),
 }
 
 

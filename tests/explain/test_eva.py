@@ -8,6 +8,7 @@ from torch import nn
 from explain import EVA
 from explain.attributions.eva import adversarial_overlap_bound, eva_maps, grid_regions
 from explain.bounds import build_graph
+from explain.bounds.containers import Chain
 
 H = W = 16
 NUM_CLASSES = 3
@@ -63,19 +64,75 @@ def test_batch_equals_one_image_at_a_time_and_chunking_does_not_matter():
     torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_map_is_full_ball_overlap_minus_region_overlap():
+@pytest.mark.parametrize("bound", ["ibp", "crown"])
+def test_per_box_map_is_full_ball_overlap_minus_region_overlap(bound):
     """Each pixel gets AO(x, B) - AO(x, B_u) of its cell u, as computed by adversarial_overlap_bound."""
     torch.manual_seed(0)
     net = small_cnn().eval()
     images, targets = _images(1)
-    maps = EVA(net, eps=0.04, grid_size=2, bound="ibp")(images, targets)
+    maps = EVA(net, eps=0.04, grid_size=2, bound=bound, relaxation="per_box")(images, targets)
     cells = grid_regions(H, W, 2)
-    full = adversarial_overlap_bound(net, images, targets, 0.04, method="ibp")
+    full = adversarial_overlap_bound(net, images, targets, 0.04, method=bound)
     for cell in range(4):
         fixed = (cells == cell)[None]
-        expected = full - adversarial_overlap_bound(net, images, targets, 0.04, fixed=fixed, method="ibp")
+        expected = full - adversarial_overlap_bound(net, images, targets, 0.04, fixed=fixed, method=bound)
         torch.testing.assert_close(maps[0][cells == cell], expected.expand(int(fixed.sum())), rtol=1e-4, atol=1e-6)
-    assert (maps >= -1e-6).all()  # IBP is monotone under inclusion: fixing cells never raises the bound
+    if bound == "ibp":
+        assert (maps >= -1e-6).all()  # IBP is monotone under inclusion: fixing cells never raises the bound
+
+
+def test_shared_relaxation_propagates_each_image_once_and_maps_are_nonnegative(monkeypatch):
+    """One linear bound per image, maximised over nested boxes: one backward pass per image instead of one
+    per (image, region) box, and fixing a region never raises the bound. Both relaxations find the cells
+    the model reads."""
+    mask = torch.zeros(H, W, dtype=torch.bool)
+    mask[:, : W // 2] = True
+    net = masked_mlp(mask)
+    images, targets = _images(2)
+    rows = []
+    backward = Chain.backward
+
+    def counting(self, A, bias, records):
+        rows.append(A.shape[0])
+        return backward(self, A, bias, records)
+
+    monkeypatch.setattr(Chain, "backward", counting)
+    maps = {}
+    for relaxation, boxes in (("shared", 2), ("per_box", 2 * (1 + 16))):
+        rows.clear()
+        maps[relaxation] = EVA(net, eps=0.05, grid_size=4, relaxation=relaxation)(images, targets)
+        assert sum(rows) == boxes, relaxation
+        assert maps[relaxation][:, :, W // 2 :].abs().max() <= 1e-6, relaxation
+        assert (maps[relaxation][:, :, : W // 2] > 0).all(), relaxation
+    assert (maps["shared"] >= -1e-6).all()
+
+
+def test_bound_graph_is_reused_until_the_weights_change():
+    torch.manual_seed(0)
+    net = small_cnn().eval()
+    images, targets = _images(2)
+    explainer = EVA(net, eps=0.03, grid_size=4)
+    before = explainer(images, targets)
+    graph = explainer._bound_graph()
+    assert explainer._bound_graph() is graph
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)  # an in-place update, as an optimizer step
+    after = explainer(images, targets)
+    assert explainer._bound_graph() is not graph
+    torch.testing.assert_close(after, EVA(net, eps=0.03, grid_size=4)(images, targets))
+    assert not torch.allclose(before, after)
+
+
+def test_shared_relaxation_with_crown_classes():
+    torch.manual_seed(0)
+    net = small_cnn().eval()
+    images, targets = _images(2)
+    regions = grid_regions(H, W, 4).expand(2, H, W)
+    graph = build_graph(net)
+    every = eva_maps(graph, images, targets, regions, 0.03, crown_classes=NUM_CLASSES - 1)
+    torch.testing.assert_close(every, eva_maps(graph, images, targets, regions, 0.03))
+    partial = eva_maps(graph, images, targets, regions, 0.03, crown_classes=1)
+    assert partial.shape == (2, H, W) and torch.isfinite(partial).all() and (partial >= -1e-6).all()
 
 
 def test_label_map_regions_per_call_and_at_construction():
@@ -165,6 +222,8 @@ def test_bad_arguments_are_named():
         EVA(net, bound="exact")
     with pytest.raises(ValueError, match="grid_size"):
         EVA(net, grid_size=0)
+    with pytest.raises(ValueError, match="relaxation"):
+        EVA(net, relaxation="per_region")
     with pytest.raises(ValueError, match="fixed"):
         adversarial_overlap_bound(net, images, targets, 0.1, fixed=torch.zeros(H, W))
     with pytest.raises(ValueError, match="method"):
