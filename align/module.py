@@ -1,0 +1,247 @@
+"""``HarmonizedClassifier``: a classifier trained with a task loss plus the harmonization loss (Fel et al. 2022).
+
+``loss = task_loss(f(x), y) + harmonization_weight * harmonization_loss(saliency(f, x, y), human, has_heatmap)``
+
+The harmonization term needs the input gradient with ``create_graph=True`` (double backprop); it is computed only
+on batches that carry human maps, and never when ``harmonization_weight == 0`` (the baseline then costs one plain
+forward/backward). Batches are the dicts of the data contract (``image``, ``label``, ``heatmap``, ``has_heatmap``);
+``(image, label)`` tuples work too, without the harmonization term.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from align.certification import certified_correct, last_linear, margin_lipschitz
+from align.losses.harmonization import HarmonizationLoss, input_gradient, reduce_channels
+from align.losses.task import TASK_LOSSES, TaskLoss
+from align.optim import weight_decay_groups
+from explain.metrics import HumanAlignment
+from explain.metrics.functional.alignment import CLICKME_CEILING
+
+
+class HarmonizedClassifier(LightningModule):
+    """Image classifier with the harmonization loss.
+
+    Logs ``train/{loss,task_loss,harmonization_loss,acc}``, ``val/...`` the same plus ``val/alignment`` (the
+    reference evaluation: Spearman rho between |input gradient| max over channels and the human map, divided by
+    ``alignment_ceiling``) and, for 1-Lipschitz backbones, ``val/certified_acc``; ``test/<split>/...`` per test
+    split named by ``datamodule.test_split_names`` (e.g. ``test/iid/acc``, ``test/flipped/acc``).
+
+    Args:
+        backbone: the network, images [B,C,H,W] -> logits [B,K]; in YAML a ``class_path``/``init_args`` pair,
+            e.g. ``align.models.lip_vgg`` or ``align.models.resnet50``. Networks carrying ``lipschitz_body =
+            True`` (the 1-Lipschitz zoo) also get certified accuracy.
+        num_classes: K; by default read from the backbone's last ``nn.Linear``.
+        task_loss: ``"ce"`` (label smoothing 0.1), ``"hkr"``, ``"softhkr"`` or ``"tau_ce"`` (deel-torchlip).
+        task_loss_options: options of the task loss, overriding its defaults (``align.losses.TASK_LOSSES``).
+        harmonization_weight: lambda of the harmonization term; 0 trains the baseline (no double backprop).
+        levels: pyramid levels of the harmonization loss (5 in the reference).
+        reduce: channel reduction of the training saliency: ``"mean"`` (signed, reference), ``"abs"`` or
+            ``"max_abs"``.
+        weight_decay: L2 weight decay on weights only (not biases nor normalization layers); 1e-5 in the reference.
+            It is set per parameter group, so it overrides the optimizer's own ``weight_decay``.
+        optimizer: optimizer factory, called with the parameter groups (LightningCLI ``OptimizerCallable``).
+        lr_scheduler: optional scheduler factory (``LRSchedulerCallable``); ``ReduceLROnPlateau`` monitors
+            ``val/loss``.
+        scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
+        certify_radius: L2 radius of the logged certified accuracy (Lipschitz backbones only).
+        alignment_ceiling: human inter-rater ceiling dividing the mean Spearman rho (ClickMe: 0.65753).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int | None = None,
+        task_loss: Literal["ce", "hkr", "softhkr", "tau_ce"] = "ce",
+        task_loss_options: dict[str, Any] | None = None,
+        harmonization_weight: float = 1.0,
+        levels: int = 5,
+        reduce: Literal["mean", "abs", "max_abs"] = "mean",
+        weight_decay: float = 1e-5,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        certify_radius: float = 36 / 255,
+        alignment_ceiling: float = CLICKME_CEILING,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        if task_loss not in TASK_LOSSES:
+            raise ValueError(f"task_loss must be one of {sorted(TASK_LOSSES)}, got {task_loss!r}")
+        if harmonization_weight < 0:
+            raise ValueError(f"harmonization_weight must be >= 0, got {harmonization_weight}")
+        if reduce not in ("mean", "abs", "max_abs"):
+            raise ValueError(f"reduce must be 'mean', 'abs' or 'max_abs', got {reduce!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        # Under LightningCLI the backbone and the optimizer are stored as their class_path/init_args config, so
+        # load_from_checkpoint can rebuild them; objects built in Python are not hyperparameters (the weights are
+        # in the state_dict, and classes would not load with torch.load(weights_only=True)).
+        # num_classes=None (read from the backbone) is not logged: Lightning refuses to log a model and a
+        # datamodule whose hyperparameters of the same name differ.
+        ignore = [] if _given_hyperparameters.get() is not None else ["backbone", "optimizer", "lr_scheduler"]
+        self.save_hyperparameters(ignore=ignore + (["num_classes"] if num_classes is None else []))
+        self.backbone = backbone
+        self.num_classes = self._infer_num_classes(backbone, num_classes)
+        self.lipschitz = bool(getattr(backbone, "lipschitz_body", False))
+        self.task_loss = TaskLoss(task_loss, **(task_loss_options or {}))
+        self.harmonization = HarmonizationLoss(levels)
+        self.harmonization_weight = float(harmonization_weight)
+        self.reduce = reduce
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+
+        self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.val_metrics = self._eval_metrics()
+        self.test_metrics = nn.ModuleDict()  # one collection per test split, created on first use
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _infer_num_classes(backbone: nn.Module, num_classes: int | None) -> int:
+        try:
+            out_features = last_linear(backbone).out_features
+        except ValueError:
+            out_features = None
+        if num_classes is None:
+            if out_features is None:
+                raise ValueError("cannot read the number of classes from the backbone: pass num_classes")
+            return out_features
+        if out_features is not None and out_features != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} but the backbone's last linear layer has {out_features} outputs"
+            )
+        return num_classes
+
+    def _eval_metrics(self) -> MetricCollection:
+        metrics: dict[str, Any] = {
+            "acc": MulticlassAccuracy(self.num_classes, average="micro"),
+            "alignment": HumanAlignment(ceiling=self.hparams.alignment_ceiling),
+        }
+        if self.lipschitz:
+            metrics["certified_acc"] = MeanMetric()
+        return MetricCollection(metrics, compute_groups=False)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        expected = getattr(datamodule, "num_classes", None)
+        if expected is not None and expected != self.num_classes:
+            raise ValueError(
+                f"the datamodule has {expected} classes but the backbone outputs {self.num_classes}: set "
+                f"model.init_args.backbone.init_args.num_classes={expected}"
+            )
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        if isinstance(batch, dict):
+            if "image" not in batch or "label" not in batch:
+                raise KeyError(f"a batch dict needs 'image' and 'label' keys, got {sorted(batch)}")
+            human, has_heatmap = batch.get("heatmap"), batch.get("has_heatmap")
+            if human is not None and has_heatmap is None:
+                has_heatmap = torch.ones(human.shape[0], dtype=torch.bool, device=human.device)
+            return batch["image"], batch["label"], human, has_heatmap
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1], None, None
+        raise TypeError(
+            "a batch must be a dict with 'image', 'label' (and optionally 'heatmap', 'has_heatmap') or an "
+            f"(image, label) pair, got {type(batch).__name__}"
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images, labels, human, has_heatmap = self._unpack(batch)
+        size = images.shape[0]
+        harmonize = self.harmonization_weight > 0 and human is not None and bool(has_heatmap.any())
+        if harmonize:
+            logits, gradient = input_gradient(self.backbone, images, labels, create_graph=True)
+            harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
+        else:
+            logits = self.backbone(images)
+        task = self.task_loss(logits, labels)
+        loss = task + self.harmonization_weight * harmonization if harmonize else task
+        self.train_acc(logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/task_loss", task, batch_size=size)
+        if harmonize:
+            self.log("train/harmonization_loss", harmonization, batch_size=size)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: Any, prefix: str, attribute: str) -> None:
+        """Losses, accuracy, alignment (|gradient| max over channels vs human maps) and certified accuracy,
+        logged as ``<prefix>/<name>``; ``attribute`` names the MetricCollection that accumulates them."""
+        metrics = self.get_submodule(attribute)
+        images, labels, human, has_heatmap = self._unpack(batch)
+        size = images.shape[0]
+        with_maps = human is not None and bool(has_heatmap.any())
+        if with_maps:  # Lightning evaluates under inference_mode: input_gradient re-enables grad on a clone
+            logits, gradient = input_gradient(self.backbone, images, labels, create_graph=False)
+            logits = logits.detach()
+        else:
+            logits = self.backbone(images)
+        task = self.task_loss(logits, labels)
+        loss = task
+        options = {"batch_size": size, "sync_dist": True, "add_dataloader_idx": False}
+        if with_maps:
+            harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
+            loss = task + self.harmonization_weight * harmonization
+            self.log(f"{prefix}/harmonization_loss", harmonization, **options)
+            metrics["alignment"].update(gradient.abs().amax(1), human, has_heatmap)
+            self._log_metric(f"{prefix}/alignment", metrics, attribute, "alignment")
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", **options)
+        self.log(f"{prefix}/task_loss", task, **options)
+        metrics["acc"].update(logits, labels)
+        self._log_metric(f"{prefix}/acc", metrics, attribute, "acc", prog_bar=prefix == "val")
+        if self.lipschitz:
+            lipschitz = margin_lipschitz(last_linear(self.backbone))
+            certified = certified_correct(logits, labels, lipschitz, self.hparams.certify_radius)
+            metrics["certified_acc"].update(certified.float())
+            self._log_metric(f"{prefix}/certified_acc", metrics, attribute, "certified_acc")
+
+    def _log_metric(self, name: str, metrics: MetricCollection, attribute: str, key: str, **options: Any) -> None:
+        # the attribute is given because test metrics are created on the fly (one collection per test split)
+        self.log(name, metrics[key], metric_attribute=f"{attribute}.{key}", add_dataloader_idx=False, **options)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, "val", "val_metrics")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = self._test_split_name(dataloader_idx)
+        key = split or "test"
+        if key not in self.test_metrics:
+            self.test_metrics[key] = self._eval_metrics().to(self.device)
+        self._evaluate(batch, f"test/{split}" if split else "test", f"test_metrics.{key}")
+
+    def _test_split_name(self, dataloader_idx: int) -> str:
+        """``trainer.datamodule.test_split_names[dataloader_idx]`` when the datamodule names its test splits
+        (e.g. ``("iid", "flipped")``), else ``""`` for a single test loader and ``"<index>"`` for several."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "test_split_names", None)
+        if names is not None and dataloader_idx < len(names):
+            return str(names[dataloader_idx])
+        loaders = self.trainer.test_dataloaders
+        several = isinstance(loaders, (list, tuple, dict)) and len(loaders) > 1
+        return str(dataloader_idx) if several or dataloader_idx > 0 else ""
+
+    # -------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(weight_decay_groups(self, self.hparams.weight_decay))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}

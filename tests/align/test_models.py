@@ -1,0 +1,132 @@
+"""Model zoo: structure, 1-Lipschitz guarantees that survive training, and the plain export."""
+
+import pytest
+import torch
+from deel import torchlip
+from torch import nn
+
+from align.certification import margin_lipschitz
+from align.losses import HarmonizationLoss, TaskLoss, input_gradient, reduce_channels
+from align.models import LipResidualBlock, export_plain, lip_resnet, lip_vgg, resnet18, small_cnn
+
+TOL = 1 + 1e-3
+
+LIPSCHITZ = {
+    "lip_vgg": lambda: lip_vgg(4, widths=(8, 16, 32)),  # 1x1 convolutions, invertible downsampling
+    "lip_vgg_l2_3x3": lambda: lip_vgg(4, widths=(8, 16), kernel_size=3, pooling="l2"),
+    "lip_resnet": lambda: lip_resnet(4, widths=(8, 16), blocks=1),
+}
+
+
+def train_steps(model, steps=6, size=16, lr=0.05):
+    """A few large Adam steps of task + harmonization loss, so the raw weights move far from their init."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    task, harmonization = TaskLoss("tau_ce"), HarmonizationLoss(levels=3)
+    model.train()
+    for _ in range(steps):
+        images, labels = torch.rand(16, 3, size, size), torch.randint(0, 4, (16,))
+        images[:, :, :3] = 0  # zero padding, as after a random crop
+        logits, gradient = input_gradient(model, images, labels)
+        loss = task(logits, labels) + harmonization(reduce_channels(gradient), torch.rand(16, size, size), None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    return model.eval()
+
+
+def jacobian_norm(fn, x, iterations=25):
+    """Largest singular value of the Jacobian of ``fn`` at ``x`` (one image), by power iteration on J^T J."""
+    v = torch.randn_like(x)
+    sigma = torch.zeros(())
+    for _ in range(iterations):
+        v = v / v.norm()
+        _, jv = torch.func.jvp(fn, (x,), (v,))
+        _, vjp = torch.func.vjp(fn, x)
+        (v,) = vjp(jv)
+        sigma = jv.norm()
+    return sigma
+
+
+@pytest.fixture(scope="module", params=sorted(LIPSCHITZ))
+def trained(request):
+    torch.manual_seed(0)
+    return train_steps(LIPSCHITZ[request.param]())
+
+
+def test_structure_and_flags(trained):
+    names = [name for name, _ in trained.named_children()]
+    assert names[0] == "center" and names[-3:] == ["pool", "flatten", "head"]
+    assert trained.lipschitz_body is True
+    assert isinstance(trained.head, torchlip.FrobeniusLinear)
+
+
+def test_body_is_1_lipschitz_after_training(trained):
+    body = trained[:-1]  # everything but the head
+    x = torch.rand(32, 3, 16, 16)
+    with torch.no_grad():
+        far = torch.rand(32, 3, 16, 16)
+        near = x + 1e-2 * torch.randn_like(x)
+        for y in (far, near):
+            ratio = (body(x) - body(y)).norm(dim=1) / (x - y).flatten(1).norm(dim=1)
+            assert ratio.max() <= TOL
+    for image in x[:2]:
+        assert jacobian_norm(lambda z: body(z[None])[0], image) <= TOL
+
+
+def test_margins_are_bounded_by_the_certificate_constant(trained):
+    lipschitz = margin_lipschitz(trained.head)
+    assert lipschitz <= 2 + 1e-6  # unit-norm rows: ||w_i - w_j|| <= 2
+    x = torch.rand(16, 3, 16, 16, requires_grad=True)
+    logits = trained(x)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            (gradient,) = torch.autograd.grad((logits[:, i] - logits[:, j]).sum(), x, retain_graph=True)
+            # per-image gradients (images are independent in eval mode)
+            assert gradient.flatten(1).norm(dim=1).max() <= lipschitz * TOL
+    with torch.no_grad():
+        y = torch.rand(16, 3, 16, 16)
+        dz = trained(x) - trained(y)
+        margin_change = (dz[:, :, None] - dz[:, None, :]).abs().amax(dim=(1, 2))
+        assert (margin_change / (x - y).flatten(1).norm(dim=1)).max() <= lipschitz * TOL
+
+
+def test_export_gives_the_same_outputs_and_keeps_train_mode(trained):
+    trained.train()
+    plain = export_plain(trained)
+    assert trained.training and not plain.training  # the source keeps its mode
+    assert not any(isinstance(m, torchlip.LipschitzModule) and hasattr(m, "parametrizations") for m in plain.modules())
+    assert [name for name, _ in plain.named_children()] == [name for name, _ in trained.named_children()]
+    assert isinstance(plain.head, nn.Linear) and plain.lipschitz_body
+    x = torch.rand(8, 3, 16, 16)
+    trained.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_blocks_are_residual():
+    model = lip_resnet(3, widths=(8,), blocks=2)
+    blocks = [m for m in model.modules() if isinstance(m, LipResidualBlock)]
+    assert len(blocks) == 2 and all(isinstance(b.merge, torchlip.LipResidual) for b in blocks)
+    x = torch.randn(2, 8, 6, 6)
+    alpha = torch.sigmoid(blocks[0].merge.alpha)
+    torch.testing.assert_close(blocks[0](x), alpha * x + (1 - alpha) * blocks[0].branch(x))
+
+
+@pytest.mark.parametrize("builder", [small_cnn, resnet18, *LIPSCHITZ.values()])
+def test_every_model_is_a_named_sequential_ending_with_pool_flatten_head(builder):
+    model = builder(4) if builder in (small_cnn, resnet18) else builder()
+    assert isinstance(model, nn.Sequential)
+    assert [name for name, _ in model.named_children()][-3:] == ["pool", "flatten", "head"]
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="even ints"):
+        lip_vgg(4, widths=(15,))
+    with pytest.raises(ValueError, match="pooling"):
+        lip_vgg(4, pooling="max")
+    with pytest.raises(ValueError, match="num_classes"):
+        small_cnn(1)
+    with pytest.raises(ValueError, match="one non-negative int per width"):
+        lip_resnet(4, widths=(8, 16), blocks=(1,))

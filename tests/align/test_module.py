@@ -1,0 +1,155 @@
+"""HarmonizedClassifier: the loss it optimizes, when it skips the double backprop, what it logs, its optimizer."""
+
+import warnings
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import align.module
+from align import HarmonizedClassifier
+from align.losses import harmonization_loss, input_saliency
+from align.models import lip_vgg, small_cnn
+from datamodules import ShortcutShapesDataModule
+
+
+def batch(size=8, image=16, maps=True):
+    out = {
+        "image": torch.rand(size, 3, image, image),
+        "label": torch.randint(0, 4, (size,)),
+        "heatmap": torch.rand(size, image, image),
+        "has_heatmap": torch.ones(size, dtype=torch.bool),
+    }
+    if not maps:
+        out["heatmap"].zero_()
+        out["has_heatmap"].zero_()
+    return out
+
+
+def step(model, data):
+    with warnings.catch_warnings():  # self.log without a trainer only warns
+        warnings.simplefilter("ignore")
+        return model.training_step(data, 0)
+
+
+def test_training_loss_is_task_plus_weighted_harmonization():
+    torch.manual_seed(0)
+    backbone = small_cnn(4, widths=(8, 16), depth=1, batch_norm=False)
+    model = HarmonizedClassifier(backbone, task_loss="ce", harmonization_weight=2.5, levels=3)
+    data = batch()
+    data["has_heatmap"][:3] = False
+    loss = step(model, data)
+    logits, saliency = input_saliency(backbone, data["image"], data["label"], reduce="mean")
+    task = nn.functional.cross_entropy(logits, data["label"], label_smoothing=0.1)
+    expected = task + 2.5 * harmonization_loss(saliency, data["heatmap"], data["has_heatmap"], levels=3)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("weight, maps", [(0.0, True), (1.0, False)])
+def test_no_double_backprop_for_the_baseline_or_batches_without_maps(monkeypatch, weight, maps):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the input gradient must not be computed")
+
+    monkeypatch.setattr(align.module, "input_gradient", forbidden)
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=weight)
+    data = batch(maps=maps)
+    loss = step(model, data)
+    expected = nn.functional.cross_entropy(model(data["image"]), data["label"], label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()  # a plain graph
+
+
+def test_tuple_batches_and_bad_batches():
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1))
+    images, labels = torch.rand(4, 3, 16, 16), torch.randint(0, 4, (4,))
+    assert torch.isfinite(step(model, (images, labels)))
+    with pytest.raises(TypeError, match="'image', 'label'"):
+        step(model, [images])
+    with pytest.raises(KeyError, match="'image' and 'label'"):
+        step(model, {"img": images})
+
+
+def test_weight_decay_only_on_weights_and_scheduler_options():
+    backbone = small_cnn(4, widths=(8,), depth=1)  # conv without bias, BatchNorm, linear with bias
+    model = HarmonizedClassifier(
+        backbone,
+        weight_decay=0.1,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        lr_scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=1),
+    )
+    config = model.configure_optimizers()
+    decay, no_decay = config["optimizer"].param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(backbone.stage1[0].weight), id(backbone.head.weight)}
+    norm = backbone.stage1[1]
+    assert {id(norm.weight), id(norm.bias), id(backbone.head.bias)} == {id(p) for p in no_decay["params"]}
+    assert config["lr_scheduler"]["monitor"] == "val/loss"
+
+
+def test_num_classes_is_read_from_the_backbone_and_checked():
+    assert HarmonizedClassifier(lip_vgg(5, widths=(8,), depth=1)).num_classes == 5
+    with pytest.raises(ValueError, match="last linear layer has 5 outputs"):
+        HarmonizedClassifier(lip_vgg(5, widths=(8,), depth=1), num_classes=4)
+    with pytest.raises(ValueError, match="task_loss must be one of"):
+        HarmonizedClassifier(lip_vgg(5, widths=(8,), depth=1), task_loss="mse")
+
+
+def tiny_data(**overrides):
+    options = dict(train_size=32, val_size=16, test_size=16, image_size=16, batch_size=16)
+    return ShortcutShapesDataModule(**{**options, **overrides})
+
+
+def trainer(tmp_path, **overrides):
+    options = dict(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**options, **overrides})
+
+
+def test_fit_and_test_log_every_metric_per_split(tmp_path):
+    torch.manual_seed(0)
+    model = HarmonizedClassifier(lip_vgg(4, widths=(8, 16), depth=1), task_loss="hkr", levels=3)
+    fit = trainer(tmp_path)
+    fit.fit(model, tiny_data())
+    logged = set(fit.callback_metrics)
+    assert {"train/loss", "train/task_loss", "train/harmonization_loss", "train/acc"} <= logged
+    assert {"val/loss", "val/task_loss", "val/harmonization_loss", "val/acc", "val/alignment"} <= logged
+    assert "val/certified_acc" in logged
+    assert all(torch.isfinite(value) for value in fit.callback_metrics.values())
+    results = fit.test(model, tiny_data(), verbose=False)
+    assert len(results) == 2
+    for split, result in zip(("iid", "flipped"), results):
+        expected = {f"test/{split}/{name}" for name in ("acc", "alignment", "certified_acc", "loss")}
+        assert expected <= set(result)
+    # the accuracy logged for a split is the accuracy on that split
+    data = tiny_data()
+    data.setup()
+    flipped = data.dataset("flipped")
+    model.eval()
+    with torch.no_grad():
+        images = torch.stack([flipped[i]["image"] for i in range(len(flipped))])
+        labels = torch.stack([flipped[i]["label"] for i in range(len(flipped))])
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    assert results[1]["test/flipped/acc"] == pytest.approx(accuracy)
+
+
+def test_datamodule_with_other_classes_is_refused(tmp_path):
+    model = HarmonizedClassifier(small_cnn(3, widths=(8,), depth=1))
+    with pytest.raises(ValueError, match="num_classes=4"):
+        trainer(tmp_path, limit_train_batches=1).fit(model, tiny_data())
+
+
+def test_checkpoint_reloads_outside_the_cli(tmp_path):
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=0.5)
+    fit = trainer(tmp_path, limit_train_batches=1, limit_val_batches=1)
+    fit.fit(model, tiny_data())
+    path = tmp_path / "model.ckpt"
+    fit.save_checkpoint(path)
+    loaded = HarmonizedClassifier.load_from_checkpoint(path, backbone=small_cnn(4, widths=(8,), depth=1))
+    assert loaded.harmonization_weight == 0.5
+    x = torch.rand(2, 3, 16, 16)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x))

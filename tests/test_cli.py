@@ -1,0 +1,130 @@
+"""train.py / align.cli: configs parse, fit and test from a checkpoint, one run directory, W&B mode, DDP."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align import HarmonizedClassifier
+from align.cli import main, resolve_wandb_mode
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORTCUT = sorted((ROOT / "configs" / "shortcut").glob("*.yaml"))
+TINY = [
+    "--data.train_size=32",
+    "--data.val_size=16",
+    "--data.test_size=16",
+    "--data.batch_size=16",
+    "--data.image_size=16",
+    "--trainer.max_epochs=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(path.parent for path in root.glob("*/*/config.yaml"))
+
+
+def test_four_shortcut_configs_and_two_clickme_configs_exist():
+    assert [path.stem for path in SHORTCUT] == [
+        "baseline_cnn", "baseline_lipschitz", "harmonized_cnn", "harmonized_lipschitz"
+    ]
+    assert {path.stem for path in (ROOT / "configs" / "clickme").glob("*.yaml")} == {
+        "harmonized_resnet50", "harmonized_lip_resnet"
+    }
+
+
+def test_print_config_applies_overrides(capsys):
+    config = str(ROOT / "configs" / "shortcut" / "harmonized_lipschitz.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--trainer.max_epochs=3", "--model.harmonization_weight=2", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["max_epochs"] == 3
+    assert printed["model"]["init_args"]["harmonization_weight"] == 2.0
+    assert printed["model"]["init_args"]["backbone"]["class_path"] == "align.models.lip_vgg"
+    assert printed["data"]["class_path"] == "datamodules.ShortcutShapesDataModule"
+    assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
+
+
+@pytest.mark.parametrize("config", SHORTCUT, ids=lambda path: path.stem)
+def test_fit_then_test_from_the_checkpoint(tmp_path, config):
+    fit = main(["fit", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--run.test_after_fit=false"])
+    assert fit.trainer.current_epoch == 1
+    (run_dir,) = run_dirs(tmp_path)
+    assert run_dir.parent.name == config.stem  # runs/<experiment>/<version>
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["init_args"]["train_size"] == 32
+    # the checkpoint alone rebuilds the model (the CLI stores the backbone's class_path/init_args)
+    reloaded = HarmonizedClassifier.load_from_checkpoint(last)
+    assert type(reloaded.backbone) is type(fit.model.backbone)
+    assert reloaded.harmonization_weight == fit.model.harmonization_weight
+
+    test = main(["test", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--ckpt_path", str(last)])
+    metrics = test.trainer.callback_metrics
+    for split in ("iid", "flipped"):
+        assert {f"test/{split}/acc", f"test/{split}/alignment"} <= set(metrics)
+    assert ("test/iid/certified_acc" in metrics) == ("lipschitz" in config.stem)
+    assert test.model.harmonization_weight == fit.model.harmonization_weight
+
+
+def test_demo_config_tests_after_fit_and_writes_everything_under_one_run_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    config = ROOT / "configs" / "shortcut" / "harmonized_lipschitz.yaml"
+    cli = main(["fit", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--run.version", "v1"])
+    run_dir = tmp_path / "harmonized_lipschitz" / "v1"
+    assert run_dirs(tmp_path) == [run_dir]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
+    assert {"test/iid/acc", "test/flipped/acc"} <= set(cli.trainer.callback_metrics)  # run.test_after_fit: true
+
+
+@pytest.mark.parametrize("logger", ["CSVLogger", "TensorBoardLogger"])
+def test_other_loggers_write_into_the_run_directory(tmp_path, logger):
+    config = ROOT / "configs" / "shortcut" / "baseline_cnn.yaml"
+    args = ["fit", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--run.test_after_fit=false"]
+    main([*args, f"--trainer.logger={logger}", "--trainer.log_every_n_steps=1"])
+    (run_dir,) = run_dirs(tmp_path)
+    if logger == "CSVLogger":
+        assert "train/loss" in (run_dir / "metrics.csv").read_text()
+    else:
+        assert list(run_dir.glob("events.out.tfevents.*"))
+
+
+def test_wandb_mode_is_decided_without_prompting(tmp_path):
+    netrc = tmp_path / "netrc"
+    assert resolve_wandb_mode({"WANDB_MODE": "disabled", "WANDB_API_KEY": "x"}) == "disabled"
+    assert resolve_wandb_mode({"WANDB_API_KEY": "x", "NETRC": str(netrc)}) == "online"
+    assert resolve_wandb_mode({"NETRC": str(netrc)}) == "offline"  # no file
+    netrc.write_text("machine example.com login user password secret\n")
+    assert resolve_wandb_mode({"NETRC": str(netrc)}) == "offline"
+    netrc.write_text("machine api.wandb.ai login user password secret\n")
+    assert resolve_wandb_mode({"NETRC": str(netrc)}) == "online"
+    netrc.write_text("machine wandb.example.org login user password secret\n")
+    assert resolve_wandb_mode({"NETRC": str(netrc), "WANDB_BASE_URL": "https://wandb.example.org"}) == "online"
+    netrc.write_text("this is not a netrc file\n")
+    assert resolve_wandb_mode({"NETRC": str(netrc)}) == "offline"
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    config = ROOT / "configs" / "shortcut" / "harmonized_lipschitz.yaml"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config), *TINY,
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--run.root", str(tmp_path),
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("ALIGN_RUN_VERSION", None)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)  # both processes wrote into the same run directory
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "test/flipped/acc" in result.stdout + result.stderr

@@ -1,0 +1,17 @@
+"""Train, validate and test harmonized classifiers from YAML configs (LightningCLI).
+
+    python train.py fit --config configs/shortcut/harmonized_lipschitz.yaml
+    python train.py fit --config configs/shortcut/harmonized_lipschitz.yaml --trainer.max_epochs=3 \
+        --model.harmonization_weight=2
+    python train.py test --config configs/shortcut/harmonized_lipschitz.yaml --ckpt_path runs/.../last.ckpt
+    python train.py fit --config configs/shortcut/harmonized_lipschitz.yaml --print_config
+
+Every run writes under ``runs/<experiment>/<version>/`` (see ``align.cli``). W&B runs offline unless you are
+logged in (``wandb login``) or set ``WANDB_MODE``.
+"""
+
+import datamodules  # noqa: F401  (imported so that data class_paths may use short names)
+from align.cli import main
+
+if __name__ == "__main__":
+    main()
