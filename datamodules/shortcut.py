@@ -86,6 +86,9 @@ class ShortcutShapesDataModule(L.LightningDataModule):
         image_size: side of the square images.
         shortcut_prob: probability that the train/val/iid watermark agrees with the label.
         watermark_size: side of the watermark patch in pixels (default ``image_size // 8``).
+        object_size: range of the shape's half-width as a fraction of ``image_size`` (drawn uniformly per image;
+            smaller shapes make the shape a harder cue than the watermark).
+        noise_std: std of the Gaussian pixel noise over the whole image.
         train_size, val_size, test_size: number of images per split (``test_size`` for each test split).
         annotated_fraction: share of the TRAIN images that carry a human map (``has_heatmap``; the others get
             zeros). Val and test images all carry one.
@@ -110,6 +113,8 @@ class ShortcutShapesDataModule(L.LightningDataModule):
         image_size: int = 32,
         shortcut_prob: float = 0.9,
         watermark_size: int | None = None,
+        object_size: tuple[float, float] = (0.22, 0.34),
+        noise_std: float = 0.05,
         train_size: int = 5000,
         val_size: int = 1000,
         test_size: int = 1000,
@@ -130,6 +135,10 @@ class ShortcutShapesDataModule(L.LightningDataModule):
             raise ValueError(f"shortcut_prob must be a probability in [0, 1], got {shortcut_prob}")
         if not 0.0 <= annotated_fraction <= 1.0:
             raise ValueError(f"annotated_fraction must be in [0, 1], got {annotated_fraction}")
+        if len(object_size) != 2 or not 0.0 < object_size[0] <= object_size[1] < 0.5:
+            raise ValueError(f"object_size must be (low, high) with 0 < low <= high < 0.5, got {object_size}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         watermark_size = max(1, image_size // 8) if watermark_size is None else watermark_size
         if not 1 <= watermark_size < image_size // 2:
             raise ValueError(
@@ -144,6 +153,7 @@ class ShortcutShapesDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.shortcut_prob = shortcut_prob
         self.watermark_size = watermark_size
+        self.object_size, self.noise_std = tuple(object_size), noise_std
         self.train_size, self.val_size, self.test_size = train_size, val_size, test_size
         self.annotated_fraction = annotated_fraction
         self.num_folds, self.fold = num_folds, fold
@@ -171,7 +181,9 @@ class ShortcutShapesDataModule(L.LightningDataModule):
 
     def _generate(self, n: int, stream: int, agree_probs: tuple[float, ...]) -> list[dict[str, Tensor]]:
         generator = torch.Generator().manual_seed(self._seed(stream))
-        scenes = render_scenes(n, self.num_classes, self.image_size, self.watermark_size, generator)
+        scenes = render_scenes(
+            n, self.num_classes, self.image_size, self.watermark_size, generator, self.object_size, self.noise_std
+        )
         out = []
         for prob in agree_probs:
             marks = watermark_classes(scenes["labels"], self.num_classes, prob, generator)

@@ -215,8 +215,28 @@ def test_bad_arguments():
         ShortcutShapesDataModule(watermark_size=16)
     with pytest.raises(ValueError, match="fold"):
         ShortcutShapesDataModule(num_folds=2, fold=2)
+    with pytest.raises(ValueError, match="object_size"):
+        ShortcutShapesDataModule(object_size=(0.3, 0.2))
+    with pytest.raises(ValueError, match="noise_std"):
+        ShortcutShapesDataModule(noise_std=-0.1)
     with pytest.raises(KeyError, match="unknown split"):
         ShortcutShapesDataModule(train_size=10, val_size=10, test_size=10).dataset("nope")
+
+
+def test_object_size_and_noise_knobs():
+    def first_batch(**options):
+        dm = ShortcutShapesDataModule(train_size=8, val_size=64, test_size=8, batch_size=64, **options)
+        dm.setup("fit")
+        return next(iter(dm.val_dataloader()))
+
+    small, large = first_batch(object_size=(0.1, 0.12)), first_batch(object_size=(0.3, 0.32))
+    # the human map is the (blurred) object: its area grows with the shape's half-width
+    assert (small["heatmap"] > 0.5).float().mean() < 0.5 * (large["heatmap"] > 0.5).float().mean()
+    # without noise an image holds three flat colours (background, shape, watermark); with the default noise, many
+    for image in first_batch(noise_std=0.0)["image"][:8]:
+        assert image.flatten(1).unique(dim=1).shape[1] <= 3
+    for image in first_batch()["image"][:8]:
+        assert image.flatten(1).unique(dim=1).shape[1] > 100
 
 
 class _TinyClassifier(L.LightningModule):
