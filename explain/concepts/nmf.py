@@ -15,7 +15,7 @@ minimizing ``||X - U W||_F`` with ``U, W >= 0``.
   10% higher error on CNN activations), while one-sweep iterations first lead to the basin that
   scikit-learn finds, which the faster iterations then descend.
 * stopping: after ``max_iter`` iterations, or when the error decreased by less than ``tol`` (relative)
-  per iteration over the last 10 iterations (``tol <= 0``: always ``max_iter``). The error
+  per iteration over the last 10 iterations, checked every 10 iterations (``tol <= 0``: always ``max_iter``). The error
   ``||X - U W||_F`` is tracked at no extra cost from the products the updates use.
 """
 
@@ -136,6 +136,22 @@ def nmf(
     ``callback(iteration, error)``, if given, is called after every iteration with the Frobenius error
     ``||X - U W||_F``; returning True stops the fit.
     """
+    u, w, _, _ = _fit(x, rank, init, max_iter, tol, inner_iter, warmup, seed, callback)
+    return u, w
+
+
+def _fit(
+    x: Tensor,
+    rank: int,
+    init: Init,
+    max_iter: int,
+    tol: float,
+    inner_iter: int,
+    warmup: int,
+    seed: int | None,
+    callback: Callable[[int, float], bool | None] | None,
+) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """:func:`nmf`, also returning the number of iterations and the last error (a tensor on ``x``'s device)."""
     _check_matrix(x)
     if not isinstance(rank, int) or not 1 <= rank:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
@@ -147,20 +163,22 @@ def nmf(
         raise ValueError(f"init must be 'nndsvda', 'nndsvd' or 'random', got {init!r}")
     ut, xt = u.T.contiguous(), x.T.contiguous()  # U is kept transposed: its rows are the components
     x_norm2 = x.double().square().sum()
-    errors: list[float] = []
+    # errors stay on the device: the host reads them only for a callback or once per stopping window (no per-step
+    # GPU sync)
+    errors: list[Tensor] = []
     for iteration in range(max_iter):
         sweeps = 1 if iteration < warmup else inner_iter
         hals_sweeps(ut, w @ w.T, w @ xt, sweeps)  # U-step: min_U ||X^T - W^T U^T||
         ut_x = ut @ x
         ut_u = ut @ ut.T
         hals_sweeps(w, ut_u, ut_x, sweeps)  # W-step: min_W ||X - U W||
-        errors.append(float(_squared_error(x_norm2, ut_x, ut_u, w).clamp_min(0).sqrt()))
-        if callback is not None and callback(iteration, errors[-1]):
+        errors.append(_squared_error(x_norm2, ut_x, ut_u, w).clamp_min(0).sqrt())
+        if callback is not None and callback(iteration, float(errors[-1])):
             break
-        if tol > 0 and iteration >= warmup + _WINDOW:
-            if errors[-1 - _WINDOW] - errors[-1] <= _WINDOW * tol * errors[-1]:
+        if tol > 0 and iteration >= warmup + _WINDOW and (iteration - warmup) % _WINDOW == 0:
+            if float(errors[-1 - _WINDOW] - errors[-1] - _WINDOW * tol * errors[-1]) <= 0:
                 break
-    return ut.T.contiguous(), w
+    return ut.T.contiguous(), w, len(errors), errors[-1] if errors else None
 
 
 def reconstruction_error(x: Tensor, u: Tensor, w: Tensor) -> Tensor:
@@ -202,12 +220,10 @@ class NMF:
 
     def fit_transform(self, x: Tensor) -> Tensor:
         """Fit on ``x`` [n, c] and return its coefficients ``U`` [n, r]."""
-        errors: list[float] = []
-        u, self.W = nmf(
-            x, self.rank, init=self.init, max_iter=self.max_iter, tol=self.tol, inner_iter=self.inner_iter,
-            warmup=self.warmup, seed=self.seed, callback=lambda _, error: errors.append(error),
+        u, self.W, self.n_iter, error = _fit(
+            x, self.rank, self.init, self.max_iter, self.tol, self.inner_iter, self.warmup, self.seed, None
         )
-        self.n_iter, self.error = len(errors), errors[-1] if errors else None
+        self.error = None if error is None else float(error)
         return u
 
     def fit(self, x: Tensor) -> NMF:
