@@ -265,8 +265,12 @@ class Craft:
             if percentile is not None:
                 if not 0 <= percentile <= 100:
                     raise ValueError(f"percentile must be in [0, 100] or None, got {percentile}")
-                values = maps.transpose(0, 1).flatten(1).float()
-                sigma = torch.quantile(values, percentile / 100, dim=1).to(maps.dtype)
+                # the percentile per concept over every location of every image, linear interpolation as
+                # torch.quantile (which refuses more than 2^24 values: sort instead)
+                values = maps.transpose(0, 1).flatten(1).float().sort(dim=1).values
+                position = percentile / 100 * (values.shape[1] - 1)
+                low, high = values[:, math.floor(position)], values[:, math.ceil(position)]
+                sigma = (low + (high - low) * (position - math.floor(position))).to(maps.dtype)
                 maps = maps * (maps > sigma[None, :, None, None])
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         else:
