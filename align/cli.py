@@ -18,6 +18,7 @@ from __future__ import annotations
 import netrc
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -68,6 +69,17 @@ class LoggedConfigCallback(SaveConfigCallback):
             logger.log_hyperparams({"config": config})
 
 
+def _job_version(environ: Mapping[str, str]) -> str | None:
+    """A run version shared by every process of a multi-process job started by SLURM (``srun``, one task per
+    process) or torchrun with an ``--rdzv-id``; None otherwise (a single process picks a fresh time stamp)."""
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 and environ.get("SLURM_JOB_ID"):
+        return f"slurm-{environ['SLURM_JOB_ID']}.{environ.get('SLURM_STEP_ID', '0')}"
+    run_id = environ.get("TORCHELASTIC_RUN_ID", "none")
+    if int(environ.get("WORLD_SIZE", "1")) > 1 and run_id != "none":  # torchrun's default id "none" is not unique
+        return f"torchrun-{run_id}"
+    return None
+
+
 def _class_name(value: Any) -> str:
     class_path = value.get("class_path", "") if isinstance(value, (dict, Namespace)) else ""
     return class_path.rsplit(".", 1)[-1]
@@ -110,6 +122,9 @@ class AlignCLI(LightningCLI):
 
     # ---------------------------------------------------------------- run directory
     def _run_dir(self, config: Namespace) -> Path:
+        """``<root>/<experiment>/<version>``, the same on every process of a DDP run: the processes Lightning
+        launches itself inherit rank 0's version (``ALIGN_RUN_VERSION``); under SLURM or torchrun every process
+        derives it from the job id (:func:`_job_version`); with another launcher pass ``--run.version``."""
         experiment = config.run.experiment
         if not experiment:
             configs = [str(path) for path in (config.get("config") or [])]
@@ -118,11 +133,12 @@ class AlignCLI(LightningCLI):
         if not version and os.environ.get("LOCAL_RANK", "0") != "0":
             version = os.environ.get(VERSION_ENV)  # a DDP process launched by rank 0: use rank 0's directory
         if not version:
-            version = time.strftime("%Y%m%d-%H%M%S")
+            job = _job_version(os.environ)  # the same on every process: no collision check, no time stamp
+            version = job or time.strftime("%Y%m%d-%H%M%S")
             if self.subcommand != "fit":
                 version = f"{version}-{self.subcommand}"
             base, suffix = version, 1
-            while (Path(config.run.root) / experiment / version).exists():
+            while job is None and (Path(config.run.root) / experiment / version).exists():
                 version, suffix = f"{base}-{suffix}", suffix + 1
         os.environ[VERSION_ENV] = version  # inherited by the DDP processes Lightning launches from this one
         config.run.experiment, config.run.version = experiment, version

@@ -21,9 +21,10 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from align.certification import certified_correct, last_linear, margin_lipschitz
-from align.losses.harmonization import HarmonizationLoss, input_gradient, reduce_channels
+from align.losses.harmonization import HarmonizationLoss, Reduce, check_reduce, input_gradient
 from align.losses.task import TASK_LOSSES, TaskLoss
 from align.optim import weight_decay_groups
+from explain.attributions.saliency import reduce_channels
 from explain.metrics import HumanAlignment
 from explain.metrics.functional.alignment import CLICKME_CEILING
 
@@ -45,8 +46,9 @@ class HarmonizedClassifier(LightningModule):
         task_loss_options: options of the task loss, overriding its defaults (``align.losses.TASK_LOSSES``).
         harmonization_weight: lambda of the harmonization term; 0 trains the baseline (no double backprop).
         levels: pyramid levels of the harmonization loss (5 in the reference).
-        reduce: channel reduction of the training saliency: ``"mean"`` (signed, reference), ``"abs"`` or
-            ``"max_abs"``.
+        reduce: channel reduction of the training saliency, a name of
+            :func:`explain.attributions.saliency.reduce_channels`: ``"mean"`` (signed, reference), ``"absmean"``,
+            ``"absmax"``, ...; ``"abs"`` and ``"max_abs"`` are aliases of ``"absmean"`` and ``"absmax"``.
         weight_decay: L2 weight decay on weights only (not biases nor normalization layers); 1e-5 in the reference.
             It is set per parameter group, so it overrides the optimizer's own ``weight_decay``.
         optimizer: optimizer factory, called with the parameter groups (LightningCLI ``OptimizerCallable``).
@@ -65,7 +67,7 @@ class HarmonizedClassifier(LightningModule):
         task_loss_options: dict[str, Any] | None = None,
         harmonization_weight: float = 1.0,
         levels: int = 5,
-        reduce: Literal["mean", "abs", "max_abs"] = "mean",
+        reduce: Reduce = "mean",
         weight_decay: float = 1e-5,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -80,13 +82,12 @@ class HarmonizedClassifier(LightningModule):
             raise ValueError(f"task_loss must be one of {sorted(TASK_LOSSES)}, got {task_loss!r}")
         if harmonization_weight < 0:
             raise ValueError(f"harmonization_weight must be >= 0, got {harmonization_weight}")
-        if reduce not in ("mean", "abs", "max_abs"):
-            raise ValueError(f"reduce must be 'mean', 'abs' or 'max_abs', got {reduce!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         # Under LightningCLI the backbone and the optimizer are stored as their class_path/init_args config, so
         # load_from_checkpoint can rebuild them; objects built in Python are not hyperparameters (the weights are
-        # in the state_dict, and classes would not load with torch.load(weights_only=True)).
+        # in the state_dict, and classes would not load with torch.load(weights_only=True)). Lightning has no
+        # public way to tell the two cases apart: its CLI passes the config through this (private) context var.
         # num_classes=None (read from the backbone) is not logged: Lightning refuses to log a model and a
         # datamodule whose hyperparameters of the same name differ.
         ignore = [] if _given_hyperparameters.get() is not None else ["backbone", "optimizer", "lr_scheduler"]
@@ -97,7 +98,7 @@ class HarmonizedClassifier(LightningModule):
         self.task_loss = TaskLoss(task_loss, **(task_loss_options or {}))
         self.harmonization = HarmonizationLoss(levels)
         self.harmonization_weight = float(harmonization_weight)
-        self.reduce = reduce
+        self.reduce = check_reduce(reduce)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
 
@@ -189,16 +190,20 @@ class HarmonizedClassifier(LightningModule):
         if with_maps:  # Lightning evaluates under inference_mode: input_gradient re-enables grad on a clone
             logits, gradient = input_gradient(self.backbone, images, labels, create_graph=False)
             logits = logits.detach()
+            harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
+            # the model map of the reference evaluation: |gradient| max over channels
+            maps = reduce_channels(gradient, "absmax")
+            metrics["alignment"].update(maps=maps, human=human, has_heatmap=has_heatmap)
         else:
             logits = self.backbone(images)
+            harmonization = logits.new_zeros(())  # what the loss gives a batch without maps (the mean runs over it)
         task = self.task_loss(logits, labels)
-        loss = task
+        loss = task + self.harmonization_weight * harmonization
         options = {"batch_size": size, "sync_dist": True, "add_dataloader_idx": False}
-        if with_maps:
-            harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
-            loss = task + self.harmonization_weight * harmonization
+        if human is not None:
+            # logged on every batch of a dataset with maps, even one without any: with sync_dist, a key logged by
+            # some DDP processes only would make them wait for each other at the end of the epoch
             self.log(f"{prefix}/harmonization_loss", harmonization, **options)
-            metrics["alignment"].update(gradient.abs().amax(1), human, has_heatmap)
             self._log_metric(f"{prefix}/alignment", metrics, attribute, "alignment")
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", **options)
         self.log(f"{prefix}/task_loss", task, **options)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from align.losses import HarmonizationLoss, TaskLoss, input_gradient, reduce_channels
+from align.losses import HarmonizationLoss, TaskLoss, input_saliency
 from align.models import lip_vgg, small_cnn
 
 
@@ -24,8 +24,8 @@ def make_step(model, optimizer, task_loss, harmonization, weight: float):
     def step(images, labels, human, has_heatmap):
         optimizer.zero_grad(set_to_none=True)
         if weight > 0:
-            logits, gradient = input_gradient(model, images, labels, create_graph=True)
-            loss = task_loss(logits, labels) + weight * harmonization(reduce_channels(gradient), human, has_heatmap)
+            logits, saliency = input_saliency(model, images, labels, reduce="mean", create_graph=True)
+            loss = task_loss(logits, labels) + weight * harmonization(saliency, human, has_heatmap)
         else:
             loss = task_loss(model(images), labels)
         loss.backward()

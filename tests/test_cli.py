@@ -128,3 +128,13 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     (run_dir,) = run_dirs(tmp_path)  # both processes wrote into the same run directory
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "test/flipped/acc" in result.stdout + result.stderr
+
+
+def test_processes_of_a_slurm_or_torchrun_job_share_the_run_version():
+    from align.cli import _job_version
+
+    assert _job_version({}) is None
+    assert _job_version({"SLURM_JOB_ID": "42", "SLURM_NTASKS": "1"}) is None  # one process: a time stamp
+    assert _job_version({"SLURM_JOB_ID": "42", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "3"}) == "slurm-42.3"
+    assert _job_version({"WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "none"}) is None  # torchrun's default id
+    assert _job_version({"WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "job7"}) == "torchrun-job7"

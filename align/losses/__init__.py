@@ -3,10 +3,10 @@
 from align.losses.harmonization import (
     HarmonizationLoss,
     binomial_pyramid,
+    check_reduce,
     harmonization_loss,
     input_gradient,
     input_saliency,
-    reduce_channels,
     standardize_cut,
 )
 from align.losses.task import TASK_LOSSES, TaskLoss, task_loss
@@ -16,10 +16,10 @@ __all__ = [
     "TASK_LOSSES",
     "TaskLoss",
     "binomial_pyramid",
+    "check_reduce",
     "harmonization_loss",
     "input_gradient",
     "input_saliency",
-    "reduce_channels",
     "standardize_cut",
     "task_loss",
 ]

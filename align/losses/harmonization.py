@@ -20,31 +20,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from explain.attributions.saliency import REDUCTIONS, reduce_channels
 from explain.base import grad_enabled
 
-Reduce = Literal["mean", "abs", "max_abs"]
-_REDUCTIONS = ("mean", "abs", "max_abs")
+#: channel reductions for the training saliency: any name of :func:`explain.attributions.saliency.reduce_channels`
+#: ("mean": signed mean, the reference; "absmean"; "absmax": the model map of the alignment evaluation; ...),
+#: plus two short aliases kept for existing configs
+REDUCE_ALIASES = {"abs": "absmean", "max_abs": "absmax"}
+Reduce = Literal["mean", "absmean", "absmax", "sum", "abssum", "max", "abs", "max_abs"]
 
 
-def reduce_channels(gradient: Tensor, reduce: Reduce = "mean") -> Tensor:
-    """Collapse a gradient [B,C,H,W] to a map [B,H,W].
-
-    ``"mean"``: signed mean over channels (reference training); ``"abs"``: mean of ``|g|``; ``"max_abs"``:
-    max of ``|g|`` over channels (the model map of the reference alignment evaluation).
-    """
-    if reduce == "mean":
-        return gradient.mean(1)
-    if reduce == "abs":
-        return gradient.abs().mean(1)
-    if reduce == "max_abs":
-        return gradient.abs().amax(1)
-    raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+def check_reduce(reduce: str) -> str:
+    """The :func:`~explain.attributions.saliency.reduce_channels` name of ``reduce`` (aliases resolved)."""
+    name = REDUCE_ALIASES.get(reduce, reduce)
+    if name not in REDUCTIONS:
+        raise ValueError(f"reduce must be one of {REDUCTIONS} or an alias {sorted(REDUCE_ALIASES)}, got {reduce!r}")
+    return name
 
 
 def input_gradient(
     model: nn.Module, images: Tensor, targets: Tensor, create_graph: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Logits [B,K] and ``d(sum_b logit_b[y_b]) / d images`` [B,C,H,W] from ONE forward pass.
+
+    Unlike :func:`explain.attributions.saliency.input_gradients` (an explainer's: batched, first-order, gradient
+    only), training needs the logits of the same forward for the task loss and a differentiable gradient.
 
     With ``create_graph=True`` the gradient stays differentiable w.r.t. the parameters (double backprop), and the
     logits can feed the task loss too. Safe to call under ``torch.no_grad``/``inference_mode`` (the images are
@@ -77,11 +77,11 @@ def input_saliency(
     reduce: Reduce = "mean",
     create_graph: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Step 1: logits [B,K] and the saliency map [B,H,W] = channel reduction of ``d logit_y / d x``."""
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+    """Step 1: logits [B,K] and the saliency map [B,H,W] = channel reduction of ``d logit_y / d x``
+    (``reduce``: see :func:`check_reduce`; ``"mean"``, the signed mean, is the reference's)."""
+    name = check_reduce(reduce)
     logits, gradient = input_gradient(model, images, targets, create_graph=create_graph)
-    return logits, reduce_channels(gradient, reduce)
+    return logits, reduce_channels(gradient, name)
 
 
 def standardize_cut(maps: Tensor, eps: float = 1e-5) -> Tensor:
@@ -99,7 +99,10 @@ def binomial_kernel(dtype: torch.dtype = torch.float32, device: torch.device | N
 
 def binomial_pyramid(maps: Tensor, levels: int = 5) -> list[Tensor]:
     """Step 4: ``levels`` maps [B,H_l,W_l]; level 0 is ``maps``, level l+1 is level l blurred by the binomial
-    kernel with stride 2 and zero padding 2 (H_{l+1} = ceil(H_l / 2))."""
+    kernel with stride 2 and zero padding 2 (H_{l+1} = ceil(H_l / 2)).
+
+    DESIGN section 3 fixes the symmetric padding 2; the reference's TensorFlow ``padding="SAME"`` pads 1 before
+    and 2 after on even sizes, which shifts each coarse level by half a pixel (same sizes, same kernel)."""
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     kernel = binomial_kernel(maps.dtype, maps.device)

@@ -125,7 +125,7 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="has_heatmap has 3 entries"):
         harmonization_loss(torch.rand(2, 8, 8), torch.rand(2, 8, 8), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="reduce must be one of"):
-        input_saliency(torch.nn.Flatten(), torch.rand(1, 3, 4, 4), torch.zeros(1), reduce="max")
+        input_saliency(torch.nn.Flatten(), torch.rand(1, 3, 4, 4), torch.zeros(1), reduce="median")
 
 
 class Linear(torch.nn.Module):
@@ -139,7 +139,13 @@ class Linear(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "reduce, fn",
-    [("mean", lambda w: w.mean(0)), ("abs", lambda w: w.abs().mean(0)), ("max_abs", lambda w: w.abs().amax(0))],
+    [
+        ("mean", lambda w: w.mean(0)),
+        ("absmean", lambda w: w.abs().mean(0)),
+        ("abs", lambda w: w.abs().mean(0)),  # alias of absmean
+        ("absmax", lambda w: w.abs().amax(0)),
+        ("max_abs", lambda w: w.abs().amax(0)),  # alias of absmax
+    ],
 )
 def test_saliency_of_a_linear_model_is_its_weight_row(reduce, fn):
     model = Linear()

@@ -6,7 +6,7 @@ from deel import torchlip
 from torch import nn
 
 from align.certification import margin_lipschitz
-from align.losses import HarmonizationLoss, TaskLoss, input_gradient, reduce_channels
+from align.losses import HarmonizationLoss, TaskLoss, input_saliency
 from align.models import LipResidualBlock, export_plain, lip_resnet, lip_vgg, resnet18, small_cnn
 
 TOL = 1 + 1e-3
@@ -26,8 +26,8 @@ def train_steps(model, steps=6, size=16, lr=0.05):
     for _ in range(steps):
         images, labels = torch.rand(16, 3, size, size), torch.randint(0, 4, (16,))
         images[:, :, :3] = 0  # zero padding, as after a random crop
-        logits, gradient = input_gradient(model, images, labels)
-        loss = task(logits, labels) + harmonization(reduce_channels(gradient), torch.rand(16, size, size), None)
+        logits, saliency = input_saliency(model, images, labels)
+        loss = task(logits, labels) + harmonization(saliency, torch.rand(16, size, size), None)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -153,3 +153,17 @@ def test_checkpoint_reloads_outside_the_cli(tmp_path):
     x = torch.rand(2, 3, 16, 16)
     model.eval(), loaded.eval()
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_validation_logs_the_harmonization_loss_of_batches_without_maps_as_zero(tmp_path):
+    # the reference's loss is a mean over the whole batch, so a batch without maps contributes 0; logging it on
+    # every batch also keeps DDP processes in step (sync_dist on a key only some of them logged would hang)
+    torch.manual_seed(0)
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=2.0, levels=3).eval()
+    with_maps, without = batch(), batch(maps=False)
+    loader = torch.utils.data.DataLoader([without, with_maps], batch_size=None)
+    (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
+    logits, saliency = input_saliency(model.backbone, with_maps["image"], with_maps["label"], create_graph=False)
+    expected = harmonization_loss(saliency, with_maps["heatmap"], with_maps["has_heatmap"], levels=3).item() / 2
+    assert result["val/harmonization_loss"] == pytest.approx(expected, rel=1e-5)
+    assert "val/alignment" in result
