@@ -4,7 +4,8 @@ WITHOUT it, in one process (target: ratio <= 1.10).
 The demo config (``configs/shortcut/harmonized_lipschitz.yaml``) is run through the project's LightningCLI
 (``align.cli.main``, what ``train.py`` runs) twice per round: once with its callbacks minus every
 ``ExplanationMonitor``, once with the monitor of the config (or, if the config has none, the default
-``ExplanationMonitor(model_attr="backbone")``: Saliency + Sobol + EVA for a 1-Lipschitz backbone). A short
+``ExplanationMonitor(model_attr="backbone")``: Saliency + Sobol + EVA for a 1-Lipschitz backbone, every epoch).
+The demo's monitor is ``configs/callbacks/explain_lipschitz.yaml``, referenced by ``trainer.callbacks``. A short
 warm-up fit comes first; then ``--repeats`` rounds alternate the two sides (so a change of machine load hits
 both) and the medians are compared. W&B runs offline, as in ``make demo``; runs go to a temporary directory;
 ``run.test_after_fit`` is off (the test pass would dilute the ratio). The time spent inside the monitor's hooks
@@ -47,9 +48,12 @@ def _inline(value, base: Path):
 def split_config(path: Path, out: Path) -> tuple[Path, Path, dict]:
     """Two copies of the config: without any ExplanationMonitor, and with one (the config's or the default)."""
     config = yaml.safe_load(path.read_text()) or {}
+    trainer_base = path.parent
+    if isinstance(config.get("trainer"), str):  # trainer: ../trainer/x.yaml (its own references are relative to it)
+        trainer_base = (path.parent / config["trainer"]).parent
     config = {key: _inline(value, path.parent) for key, value in config.items()}
     trainer = config.setdefault("trainer", {})
-    callbacks = trainer.get("callbacks") or []
+    callbacks = _inline(trainer.get("callbacks"), trainer_base) or []  # callbacks: ../callbacks/x.yaml
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     monitors = [c for c in callbacks if _is_monitor(c)] or [DEFAULT_MONITOR]
     others = [c for c in callbacks if not _is_monitor(c)]

@@ -4,11 +4,14 @@ Every ``every_n_epochs`` epochs, for each explainer:
 
 * **drift** on a fixed monitor set of ``num_samples`` validation images drawn once (seeded): the per-image
   Spearman rank correlation of today's map with the map of the previous evaluation and of the first one
-  (``explain/<explainer>/drift_vs_previous``, ``.../drift_vs_first``; 1 = unchanged ranking of the pixels,
-  :mod:`explain.metrics.functional.drift`), with image overlays and a per-image table;
+  (``explain/<explainer>/drift_vs_previous``, ``.../drift_vs_first``; 1 = unchanged ranking of the pixels),
+  computed by one :class:`~explain.metrics.ExplanationDrift` per explainer (which keeps the reference maps,
+  gathers them across processes and saves them in checkpoints), with image overlays and a per-image table;
 * **dataset-level metrics** (human alignment, fidelity, ...) over the first ``max_images`` validation images
   of each process (``explain/<explainer>/<metric>``); every process explains its own shard and torchmetrics
-  syncs the states in ``compute()``.
+  syncs the states in ``compute()``. A metric with a ``compute_all()`` (``HumanAlignment``: alignment,
+  spearman, dice, iou) logs each of its scores, ``explain/<explainer>/<metric>/<score>``, its main score
+  (``main_score``) under ``explain/<explainer>/<metric>``.
 
 It never changes the training it watches: it runs inside the validation loop (Lightning's default
 ``inference_mode`` is fine, the explainers take grad themselves), restores the model's train/eval flags and
@@ -39,8 +42,8 @@ from explain.callbacks.logging import log_images, log_table
 from explain.callbacks.overlays import explanation_panel
 from explain.callbacks.registry import ExplainerSpec, resolve_explainers, resolve_metrics
 from explain.metrics.base import ExplanationMetric
+from explain.metrics.drift import ExplanationDrift
 from explain.metrics.functional.alignment import per_image_spearman
-from explain.metrics.functional.drift import merge_references, reference_spearman
 
 #: Sobol options of the default monitor: N = 8 designs on the 8x8 grid, 8 * (64 + 1) = 520 forward passes per
 #: image (a quarter of the paper's N = 32). The design is seeded, so the same model gives the same map and the
@@ -69,9 +72,9 @@ class ExplanationMonitor(MonitorCallback):
     """Explain a fixed monitor set and the validation data every ``every_n_epochs`` epochs; log metrics,
     drift, overlays and a per-image table.
 
-    The defaults (every 5 epochs, 8 monitor images, 8 metric images per process, Sobol with N = 8) keep the
-    demo fit (``make demo``, 2 CPU cores) within 10% of its time without the monitor (``bench_callbacks.py``);
-    on a GPU, or with epochs longer than the demo's minute, raise them.
+    Its cost is set by ``every_n_epochs``, ``num_samples``, ``max_images`` and the explainers' options (Sobol's
+    ``nb_design``); the configs choose them per experiment (``configs/callbacks/*.yaml``: the demo's monitor
+    costs under 10% of its fit on 2 CPU cores, ``benchmarks/bench_callbacks.py``).
 
     Args:
         explainers: names (``"saliency"``, ``"smoothgrad"``, ``"gradient_input"``, ``"sobol"``, ``"eva"``),
@@ -97,8 +100,8 @@ class ExplanationMonitor(MonitorCallback):
         self,
         explainers: Union[Sequence[ExplainerItem], ExplainerItem, None] = None,
         metrics: Union[Sequence[MetricItem], MetricItem, None] = None,
-        every_n_epochs: int = 5,
-        num_samples: int = 8,
+        every_n_epochs: int = 1,
+        num_samples: int = 16,
         log_images: bool = True,
         batch_adapter: BatchAdapter | None = None,
         on_error: OnError = "raise",
@@ -124,10 +127,10 @@ class ExplanationMonitor(MonitorCallback):
         self._explainer_request = explainers
         self._specs: list[ExplainerSpec] | None = None if explainers is None else resolve_explainers(explainers)
         self._metric_templates = None if metrics is None else resolve_metrics(metrics)
-        # state that survives a checkpoint
+        # state that survives a checkpoint: the monitor set, and each explainer's drift metric (its references)
         self._monitor: dict[str, Tensor] | None = None
-        self._first: dict[str, tuple[Tensor, Tensor]] = {}
-        self._previous: dict[str, tuple[Tensor, Tensor]] = {}
+        self._drift: dict[str, ExplanationDrift] = {}
+        self._drift_states: dict[str, dict[str, Any]] = {}  # loaded before the drift metrics exist
         self._evaluations = 0
         # per-evaluation working state
         self._active = False
@@ -151,20 +154,30 @@ class ExplanationMonitor(MonitorCallback):
         return [] if self._specs is None else [spec.name for spec in self._specs]
 
     def state_dict(self) -> dict[str, Any]:
+        drift = {**self._drift_states, **{name: metric.state_dict() for name, metric in self._drift.items()}}
         return {
             "monitor": self._monitor,
-            "first": dict(self._first),
-            "previous": dict(self._previous),
+            "drift": drift,
             "evaluations": self._evaluations,
             "last_epoch": self._last_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._monitor = state_dict["monitor"]
-        self._first = dict(state_dict["first"])
-        self._previous = dict(state_dict["previous"])
+        self._drift_states = dict(state_dict["drift"])
+        self._drift = {}  # rebuilt from the loaded states at the next evaluation
         self._evaluations = int(state_dict["evaluations"])
         self._last_epoch = int(state_dict["last_epoch"])
+
+    def drift_metric(self, name: str) -> ExplanationDrift:
+        """The :class:`~explain.metrics.ExplanationDrift` of explainer ``name`` (created on first use, with the
+        references of a loaded checkpoint)."""
+        if name not in self._drift:
+            metric = ExplanationDrift()
+            if name in self._drift_states:
+                metric.load_state_dict(self._drift_states.pop(name))
+            self._drift[name] = metric
+        return self._drift[name]
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -254,7 +267,7 @@ class ExplanationMonitor(MonitorCallback):
             rows: list[list[Any]] = []
             for name, skip in zip(names, missing):
                 if not skip:
-                    rows += self._log_drift(trainer, pl_module, name, maps[name].float(), monitor, targets, predictions)
+                    rows += self._log_drift(trainer, pl_module, name, maps[name], monitor, targets, predictions)
             columns = ["epoch", "step", "id", "label", "prediction", "explainer"]
             columns += ["drift_vs_previous", "drift_vs_first", "human_spearman"]
             columns += ["overlay"] if self.log_images else []
@@ -316,12 +329,16 @@ class ExplanationMonitor(MonitorCallback):
 
     def _log_metrics(self, pl_module: LightningModule, name: str) -> None:
         for metric_name, metric in self._metrics.get(name, {}).items():
-            ok, value = self.attempt(f"metric {metric_name!r} of explainer {name!r}", metric.compute)
+            # compute_all (synced like compute) gives every score of a metric such as HumanAlignment
+            compute = getattr(metric, "compute_all", None) or metric.compute
+            ok, value = self.attempt(f"metric {metric_name!r} of explainer {name!r}", compute)
             if not ok:
                 continue
             values = value if isinstance(value, Mapping) else {None: value}
+            main = getattr(metric, "main_score", None)
             for key, scalar in values.items():
-                suffix = metric_name if key is None else f"{metric_name}/{key}"
+                suffix = metric_name if key in (None, main) else f"{metric_name}/{key}"
+                # already synced by torchmetrics: sync_dist averages equal values (and keeps Lightning quiet)
                 pl_module.log(f"explain/{name}/{suffix}", float(scalar), sync_dist=True)
 
     def _log_drift(
@@ -334,21 +351,29 @@ class ExplanationMonitor(MonitorCallback):
         targets: Tensor,
         predictions: Tensor,
     ) -> list[list[Any]]:
-        """Log the mean drift of one explainer, its overlays; update its references; return its table rows."""
+        """Log the mean drift of one explainer and its overlays; return its table rows.
+
+        Every process explained the whole monitor set; each feeds its share of it (ids ``rank::world_size``) to
+        the explainer's :class:`~explain.metrics.ExplanationDrift`, whose ``compute`` gathers the shares, and
+        whose ``reset`` makes this evaluation the reference of the next one.
+        """
         ids = monitor["ids"]
-        vs_previous = reference_spearman(ids, maps, *self._previous.get(name, (None, None)))
-        vs_first = reference_spearman(ids, maps, *self._first.get(name, (None, None)))
-        for key, rho in (("drift_vs_previous", vs_previous), ("drift_vs_first", vs_first)):
-            if not rho.isnan().all():
-                pl_module.log(f"explain/{name}/{key}", float(rho.nanmean()), sync_dist=True)
+        drift = self.drift_metric(name).to(maps.device)
+        share = slice(trainer.global_rank, None, max(trainer.world_size, 1))
+        drift.update(maps=maps[share], ids=ids[share])
+        means = drift.compute()  # {} at the first evaluation: nothing to compare with yet
+        per_image = drift.compute_per_image()
+        drift.reset()
+        for key, value in means.items():
+            pl_module.log(f"explain/{name}/drift_{key}", float(value), sync_dist=True)
+        rows_of = torch.searchsorted(per_image["ids"], ids.cpu())  # per_image is sorted by id
+        vs_previous, vs_first = per_image["vs_previous"][rows_of], per_image["vs_first"][rows_of]
         human = monitor.get("heatmap")
         has_human = monitor.get("has_heatmap")
         alignment = torch.full_like(vs_first, math.nan)
         if human is not None and has_human.any():
-            alignment[has_human] = per_image_spearman(maps[has_human], human[has_human].float()).to(alignment.dtype)
-        cpu_maps = maps.detach().cpu()
-        self._previous[name] = merge_references(*self._previous.get(name, (None, None)), ids.cpu(), cpu_maps, True)
-        self._first[name] = merge_references(*self._first.get(name, (None, None)), ids.cpu(), cpu_maps, False)
+            rho = per_image_spearman(maps[has_human].float(), human[has_human].float())
+            alignment[has_human.cpu()] = rho.cpu().to(alignment.dtype)
 
         epoch, step = trainer.current_epoch, trainer.global_step
         panels, captions, rows = [], [], []

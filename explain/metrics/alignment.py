@@ -14,13 +14,15 @@ class HumanAlignment(ExplanationMetric):
 
     ``update(maps [B,H,W], human [B,H,W], has_heatmap [B] = None)``; images without a human map are skipped.
     ``compute()`` returns ``mean(spearman rho) / ceiling`` (the score reported in the paper, ceiling = ClickMe
-    inter-rater agreement 0.65753). ``compute_all()`` also gives the raw rho and the top-``fraction`` Dice/IoU.
+    inter-rater agreement 0.65753). ``compute_all()`` also gives the raw rho and the top-``fraction`` Dice/IoU,
+    synced across processes too (``ExplanationMonitor`` logs all four).
 
     The model map of the reference evaluation is ``|gradient|`` max over channels, not blurred
     (``explain.Saliency``).
     """
 
     requires = ("maps", "human", "has_heatmap")
+    main_score = "alignment"  # the key of compute_all() that compute() returns
     higher_is_better = True
     is_differentiable = False
 
@@ -51,8 +53,7 @@ class HumanAlignment(ExplanationMetric):
         self.iou_sum += iou.double().sum().to(device)
         self.count += rho.shape[0]
 
-    def compute_all(self) -> dict[str, Tensor]:
-        """``alignment`` (mean rho / ceiling), ``spearman`` (mean rho), ``dice`` and ``iou`` (top fraction)."""
+    def _scores(self) -> dict[str, Tensor]:
         count = self.count.clamp_min(1)
         rho = self.rho_sum / count
         return {
@@ -62,5 +63,16 @@ class HumanAlignment(ExplanationMetric):
             "iou": (self.iou_sum / count).float(),
         }
 
+    def compute_all(self) -> dict[str, Tensor]:
+        """``alignment`` (mean rho / ceiling), ``spearman`` (mean rho), ``dice`` and ``iou`` (top fraction).
+
+        Synced across processes like ``compute()`` (torchmetrics' ``sync_context``: the states are summed over
+        the processes, then each process gets its own states back), so call it on every process.
+        """
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        ):
+            return self._scores()
+
     def compute(self) -> Tensor:
-        return self.compute_all()["alignment"]
+        return self._scores()["alignment"]  # synced by torchmetrics' compute wrapper

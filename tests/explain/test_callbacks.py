@@ -332,8 +332,10 @@ def test_fit_logs_metrics_drift_overlays_and_table_files(tmp_path):
     csv_logger = CSVLogger(tmp_path)
     trainer, module = fit(tmp_path, [monitor()], epochs=3, logger=[csv_logger, recorder])
     for explainer in ("saliency", "sobol"):
-        for metric in ("alignment", "deletion"):
+        # HumanAlignment logs every score of compute_all(), its main one (alignment) under the metric's name
+        for metric in ("alignment", "alignment/spearman", "alignment/dice", "alignment/iou", "deletion"):
             assert len(recorder.values(f"explain/{explainer}/{metric}")) == 3
+        assert not recorder.values(f"explain/{explainer}/alignment/alignment")
         # no reference at the first evaluation, then one value per evaluation
         assert len(recorder.values(f"explain/{explainer}/drift_vs_previous")) == 2
         first = recorder.values(f"explain/{explainer}/drift_vs_first")
@@ -350,7 +352,7 @@ def test_fit_logs_metrics_drift_overlays_and_table_files(tmp_path):
 
 
 def test_dataset_metrics_equal_a_direct_computation(tmp_path):
-    """explain/saliency/alignment is HumanAlignment fed by hand with Saliency maps of the validation data."""
+    """explain/saliency/alignment[/...] is HumanAlignment fed by hand with Saliency maps of the validation data."""
     recorder = Recorder()
     callback = monitor(explainers=["saliency"], metrics=["alignment"], max_images=None)
     trainer, module = fit(tmp_path, [callback], epochs=1, logger=recorder)
@@ -360,6 +362,22 @@ def test_dataset_metrics_equal_a_direct_computation(tmp_path):
         metric.update(maps=maps, human=batch["heatmap"], has_heatmap=batch["has_heatmap"])
     # the recorded value is the one of epoch 0, taken before training went on: compare with the model then
     assert recorder.values("explain/saliency/alignment")[-1] == pytest.approx(float(metric.compute()), abs=1e-6)
+    for key, value in metric.compute_all().items():
+        logged = "explain/saliency/alignment" + ("" if key == "alignment" else f"/{key}")
+        assert recorder.values(logged)[-1] == pytest.approx(float(value), abs=1e-6), key
+
+
+def test_defaults_follow_the_issue():
+    """ExplanationMonitor(explainers, metrics, every_n_epochs=1, num_samples=16, log_images=True,
+    batch_adapter=None, on_error="raise", seed=0): the configs pick cheaper schedules, not the class."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(ExplanationMonitor).parameters.items()}
+    expected = {"every_n_epochs": 1, "num_samples": 16, "log_images": True, "batch_adapter": None}
+    assert {k: defaults[k] for k in expected} == expected
+    assert defaults["on_error"] == "raise" and defaults["seed"] == 0
+    callback = ExplanationMonitor()
+    assert callback.every_n_epochs == 1 and callback.num_samples == 16
 
 
 def test_drift_values_are_spearman_of_the_monitor_maps(tmp_path):
@@ -522,16 +540,23 @@ def test_resume_from_checkpoint_logs_the_same_drift(tmp_path):
 
 
 def test_callback_state_round_trips():
+    """The monitor set and each explainer's ExplanationDrift references survive state_dict/load_state_dict."""
     callback = monitor()
     callback._monitor = {"ids": torch.arange(3), "image": torch.rand(3, 3, 4, 4), "label": torch.zeros(3).long()}
-    callback._first = {"saliency": (torch.arange(3), torch.rand(3, 4, 4))}
-    callback._previous = dict(callback._first)
+    maps = torch.rand(3, 4, 4)
+    drift = callback.drift_metric("saliency")
+    drift.update(maps=maps, ids=torch.arange(3))
+    drift.reset()  # the first evaluation becomes the reference
     callback._evaluations, callback._last_epoch = 2, 1
     other = monitor()
     other.load_state_dict(callback.state_dict())
     assert other._evaluations == 2 and other._last_epoch == 1
     assert torch.equal(other._monitor["image"], callback._monitor["image"])
-    assert torch.equal(other._first["saliency"][1], callback._first["saliency"][1])
+    restored = other.drift_metric("saliency")
+    restored.update(maps=maps.flip(-1), ids=torch.arange(3))
+    expected = per_image_spearman(maps.flip(-1), maps).mean()
+    assert restored.compute()["vs_first"].item() == pytest.approx(expected.item(), abs=1e-6)
+    assert other.state_dict()["drift"].keys() == {"saliency"}
 
 
 # ---------------------------------------------------------------------------- configuration

@@ -41,7 +41,8 @@ def test_two_process_fit_logs_the_single_process_metrics(tmp_path):
     assert single.pop("world_size") == 1 and ddp.pop("world_size") == 2
     # 24 validation images: all of them on 1 process, 12 each on 2 (each rank explains its own shard)
     assert single.pop("images_explained") == [24] and ddp.pop("images_explained") == [12, 12]
-    expected = {f"explain/{e}/{m}" for e in ("saliency", "sobol") for m in ("alignment", "deletion")}
+    metrics = ("alignment", "alignment/spearman", "alignment/dice", "alignment/iou", "deletion")
+    expected = {f"explain/{e}/{m}" for e in ("saliency", "sobol") for m in metrics}  # compute_all() synced too
     expected |= {f"explain/{e}/drift_vs_{r}" for e in ("saliency", "sobol") for r in ("previous", "first")}
     assert set(single) == set(ddp) == expected
     for key in expected:

@@ -58,3 +58,30 @@ def test_human_alignment_merged_halves_equal_single_instance():
         assert first.compute_all()[key].item() == pytest.approx(value.item(), abs=1e-6)
     expected = _scipy_rho(maps[has], human[has]).mean() / 0.65753
     assert whole.compute().item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_compute_all_is_synced_across_processes_like_compute():
+    """Two processes simulated with torchmetrics' hooks: ``dist_sync_fn`` hands over the other process's states.
+
+    ``compute_all()`` must give the scores of all the maps of both processes (not only this process's), equal
+    to one metric fed everything, and leave this process's own states in place afterwards.
+    """
+    maps, human = torch.rand(10, 8, 8), torch.rand(10, 8, 8)
+    other = HumanAlignment()
+    other.update(maps=maps[6:], human=human[6:])
+
+    def gather(tensor, group=None):  # what gather_all_tensors returns on rank 0 of 2: [rank 0's, rank 1's]
+        name = next(key for key in ("rho_sum", "dice_sum", "iou_sum", "count") if getattr(local, key) is tensor)
+        return [tensor, getattr(other, name)]
+
+    local = HumanAlignment(dist_sync_fn=gather, distributed_available_fn=lambda: True)
+    local.update(maps=maps[:6], human=human[:6])
+    whole = HumanAlignment()
+    whole.update(maps=maps, human=human)
+    synced, expected = local.compute_all(), whole.compute_all()
+    assert set(synced) == {"alignment", "spearman", "dice", "iou"}
+    for key, value in expected.items():
+        assert synced[key].item() == pytest.approx(value.item(), abs=1e-6), key
+    assert synced["spearman"].item() == pytest.approx(_scipy_rho(maps, human).mean(), abs=1e-5)
+    assert local.count.item() == 6  # unsynced again: this process keeps accumulating its own shard
+    assert local.compute().item() == pytest.approx(synced["alignment"].item(), abs=1e-6)
