@@ -44,20 +44,22 @@ class Shift(nn.Module):
 
     def __init__(self, offset: float = 0.5, channels: int = 3) -> None:
         super().__init__()
-        self.offset, self.channels = float(offset), channels
+        self.channels = channels
+        # a buffer, so that the exported Conv2d lands on the model's device and dtype (not in checkpoints)
+        self.register_buffer("offset", torch.tensor(float(offset)), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return x - self.offset
 
     def vanilla_export(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.channels, self.channels, 1)
+        conv = nn.Conv2d(self.channels, self.channels, 1, device=self.offset.device, dtype=self.offset.dtype)
         with torch.no_grad():
             conv.weight.copy_(torch.eye(self.channels)[:, :, None, None])
-            conv.bias.fill_(-self.offset)
+            conv.bias.copy_(-self.offset.expand(self.channels))
         return conv
 
     def extra_repr(self) -> str:
-        return f"offset={self.offset}"
+        return f"offset={self.offset.item()}"
 
 
 class LipResidualBlock(nn.Module):

@@ -104,6 +104,18 @@ def test_export_gives_the_same_outputs_and_keeps_train_mode(trained):
         torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("factory", [lip_vgg, lip_resnet])
+def test_export_follows_the_model_to_its_dtype_and_device(factory):
+    # every exported tensor must live where the model lives: a layer exported with default-device tensors breaks
+    # EVA on a GPU (the same bug shows on CPU as a float32 tensor in a float64 model)
+    model = factory(4, widths=(8, 16)).double().eval()
+    plain = export_plain(model)
+    assert {t.dtype for t in [*plain.parameters(), *plain.buffers()] if t.is_floating_point()} == {torch.float64}
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+
+
 def test_resnet_blocks_are_residual():
     model = lip_resnet(3, widths=(8,), blocks=2)
     blocks = [m for m in model.modules() if isinstance(m, LipResidualBlock)]
