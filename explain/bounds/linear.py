@@ -7,6 +7,7 @@ eval): it is monotone, so IBP maps ``lower``/``upper`` directly, and its transpo
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -53,8 +54,9 @@ class _Weighted(Node):
         self.abs_weight = weight.abs()
         self._paired: tuple[Tensor, Tensor, Tensor | None] | None = None
 
+    @abstractmethod
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """The layer's affine map with another weight and bias (``|W|`` for the interval radius, ...)."""
 
     def can_pair(self, lower: Tensor) -> bool:
         return self.weight.shape[0] % 2 == 0

@@ -17,6 +17,8 @@ Every step is sound: a box or linear bound that holds for all inputs of the box 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from torch import Tensor
 
 
@@ -33,7 +35,7 @@ class Records(dict):
         self.inputs = inputs
 
 
-class Node:
+class Node(ABC):
     """One operation; ``path`` is the module path it came from (for error messages)."""
 
     #: True when the operation is affine: the IBP margin bound folds trailing affine nodes into the spec.
@@ -42,11 +44,13 @@ class Node:
     def __init__(self, path: str) -> None:
         self.path = path
 
+    @abstractmethod
     def interval(self, lower: Tensor, upper: Tensor, records: Records) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Elementwise bounds of the output from bounds of the input (IBP)."""
 
+    @abstractmethod
     def backward(self, A: Tensor, bias: Tensor, records: Records) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """The linear bound ``A @ out + bias`` rewritten on the input (CROWN's backward step)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"

@@ -90,6 +90,12 @@ class MonitorCallback(Callback):
                 stacklevel=2,
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self._last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_epoch = int(state_dict["last_epoch"])
+
     # ---- helpers
     def explained_model(self, pl_module: LightningModule) -> nn.Module:
         """The network to explain: ``pl_module`` or its attribute ``model_attr``."""

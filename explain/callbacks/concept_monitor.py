@@ -78,12 +78,6 @@ class ConceptMonitor(MonitorCallback):
     def state_key(self) -> str:
         return self._generate_state_key(classes=self.classes, at=self.at, n_concepts=self.n_concepts)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self._last_epoch}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_epoch = int(state_dict["last_epoch"])
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.is_due(trainer):
             return

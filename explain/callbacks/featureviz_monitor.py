@@ -88,12 +88,6 @@ class FeatureVizMonitor(MonitorCallback):
     def state_key(self) -> str:
         return self._generate_state_key(classes=self.classes, image_size=self.image_size, steps=self.steps)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self._last_epoch}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_epoch = int(state_dict["last_epoch"])
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.is_due(trainer):
             return
