@@ -149,7 +149,13 @@ class AlignCLI(LightningCLI):
         run_dir = self._run_dir(config)
         config.trainer.default_root_dir = str(run_dir)
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(run_dir / "checkpoints")
+            ckpt_path = config.get("ckpt_path") if self.subcommand != "fit" else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                # test/validate/predict restore the fit's ModelCheckpoint state: keep its directory (they write no
+                # checkpoint), else Lightning warns that the directory changed and drops the best-k bookkeeping
+                config.checkpoint.dirpath = str(Path(ckpt_path).parent)
+            else:
+                config.checkpoint.dirpath = str(run_dir / "checkpoints")
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             self._place_logger(logger, run_dir, config)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,11 @@ def test_fit_then_test_from_the_checkpoint(tmp_path, config):
     assert type(reloaded.backbone) is type(fit.model.backbone)
     assert reloaded.harmonization_weight == fit.model.harmonization_weight
 
-    test = main(["test", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--ckpt_path", str(last)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        test = main(["test", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--ckpt_path", str(last)])
+    # the restored ModelCheckpoint keeps the fit's directory: no "dirpath has changed" warning
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     metrics = test.trainer.callback_metrics
     for split in ("iid", "flipped"):
         assert {f"test/{split}/acc", f"test/{split}/alignment"} <= set(metrics)
