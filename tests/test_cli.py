@@ -16,17 +16,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORTCUT = sorted((ROOT / "configs" / "shortcut").glob("*.yaml"))
-TINY = [
-    "--data.train_size=32",
-    "--data.val_size=16",
-    "--data.test_size=16",
-    "--data.batch_size=16",
-    "--data.image_size=16",
-    "--trainer.max_epochs=1",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
+
+
+@pytest.fixture
+def tiny(tiny_cli: list[str]) -> list[str]:
+    return [*tiny_cli, "--trainer.max_epochs=1"]
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -56,8 +50,8 @@ def test_print_config_applies_overrides(capsys):
 
 
 @pytest.mark.parametrize("config", SHORTCUT, ids=lambda path: path.stem)
-def test_fit_then_test_from_the_checkpoint(tmp_path, config):
-    fit = main(["fit", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--run.test_after_fit=false"])
+def test_fit_then_test_from_the_checkpoint(tmp_path, config, tiny):
+    fit = main(["fit", "--config", str(config), *tiny, "--run.root", str(tmp_path), "--run.test_after_fit=false"])
     assert fit.trainer.current_epoch == 1
     (run_dir,) = run_dirs(tmp_path)
     assert run_dir.parent.name == config.stem  # runs/<experiment>/<version>
@@ -72,7 +66,7 @@ def test_fit_then_test_from_the_checkpoint(tmp_path, config):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        test = main(["test", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--ckpt_path", str(last)])
+        test = main(["test", "--config", str(config), *tiny, "--run.root", str(tmp_path), "--ckpt_path", str(last)])
     # the restored ModelCheckpoint keeps the fit's directory: no "dirpath has changed" warning
     assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     metrics = test.trainer.callback_metrics
@@ -82,10 +76,10 @@ def test_fit_then_test_from_the_checkpoint(tmp_path, config):
     assert test.model.harmonization_weight == fit.model.harmonization_weight
 
 
-def test_demo_config_tests_after_fit_and_writes_everything_under_one_run_directory(tmp_path, monkeypatch):
+def test_demo_config_tests_after_fit_and_writes_everything_under_one_run_directory(tmp_path, monkeypatch, tiny):
     monkeypatch.setenv("WANDB_MODE", "offline")
     config = ROOT / "configs" / "shortcut" / "harmonized_lipschitz.yaml"
-    cli = main(["fit", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--run.version", "v1"])
+    cli = main(["fit", "--config", str(config), *tiny, "--run.root", str(tmp_path), "--run.version", "v1"])
     run_dir = tmp_path / "harmonized_lipschitz" / "v1"
     assert run_dirs(tmp_path) == [run_dir]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -94,9 +88,9 @@ def test_demo_config_tests_after_fit_and_writes_everything_under_one_run_directo
 
 
 @pytest.mark.parametrize("logger", ["CSVLogger", "TensorBoardLogger"])
-def test_other_loggers_write_into_the_run_directory(tmp_path, logger):
+def test_other_loggers_write_into_the_run_directory(tmp_path, logger, tiny):
     config = ROOT / "configs" / "shortcut" / "baseline_cnn.yaml"
-    args = ["fit", "--config", str(config), *TINY, "--run.root", str(tmp_path), "--run.test_after_fit=false"]
+    args = ["fit", "--config", str(config), *tiny, "--run.root", str(tmp_path), "--run.test_after_fit=false"]
     main([*args, f"--trainer.logger={logger}", "--trainer.log_every_n_steps=1"])
     (run_dir,) = run_dirs(tmp_path)
     if logger == "CSVLogger":
@@ -120,10 +114,10 @@ def test_wandb_mode_is_decided_without_prompting(tmp_path):
     assert resolve_wandb_mode({"NETRC": str(netrc)}) == "offline"
 
 
-def test_ddp_on_two_cpu_processes(tmp_path):
+def test_ddp_on_two_cpu_processes(tmp_path, tiny):
     config = ROOT / "configs" / "shortcut" / "harmonized_lipschitz.yaml"
     command = [
-        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config), *TINY,
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config), *tiny,
         "--trainer.strategy=ddp", "--trainer.devices=2", "--run.root", str(tmp_path),
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -15,16 +15,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "shortcut" / "harmonized_lipschitz.yaml"
 EXPERIMENTS = sorted(path for folder in ("shortcut", "clickme") for path in (ROOT / "configs" / folder).glob("*.yaml"))
-TINY = [
-    "--data.train_size=32",
-    "--data.val_size=16",
-    "--data.test_size=16",
-    "--data.batch_size=16",
-    "--data.image_size=16",
-    "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 
 
 def printed_config(config: Path, capsys, *overrides: str) -> dict:
@@ -70,11 +60,11 @@ def test_callbacks_can_be_added_and_changed_on_the_command_line(capsys):
     assert printed["checkpoint"]["monitor"] == "val/acc"  # the CLI's checkpoint group is untouched
 
 
-def test_demo_fit_logs_explanations_through_the_cli(tmp_path):
+def test_demo_fit_logs_explanations_through_the_cli(tmp_path, tiny_cli):
     """A tiny fit of the demo config (its monitor every epoch, 2 epochs) with a CSV logger: the explain/ keys
     are in metrics.csv, drift from the second evaluation on; ModelCheckpoint and an added callback still run."""
     args = [
-        "fit", "--config", str(DEMO), *TINY, "--run.root", str(tmp_path), "--run.version", "v1",
+        "fit", "--config", str(DEMO), *tiny_cli, "--run.root", str(tmp_path), "--run.version", "v1",
         "--run.test_after_fit=false", "--trainer.max_epochs=2", "--trainer.logger=CSVLogger",
         "--trainer.callbacks.every_n_epochs=1", "--trainer.callbacks.num_samples=4",
         "--trainer.callbacks.max_images=4", "--trainer.callbacks+=LearningRateMonitor",
