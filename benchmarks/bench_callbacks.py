@@ -13,7 +13,7 @@ is also measured, giving a second ratio ``with / (with - hooks)`` that a change 
 fits does not distort.
 
     python benchmarks/bench_callbacks.py [--config configs/shortcut/harmonized_lipschitz.yaml] [--repeats 1]
-        [--max-epochs N] [--threads N]
+        [--max-epochs N] [--threads N] [-- CLI overrides for every fit, e.g. --trainer.logger=false]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -92,9 +93,8 @@ def fit_seconds(config: Path, root: Path, version: str, extra: list[str]) -> flo
             "--trainer.enable_progress_bar=false", "--run.test_after_fit=false", *extra]
     start = time.perf_counter()
     main(args)
-    import wandb
-
-    if wandb.run is not None:  # close the offline run, or the next fit's WandbLogger would reuse it
+    wandb = sys.modules.get("wandb")  # imported by a WandbLogger, if the fit had one
+    if wandb is not None and wandb.run is not None:  # close the offline run, or the next fit would reuse it
         wandb.finish()
     return time.perf_counter() - start
 
@@ -105,19 +105,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of (without, with) after the warm-up")
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = parser.parse_args()
+    parser.epilog = "Arguments after `--` go to the CLI for every fit, e.g. -- --trainer.logger=false"
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if not args.config.is_file():
         raise SystemExit(f"{args.config} does not exist yet: pass --config <the demo config>")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    extra = [] if args.max_epochs is None else [f"--trainer.max_epochs={args.max_epochs}"]
+    extra = ([] if args.max_epochs is None else [f"--trainer.max_epochs={args.max_epochs}"]) + overrides
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         without, with_monitor, monitor = split_config(args.config, tmp)
         print(f"config: {args.config}\nmonitor: {monitor}")
-        fit_seconds(without, tmp / "runs", "warmup", ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2"])
+        warmup = [*overrides, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]
+        fit_seconds(without, tmp / "runs", "warmup", warmup)
         durations = time_monitor_hooks()
         times: dict[str, list[float]] = {"without": [], "with": [], "hooks": []}
         for round_ in range(args.repeats):
