@@ -123,6 +123,14 @@ class MonitorCallback(Callback):
         epoch = trainer.current_epoch
         return not trainer.sanity_checking and epoch % self.every_n_epochs == 0 and epoch != self._last_epoch
 
+    def start_rank_zero_evaluation(self, trainer: Trainer) -> bool:
+        """For monitors that work on rank 0 alone: when due, mark this epoch as done on every rank and return
+        True on rank 0 only."""
+        if not self.is_due(trainer):
+            return False
+        self._last_epoch = trainer.current_epoch
+        return trainer.is_global_zero
+
     def attempt(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[bool, T | None]:
         """``(True, fn(...))``, or with ``on_error="warn"`` ``(False, None)`` and a warning if ``fn`` raises."""
         try:

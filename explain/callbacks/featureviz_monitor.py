@@ -89,10 +89,7 @@ class FeatureVizMonitor(MonitorCallback):
         return self._generate_state_key(classes=self.classes, image_size=self.image_size, steps=self.steps)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.is_due(trainer):
-            return
-        self._last_epoch = trainer.current_epoch
-        if not trainer.is_global_zero:
+        if not self.start_rank_zero_evaluation(trainer):
             return
         model = self.explained_model(pl_module)
         device = model_device(model, default=pl_module.device)
