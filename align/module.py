@@ -49,8 +49,10 @@ class HarmonizedClassifier(LightningModule):
         reduce: channel reduction of the training saliency, a name of
             :func:`explain.attributions.saliency.reduce_channels`: ``"mean"`` (signed, reference), ``"absmean"``,
             ``"absmax"``, ...; ``"abs"`` and ``"max_abs"`` are aliases of ``"absmean"`` and ``"absmax"``.
-        weight_decay: L2 weight decay on weights only (not biases nor normalization layers); 1e-5 in the reference.
-            It is set per parameter group, so it overrides the optimizer's own ``weight_decay``.
+        weight_decay: L2 weight decay, 1e-5 in the reference, on every trainable parameter (biases included)
+            except those of normalization layers, embeddings and the class token, as the reference
+            (:func:`align.optim.weight_decay_groups`). It is set per parameter group, so it overrides the optimizer's
+            own ``weight_decay``.
         optimizer: optimizer factory, called with the parameter groups (LightningCLI ``OptimizerCallable``).
         lr_scheduler: optional scheduler factory (``LRSchedulerCallable``); ``ReduceLROnPlateau`` monitors
             ``val/loss``.
