@@ -169,3 +169,58 @@ def test_validation_logs_the_harmonization_loss_of_batches_without_maps_as_zero(
     expected = harmonization_loss(saliency, with_maps["heatmap"], with_maps["has_heatmap"], levels=3).item() / 2
     assert result["val/harmonization_loss"] == pytest.approx(expected, rel=1e-5)
     assert "val/alignment" in result
+
+
+def test_non_finite_arguments_are_refused():
+    for value in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="harmonization_weight"):
+            HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=value)
+        with pytest.raises(ValueError, match="noise_std"):
+            ShortcutShapesDataModule(noise_std=value)
+
+
+def test_a_nan_harmonization_term_stops_training_naming_step_and_term():
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=1.0, levels=3)
+    data = batch()
+    data["heatmap"][0, 0, 0] = float("nan")  # a broken human map: the harmonization term is NaN, the task is not
+    with pytest.raises(FloatingPointError, match=r"step 0: harmonization loss = nan") as error:
+        step(model, data)
+    assert "task" not in str(error.value)
+
+
+def test_a_nan_task_loss_mid_training_stops_the_fit_with_its_step(tmp_path):
+    torch.manual_seed(0)
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=0.0)
+    batches = [batch(maps=False) for _ in range(4)]
+    batches[2]["image"][0] = float("nan")
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step 2: task loss = nan"):
+        trainer(tmp_path).fit(model, loader)
+
+
+def test_nan_weights_refuse_to_train(tmp_path):
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1))
+    with torch.no_grad():
+        model.backbone.head.weight[0, 0] = float("nan")
+    loader = torch.utils.data.DataLoader([batch()], batch_size=None)
+    with pytest.raises(FloatingPointError, match=r"NaN or inf .*step 0.*backbone\.head\.weight"):
+        trainer(tmp_path).fit(model, loader)
+
+
+def test_no_human_map_at_all_logs_no_alignment_and_warns_once(tmp_path):
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=1.0, levels=3).eval()
+    loader = torch.utils.data.DataLoader([batch(maps=False), batch(maps=False)], batch_size=None)
+    with pytest.warns(UserWarning, match="no image of this epoch has a human map") as first:
+        (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
+    assert "val/alignment" not in result  # not a 0.0 that no image supports
+    assert "val/harmonization_loss" in result and "val/acc" in result
+    assert len([w for w in first if "human map" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as second:
+        warnings.simplefilter("always")
+        (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
+    assert "val/alignment" not in result
+    assert not [w for w in second if "human map" in str(w.message)]  # once
+    # one image with a map is enough: the score is logged and equals the metric on that image alone
+    loader = torch.utils.data.DataLoader([batch(maps=False), batch()], batch_size=None)
+    (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
+    assert "val/alignment" in result
