@@ -224,3 +224,28 @@ def test_no_human_map_at_all_logs_no_alignment_and_warns_once(tmp_path):
     loader = torch.utils.data.DataLoader([batch(maps=False), batch()], batch_size=None)
     (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
     assert "val/alignment" in result
+
+
+def test_hyperparameters_keep_the_cli_config_but_not_python_objects():
+    """Pins Lightning's private ``_given_hyperparameters`` (no public twin), which HarmonizedClassifier reads to
+    tell a LightningCLI build (the backbone/optimizer configs are saved, so load_from_checkpoint rebuilds them)
+    from a Python one (objects are not hyperparameters). If Lightning renames or changes it, this fails."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    assert _given_hyperparameters.get() is None  # outside the CLI
+    plain = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1))
+    assert not {"backbone", "optimizer", "lr_scheduler"} & set(plain.hparams)
+    import inspect
+
+    backbone_config = {"class_path": "align.models.small_cnn", "init_args": {"num_classes": 4, "widths": [8]}}
+    optimizer_config = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}
+    # what LightningCLI gives: every init argument as configured, the objects as their class_path/init_args
+    given = {name: p.default for name, p in inspect.signature(HarmonizedClassifier).parameters.items()}
+    given.update(backbone=backbone_config, optimizer=optimizer_config, _class_path="align.HarmonizedClassifier")
+    token = _given_hyperparameters.set(given)
+    try:
+        from_cli = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1))
+    finally:
+        _given_hyperparameters.reset(token)
+    assert from_cli.hparams["backbone"] == backbone_config
+    assert from_cli.hparams["optimizer"] == optimizer_config and "lr_scheduler" in from_cli.hparams
