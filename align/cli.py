@@ -3,14 +3,17 @@
 On top of Lightning's CLI (subclass mode for the model and the data, every ``--trainer.*``/``--model.*``/
 ``--data.*`` override, ``--print_config``, seeded by default) it adds:
 
-* one directory per run, ``<run.root>/<run.experiment>/<run.version>/`` (default ``runs/<config name>/<time>``),
-  holding the resolved ``config.yaml``, ``checkpoints/`` and the logger's files (the W&B offline run, or the
-  CSV/TensorBoard logs);
-* a W&B logger by default, online only when the user is logged in (see :func:`resolve_wandb_mode`), never
-  prompting; the resolved config is also logged to every logger;
+* one directory per run, ``<run.root>/<run.experiment>/<run.version>/`` (default ``runs/<config name>/<time>``,
+  created atomically with a ``-1``, ``-2``, ... suffix when taken: :func:`claim_run_dir`), holding the resolved
+  ``config.yaml``, ``checkpoints/`` and the logger's files (the W&B offline run, or the CSV/TensorBoard logs);
+* a W&B logger by default, online only when the user is logged in and W&B's host answers (see
+  :func:`choose_wandb_mode`), never prompting nor blocking; the resolved config is also logged to every logger;
+* ``--ckpt_path`` checked before Lightning reads it (:func:`check_checkpoint`), and a warning naming every
+  ``--model.*`` value that the checkpoint's hyperparameters replace;
 * a ``checkpoint`` group (``ModelCheckpoint``: ``last.ckpt`` plus the best ``val/acc``);
 * a rich progress bar;
-* ``run.test_after_fit``: after ``fit``, test the best checkpoint on the datamodule's test splits.
+* ``run.test_after_fit``: after ``fit``, test the best checkpoint on the datamodule's test splits (skipped with a
+  notice when it has none: :func:`has_test_split`).
 """
 
 from __future__ import annotations
@@ -130,8 +133,9 @@ def choose_wandb_mode(environ: Mapping[str, str] | None = None, timeout: float =
     if wandb_reachable(base_url, timeout):
         return mode
     rank_zero_warn(
-        f"W&B credentials found but {base_url} is not reachable (probed for up to {timeout:g} s): this run logs to W&B offline "
-        "(upload it later with `wandb sync <run dir>/wandb/offline-run-*`); set WANDB_MODE to choose yourself"
+        f"W&B credentials found but {base_url} is not reachable (probed for up to {timeout:g} s): this run logs to "
+        "W&B offline (upload it later with `wandb sync <run dir>/wandb/offline-run-*`); set WANDB_MODE to choose "
+        "yourself"
     )
     return "offline"
 

@@ -36,8 +36,10 @@ class HarmonizedClassifier(LightningModule):
 
     Logs ``train/{loss,task_loss,harmonization_loss,acc}``, ``val/...`` the same plus ``val/alignment`` (the
     reference evaluation: Spearman rho between |input gradient| max over channels and the human map, divided by
-    ``alignment_ceiling``) and, for 1-Lipschitz backbones, ``val/certified_acc``; ``test/<split>/...`` per test
-    split named by ``datamodule.test_split_names`` (e.g. ``test/iid/acc``, ``test/flipped/acc``).
+    ``alignment_ceiling``; not logged, with a warning, when no image of the epoch has a human map) and, for
+    1-Lipschitz backbones, ``val/certified_acc``; ``test/<split>/...`` per test split named by
+    ``datamodule.test_split_names`` (e.g. ``test/iid/acc``, ``test/flipped/acc``). A non-finite loss term or
+    non-finite weights stop training with a ``FloatingPointError`` naming the step and the term.
 
     Args:
         backbone: the network, images [B,C,H,W] -> logits [B,K]; in YAML a ``class_path``/``init_args`` pair,

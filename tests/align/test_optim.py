@@ -48,8 +48,10 @@ def test_groups_follow_the_reference_rule_biases_decayed():
     assert kept == trainable - decayed
     # spelled out: Conv/Linear biases and the scalar are decayed; norms, embeddings and the class token are not
     assert {"stem.0.bias", "block.qkv.bias", "head.bias", "temperature", "head.weight"} <= decayed
-    assert {"stem.1.weight", "stem.1.bias", "block.norm1.weight", "block.norm1.bias", "block.gn.weight", "block.gn.bias",
-            "pos_embed", "cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "words.weight"} == kept
+    assert kept == {
+        "stem.1.weight", "stem.1.bias", "block.norm1.weight", "block.norm1.bias", "block.gn.weight", "block.gn.bias",
+        "pos_embed", "cls_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "words.weight",
+    }
     assert not any(n.startswith("frozen") for n in decayed | kept)
 
 

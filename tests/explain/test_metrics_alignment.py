@@ -1,4 +1,5 @@
-"""Human alignment: per-image Spearman against scipy, top-fraction Dice/IoU against sets and the reference percentile rule, metric merging."""
+"""Human alignment: per-image Spearman against scipy, Dice/IoU against sets and the reference's percentile rule,
+metric merging."""
 
 import numpy as np
 import pytest
