@@ -268,7 +268,8 @@ class AlignCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         self._asked_model = None
         if ckpt_path and ckpt_path not in CHECKPOINT_ALIASES:
-            check_checkpoint(ckpt_path)
+            if "://" not in str(ckpt_path):  # remote checkpoints (fsspec URLs) are Lightning's to read
+                check_checkpoint(ckpt_path)
             self._asked_model = self.config[subcommand].model.clone()
 
     def _warn_checkpoint_overrides(self, config: Namespace) -> None:
