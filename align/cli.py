@@ -226,6 +226,8 @@ def _class_name(value: Any) -> str:
 class AlignCLI(LightningCLI):
     """``LightningCLI`` with run directories, W&B by default, checkpoints, a rich bar and test-after-fit."""
 
+    _asked_model: Namespace | None = None  # the model config asked for, when a --ckpt_path will replace it
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("model_class", HarmonizedClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
