@@ -3,32 +3,40 @@
 On top of Lightning's CLI (subclass mode for the model and the data, every ``--trainer.*``/``--model.*``/
 ``--data.*`` override, ``--print_config``, seeded by default) it adds:
 
-* one directory per run, ``<run.root>/<run.experiment>/<run.version>/`` (default ``runs/<config name>/<time>``),
-  holding the resolved ``config.yaml``, ``checkpoints/`` and the logger's files (the W&B offline run, or the
-  CSV/TensorBoard logs);
-* a W&B logger by default, online only when the user is logged in (see :func:`resolve_wandb_mode`), never
-  prompting; the resolved config is also logged to every logger;
+* one directory per run, ``<run.root>/<run.experiment>/<run.version>/`` (default ``runs/<config name>/<time>``,
+  created atomically with a ``-1``, ``-2``, ... suffix when taken: :func:`claim_run_dir`), holding the resolved
+  ``config.yaml``, ``checkpoints/`` and the logger's files (the W&B offline run, or the CSV/TensorBoard logs);
+* a W&B logger by default, online only when the user is logged in and W&B's host answers (see
+  :func:`choose_wandb_mode`), never prompting nor blocking; the resolved config is also logged to every logger;
+* ``--ckpt_path`` checked before Lightning reads it (:func:`check_checkpoint`), and a warning naming every
+  ``--model.*`` value that the checkpoint's hyperparameters replace;
 * a ``checkpoint`` group (``ModelCheckpoint``: ``last.ckpt`` plus the best ``val/acc``);
 * a rich progress bar;
-* ``run.test_after_fit``: after ``fit``, test the best checkpoint on the datamodule's test splits.
+* ``run.test_after_fit``: after ``fit``, test the best checkpoint on the datamodule's test splits (skipped with a
+  notice when it has none: :func:`has_test_split`).
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import socket
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from align.module import HarmonizedClassifier
 
@@ -37,12 +45,43 @@ VERSION_ENV = "ALIGN_RUN_VERSION"
 WANDB_PROJECT = "aligned-vision"
 
 
-def resolve_wandb_mode(environ: dict[str, str] | None = None) -> str:
-    """W&B mode for this run, decided without ever prompting.
+#: W&B's default API host before its base URL moved; ``wandb login`` wrote its credentials under this name
+LEGACY_WANDB_HOST = "api.wandb.ai"
+#: seconds the connectivity probe waits for W&B's host before the run falls back to offline
+WANDB_PROBE_TIMEOUT = 3.0
 
-    1. ``WANDB_MODE`` when set (``online``, ``offline``, ``disabled``, ...): the user's choice wins;
+
+def wandb_base_url(environ: Mapping[str, str] | None = None) -> str:
+    """W&B's configured base URL: ``WANDB_BASE_URL`` when set, else the ``base_url`` of W&B's settings files
+    (``$WANDB_CONFIG_DIR/settings`` or ``~/.config/wandb/settings``, then ``./wandb/settings``; ``wandb login
+    --host`` writes there), else W&B's default; read with W&B's own ``wandb.Settings``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_BASE_URL"):
+        return environ["WANDB_BASE_URL"]
+    import wandb
+
+    config_dir = Path(environ.get("WANDB_CONFIG_DIR") or Path("~", ".config", "wandb")).expanduser()
+    settings = wandb.Settings(silent=True, settings_system=str(config_dir / "settings"))
+    settings.update_from_system_settings()  # the global file, then the workspace's wandb/settings
+    return settings.base_url
+
+
+def _netrc_hosts(environ: Mapping[str, str]) -> set[str]:
+    """The netrc machine names that hold W&B credentials for its configured host."""
+    parsed = urlparse(wandb_base_url(environ))
+    hosts = {host for host in (parsed.netloc, parsed.hostname) if host}
+    if not environ.get("WANDB_BASE_URL"):
+        hosts.add(LEGACY_WANDB_HOST)  # W&B's default host forwards to api.wandb.ai, where older logins are stored
+    return hosts
+
+
+def resolve_wandb_mode(environ: Mapping[str, str] | None = None) -> str:
+    """W&B mode for this run, decided without ever prompting (and without the network: see :func:`choose_wandb_mode`).
+
+    1. ``WANDB_MODE`` when set to a non-empty value (``online``, ``offline``, ``disabled``, ...): the user's choice
+       wins; an empty ``WANDB_MODE`` counts as unset;
     2. ``online`` when ``WANDB_API_KEY`` is set, or when the netrc file (``NETRC`` or ``~/.netrc``, where
-       ``wandb login`` writes) holds credentials for the W&B host (``WANDB_BASE_URL``, default api.wandb.ai);
+       ``wandb login`` writes) holds credentials for W&B's configured host (:func:`wandb_base_url`);
     3. ``offline`` otherwise: the run is written under the run directory; upload it later with ``wandb sync``.
     """
     environ = os.environ if environ is None else environ
@@ -50,13 +89,54 @@ def resolve_wandb_mode(environ: dict[str, str] | None = None) -> str:
         return environ["WANDB_MODE"]
     if environ.get("WANDB_API_KEY"):
         return "online"
-    host = urlparse(environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     path = Path(environ.get("NETRC", Path(environ.get("HOME", Path.home())) / ".netrc")).expanduser()
     try:
-        if path.is_file() and netrc.netrc(path).authenticators(host):
-            return "online"
+        if path.is_file():
+            credentials = netrc.netrc(path)
+            if any(credentials.authenticators(host) for host in _netrc_hosts(environ)):
+                return "online"
     except (netrc.NetrcParseError, OSError):
         pass
+    return "offline"
+
+
+def wandb_reachable(base_url: str, timeout: float = WANDB_PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to the host of ``base_url`` opens within ``timeout`` seconds (name resolution
+    included: the probe runs in a daemon thread that is abandoned after ``timeout``)."""
+    parsed = urlparse(base_url)
+    if not parsed.hostname:
+        return False
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="wandb-probe")
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def choose_wandb_mode(environ: Mapping[str, str] | None = None, timeout: float = WANDB_PROBE_TIMEOUT) -> str:
+    """:func:`resolve_wandb_mode`, then, when it says ``online``, a connectivity probe of W&B's configured host
+    (:func:`wandb_reachable`): unreachable within ``timeout`` seconds, the run goes ``offline`` with a warning
+    instead of blocking (W&B itself waits about 100 s, then fails the run)."""
+    mode = resolve_wandb_mode(environ)
+    if mode != "online":
+        return mode
+    base_url = wandb_base_url(environ)
+    if wandb_reachable(base_url, timeout):
+        return mode
+    rank_zero_warn(
+        f"W&B credentials found but {base_url} is not reachable (probed for up to {timeout:g} s): this run logs to "
+        "W&B offline (upload it later with `wandb sync <run dir>/wandb/offline-run-*`); set WANDB_MODE to choose "
+        "yourself"
+    )
     return "offline"
 
 
@@ -80,6 +160,64 @@ def _job_version(environ: Mapping[str, str]) -> str | None:
     return None
 
 
+#: ``--ckpt_path`` values that Lightning resolves itself (not file paths)
+CHECKPOINT_ALIASES = ("best", "last", "hpc", "registry")
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """Raise an error naming ``path`` when it is not a readable Lightning checkpoint (missing, empty, truncated,
+    not a checkpoint at all); Lightning's own errors say "PytorchStreamReader failed" or "Ran out of input"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"--ckpt_path {path}: the checkpoint file is empty (0 bytes)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... depending on the damage
+        raise ValueError(
+            f"--ckpt_path {path}: cannot read the checkpoint ({type(error).__name__}: {error}); the file is truncated "
+            "or not a PyTorch checkpoint"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"--ckpt_path {path}: not a Lightning checkpoint (no 'state_dict' in it)")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": leaf}`` (lists and tuples are leaves, compared as lists)."""
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def has_test_split(datamodule: Any) -> bool:
+    """Whether ``datamodule`` can be tested: its ``has_test_split`` when it defines one (a ClickMe folder without
+    ``test.csv``, TFRecords without ``test_shards``), else whether it defines ``test_dataloader`` at all."""
+    if datamodule is None:
+        return False
+    declared = getattr(datamodule, "has_test_split", None)
+    if declared is not None:
+        return bool(declared)
+    return is_overridden("test_dataloader", datamodule, LightningDataModule)
+
+
+def claim_run_dir(parent: Path, version: str) -> str:
+    """Create ``parent/<version>`` atomically (``os.mkdir`` fails if it exists, even when another process created
+    it a microsecond ago) and return the name it got: ``version``, else ``version-1``, ``version-2``, ... So two
+    fits started in the same second never share a directory (nor overwrite each other's config and checkpoints)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    name, suffix = version, 1
+    while True:
+        try:
+            os.mkdir(parent / name)
+            return name
+        except FileExistsError:
+            name, suffix = f"{version}-{suffix}", suffix + 1
+
+
 def _class_name(value: Any) -> str:
     class_path = value.get("class_path", "") if isinstance(value, (dict, Namespace)) else ""
     return class_path.rsplit(".", 1)[-1]
@@ -87,6 +225,8 @@ def _class_name(value: Any) -> str:
 
 class AlignCLI(LightningCLI):
     """``LightningCLI`` with run directories, W&B by default, checkpoints, a rich bar and test-after-fit."""
+
+    _asked_model: Namespace | None = None  # the model config asked for, when a --ckpt_path will replace it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("model_class", HarmonizedClassifier)
@@ -120,6 +260,35 @@ class AlignCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True})
 
+    # ---------------------------------------------------------------- --ckpt_path
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads it: the file must load (an empty, truncated or
+        garbage file gets an error naming it), and the model config asked for is kept, so that
+        :meth:`before_instantiate_classes` can name every value the checkpoint's hyperparameters replace."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self._asked_model = None
+        if ckpt_path and ckpt_path not in CHECKPOINT_ALIASES:
+            if "://" not in str(ckpt_path):  # remote checkpoints (fsspec URLs) are Lightning's to read
+                check_checkpoint(ckpt_path)
+            self._asked_model = self.config[subcommand].model.clone()
+
+    def _warn_checkpoint_overrides(self, config: Namespace) -> None:
+        """LightningCLI rebuilds the model from the ``--ckpt_path`` checkpoint's hyperparameters, which replace the
+        config's and the command line's ``--model.*`` values: say which, with both values."""
+        if self._asked_model is None:
+            return
+        asked, used = _flatten(self._asked_model.as_dict()), _flatten(config.model.as_dict())
+        changed = [key for key in sorted(asked.keys() & used.keys()) if asked[key] != used[key]]
+        if changed:
+            listed = "; ".join(f"model.{key}: asked {asked[key]!r}, the checkpoint's {used[key]!r} is used"
+                               for key in changed)
+            rank_zero_warn(
+                f"--ckpt_path {config.ckpt_path}: the checkpoint's hyperparameters replace the model config: {listed}. "
+                "The model is rebuilt as it was trained; to change these values, start a new fit without --ckpt_path"
+            )
+
     # ---------------------------------------------------------------- run directory
     def _run_dir(self, config: Namespace) -> Path:
         """``<root>/<experiment>/<version>``, the same on every process of a DDP run: the processes Lightning
@@ -133,19 +302,21 @@ class AlignCLI(LightningCLI):
         if not version and os.environ.get("LOCAL_RANK", "0") != "0":
             version = os.environ.get(VERSION_ENV)  # a DDP process launched by rank 0: use rank 0's directory
         if not version:
-            job = _job_version(os.environ)  # the same on every process: no collision check, no time stamp
+            job = _job_version(os.environ)  # the same on every process of the job: shared, never suffixed
             version = job or time.strftime("%Y%m%d-%H%M%S")
             if self.subcommand != "fit":
                 version = f"{version}-{self.subcommand}"
-            base, suffix = version, 1
-            while job is None and (Path(config.run.root) / experiment / version).exists():
-                version, suffix = f"{base}-{suffix}", suffix + 1
+            if job is None and os.environ.get("LOCAL_RANK", "0") == "0":
+                version = claim_run_dir(Path(config.run.root) / experiment, version)
         os.environ[VERSION_ENV] = version  # inherited by the DDP processes Lightning launches from this one
         config.run.experiment, config.run.version = experiment, version
         return Path(config.run.root) / experiment / version
 
     def before_instantiate_classes(self) -> None:
+        if os.environ.get("WANDB_MODE") == "":
+            del os.environ["WANDB_MODE"]  # unset, as resolve_wandb_mode reads it (W&B's settings refuse "")
         config = self.config[self.subcommand]
+        self._warn_checkpoint_overrides(config)
         run_dir = self._run_dir(config)
         config.trainer.default_root_dir = str(run_dir)
         if config.checkpoint.dirpath is None:
@@ -167,7 +338,10 @@ class AlignCLI(LightningCLI):
         init = logger.get("init_args") if isinstance(logger, Namespace) else None
         if init is None:
             return
-        if name == "WandbLogger":  # its mode is set in instantiate_trainer
+        if name == "WandbLogger":
+            if init.get("mode") is None and not init.get("offline"):
+                # given to wandb.init explicitly (wandb keeps the settings of the first run of a process)
+                init.mode = choose_wandb_mode()
             if init.get("save_dir") in (None, "."):
                 init.save_dir = str(run_dir)
             if init.get("name") is None:
@@ -184,17 +358,16 @@ class AlignCLI(LightningCLI):
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
-        trainer = super().instantiate_trainer(**kwargs)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and isinstance(getattr(logger, "_wandb_init", None), dict):
-                # given to wandb.init explicitly (wandb keeps the settings of the first run of a process)
-                if logger._wandb_init.get("mode") is None:
-                    logger._wandb_init["mode"] = resolve_wandb_mode()
-        return trainer
+        return super().instantiate_trainer(**kwargs)
 
     # ---------------------------------------------------------------- subcommands
     def after_fit(self) -> None:
-        if self.config.fit.run.test_after_fit:
+        if self.config.fit.run.test_after_fit and not has_test_split(self.datamodule):
+            rank_zero_info(
+                f"run.test_after_fit: {type(self.datamodule).__name__} has no test split (e.g. a ClickMe folder "
+                "without test.csv), so the test after fit is skipped"
+            )
+        elif self.config.fit.run.test_after_fit:
             checkpoint = self.trainer.checkpoint_callback
             best = checkpoint.best_model_path if checkpoint is not None else ""
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
@@ -212,9 +385,12 @@ class AlignCLI(LightningCLI):
     def _finish_wandb(self) -> None:
         """Close this run's W&B run, so that a next CLI run in the same process gets its own (Lightning's
         WandbLogger would otherwise reuse the run still open)."""
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger) and self.trainer.is_global_zero and logger._experiment is not None:
-                logger.experiment.finish()
+        if not any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
+            return
+        import wandb
+
+        if self.trainer.is_global_zero and wandb.run is not None:  # the run the WandbLogger opened, if it did
+            wandb.finish()
 
 
 def main(args: Any = None) -> AlignCLI:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
@@ -27,6 +28,7 @@ from align.optim import weight_decay_groups
 from explain.attributions.saliency import reduce_channels
 from explain.metrics import HumanAlignment
 from explain.metrics.functional.alignment import CLICKME_CEILING
+from explain.validation import in_interval
 
 
 class HarmonizedClassifier(LightningModule):
@@ -34,8 +36,10 @@ class HarmonizedClassifier(LightningModule):
 
     Logs ``train/{loss,task_loss,harmonization_loss,acc}``, ``val/...`` the same plus ``val/alignment`` (the
     reference evaluation: Spearman rho between |input gradient| max over channels and the human map, divided by
-    ``alignment_ceiling``) and, for 1-Lipschitz backbones, ``val/certified_acc``; ``test/<split>/...`` per test
-    split named by ``datamodule.test_split_names`` (e.g. ``test/iid/acc``, ``test/flipped/acc``).
+    ``alignment_ceiling``; not logged, with a warning, when no image of the epoch has a human map) and, for
+    1-Lipschitz backbones, ``val/certified_acc``; ``test/<split>/...`` per test split named by
+    ``datamodule.test_split_names`` (e.g. ``test/iid/acc``, ``test/flipped/acc``). A non-finite loss term or
+    non-finite weights stop training with a ``FloatingPointError`` naming the step and the term.
 
     Args:
         backbone: the network, images [B,C,H,W] -> logits [B,K]; in YAML a ``class_path``/``init_args`` pair,
@@ -49,8 +53,10 @@ class HarmonizedClassifier(LightningModule):
         reduce: channel reduction of the training saliency, a name of
             :func:`explain.attributions.saliency.reduce_channels`: ``"mean"`` (signed, reference), ``"absmean"``,
             ``"absmax"``, ...; ``"abs"`` and ``"max_abs"`` are aliases of ``"absmean"`` and ``"absmax"``.
-        weight_decay: L2 weight decay on weights only (not biases nor normalization layers); 1e-5 in the reference.
-            It is set per parameter group, so it overrides the optimizer's own ``weight_decay``.
+        weight_decay: L2 weight decay, 1e-5 in the reference, on every trainable parameter (biases included)
+            except those of normalization layers, embeddings and the class token, as the reference
+            (:func:`align.optim.weight_decay_groups`). It is set per parameter group, so it overrides the optimizer's
+            own ``weight_decay``.
         optimizer: optimizer factory, called with the parameter groups (LightningCLI ``OptimizerCallable``).
         lr_scheduler: optional scheduler factory (``LRSchedulerCallable``); ``ReduceLROnPlateau`` monitors
             ``val/loss``.
@@ -80,8 +86,7 @@ class HarmonizedClassifier(LightningModule):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         if task_loss not in TASK_LOSSES:
             raise ValueError(f"task_loss must be one of {sorted(TASK_LOSSES)}, got {task_loss!r}")
-        if harmonization_weight < 0:
-            raise ValueError(f"harmonization_weight must be >= 0, got {harmonization_weight}")
+        in_interval("harmonization_weight", harmonization_weight, 0)  # NaN and inf refused too
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         # Under LightningCLI the backbone and the optimizer are stored as their class_path/init_args config, so
@@ -105,6 +110,8 @@ class HarmonizedClassifier(LightningModule):
         self.train_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.val_metrics = self._eval_metrics()
         self.test_metrics = nn.ModuleDict()  # one collection per test split, created on first use
+        self._alignment_to_log: dict[str, str] = {}  # prefix -> metric collection, filled by the evaluation steps
+        self._warned_no_maps: set[str] = set()
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -178,7 +185,34 @@ class HarmonizedClassifier(LightningModule):
         if harmonize:
             self.log("train/harmonization_loss", harmonization, batch_size=size)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self._check_finite_loss(task=task, harmonization=harmonization if harmonize else None)
         return loss
+
+    # ------------------------------------------------------------ finite checks
+    def _check_finite_loss(self, **terms: Tensor | None) -> None:
+        """Stop training with an error naming the step and each non-finite loss term (``task``,
+        ``harmonization``, ...): an optimizer step on a NaN loss would turn every weight into NaN, and the run
+        would go on to exit 0 with a "best" checkpoint."""
+        given = {name: value.detach() for name, value in terms.items() if value is not None}
+        if bool(torch.isfinite(torch.stack(list(given.values()))).all()):  # one device sync per step
+            return
+        bad = {name: value.item() for name, value in given.items() if not torch.isfinite(value)}
+        if bad:
+            found = ", ".join(f"{name} loss = {value}" for name, value in bad.items())
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step}: {found}; training "
+                "stopped (check the learning rate, the harmonization_weight, the data, and the weights it started from)"
+            )
+
+    def on_train_start(self) -> None:
+        """Refuse to train from non-finite weights (e.g. a ``--ckpt_path`` checkpoint holding NaN)."""
+        bad = [name for name, parameter in self.named_parameters() if not torch.isfinite(parameter).all()]
+        if bad:
+            listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise FloatingPointError(
+                f"the weights hold NaN or inf at epoch {self.current_epoch}, step {self.global_step}, before any "
+                f"training step: {listed} (a corrupt checkpoint?)"
+            )
 
     def _evaluate(self, batch: Any, prefix: str, attribute: str) -> None:
         """Losses, accuracy, alignment (|gradient| max over channels vs human maps) and certified accuracy,
@@ -204,7 +238,7 @@ class HarmonizedClassifier(LightningModule):
             # logged on every batch of a dataset with maps, even one without any: with sync_dist, a key logged by
             # some DDP processes only would make them wait for each other at the end of the epoch
             self.log(f"{prefix}/harmonization_loss", harmonization, **options)
-            self._log_metric(f"{prefix}/alignment", metrics, attribute, "alignment")
+            self._alignment_to_log[prefix] = attribute  # logged at the epoch's end, when an image supports it
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", **options)
         self.log(f"{prefix}/task_loss", task, **options)
         metrics["acc"].update(logits, labels)
@@ -218,6 +252,32 @@ class HarmonizedClassifier(LightningModule):
     def _log_metric(self, name: str, metrics: MetricCollection, attribute: str, key: str, **options: Any) -> None:
         # the attribute is given because test metrics are created on the fly (one collection per test split)
         self.log(name, metrics[key], metric_attribute=f"{attribute}.{key}", add_dataloader_idx=False, **options)
+
+    def _log_alignment(self, stage: str) -> None:
+        """Log ``<prefix>/alignment`` of each evaluated set of this ``stage`` ("val" or "test") that had at least
+        one human map (counted over every process); warn once, and log nothing, for a set with none: a score of 0.0
+        that no image supports would read as a real one."""
+        for prefix, attribute in list(self._alignment_to_log.items()):
+            if prefix.split("/")[0] != stage:
+                continue
+            del self._alignment_to_log[prefix]
+            metric = self.get_submodule(attribute)["alignment"]
+            count = self.trainer.strategy.reduce(metric.count.clone(), reduce_op="sum")
+            if count > 0:
+                self.log(f"{prefix}/alignment", metric.compute(), add_dataloader_idx=False)
+            elif prefix not in self._warned_no_maps:
+                self._warned_no_maps.add(prefix)
+                rank_zero_warn(
+                    f"{prefix}: no image of this epoch has a human map (has_heatmap is False everywhere), so "
+                    f"{prefix}/alignment is not logged"
+                )
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_alignment("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_alignment("test")
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val", "val_metrics")

@@ -210,10 +210,20 @@ class ClickMeFolderDataModule(L.LightningDataModule):
         self.fold_of_sample: Tensor | None = None  # int64 [len(train.csv)], set by setup("fit")
         self._rows: dict[str, list[Row]] = {}
 
+    @property
+    def has_test_split(self) -> bool:
+        """Whether ``ROOT/test.csv`` exists (``run.test_after_fit`` skips the test when it does not)."""
+        return (self.root / "test.csv").is_file()
+
     def _read(self, split: str) -> list[Row]:
         if split not in self._rows:
             if not self.root.is_dir():
                 raise FileNotFoundError(f"ClickMe folder {self.root} does not exist")
+            if split == "test" and not self.has_test_split:
+                raise FileNotFoundError(
+                    f"{self.root / 'test.csv'} does not exist: testing a ClickMe folder needs test.csv (optional for "
+                    "fit, which needs train.csv and val.csv); add it, or validate on val.csv"
+                )
             self._rows[split] = read_rows(self.root / f"{split}.csv", self.root, self.num_classes)
         return self._rows[split]
 
@@ -252,8 +262,6 @@ class ClickMeFolderDataModule(L.LightningDataModule):
         return self._loader(self._read("val"), eval_transform(self.image_size))
 
     def test_dataloader(self) -> DataLoader:
-        if not (self.root / "test.csv").is_file():
-            raise FileNotFoundError(f"{self.root / 'test.csv'} does not exist: add it to test, or validate on val.csv")
         return self._loader(self._read("test"), eval_transform(self.image_size))
 
     def heldout_dataloader(self) -> DataLoader:

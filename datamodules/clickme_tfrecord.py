@@ -320,6 +320,11 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_shards, "val_shards")
 
+    @property
+    def has_test_split(self) -> bool:
+        """Whether ``test_shards`` is set (``run.test_after_fit`` skips the test when it is not)."""
+        return self.test_shards is not None
+
     def test_dataloader(self) -> DataLoader:
         if self.test_shards is None:
             raise ValueError("test_shards is not set: pass test_shards (a glob or a list) to test")

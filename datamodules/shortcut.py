@@ -17,6 +17,7 @@ from datamodules.augmentation import make_sample, pad_crop_flip
 from datamodules.folds import assign_folds, check_fold
 from datamodules.shapes import SHAPE_NAMES, render_scenes, stamp_watermark, watermark_classes
 from datamodules.shapes import watermark_mask as _watermark_mask
+from explain.validation import in_interval
 
 
 class InMemoryDataset(Dataset):
@@ -137,8 +138,7 @@ class ShortcutShapesDataModule(L.LightningDataModule):
             raise ValueError(f"annotated_fraction must be in [0, 1], got {annotated_fraction}")
         if len(object_size) != 2 or not 0.0 < object_size[0] <= object_size[1] < 0.5:
             raise ValueError(f"object_size must be (low, high) with 0 < low <= high < 0.5, got {object_size}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        in_interval("noise_std", noise_std, 0)  # NaN and inf refused too
         watermark_size = max(1, image_size // 8) if watermark_size is None else watermark_size
         if not 1 <= watermark_size < image_size // 2:
             raise ValueError(

@@ -5,10 +5,11 @@ The design is the "A / C_i" scheme: draw ``N`` points of dimension ``2D`` from a
 from ``B``. Total indices only need ``f(A)`` and ``f(C_i)``: the reference also evaluates ``f(B)`` and never
 uses it, so here the cost is ``N (D + 1)`` evaluations.
 
-With ``fA = f(A)`` [N] and ``fC = f(C_i)`` [N] (``V`` = Var(fA), population variance), the estimators of
-``ST_i`` are
+With ``fA = f(A)`` [N] and ``fC = f(C_i)`` [N] (``V`` = Var(fA), population variance; ``S`` = the sample
+variance of fA, ddof 1), the estimators of ``ST_i`` are
 
-* Jansen (1999):        ``sum_j (fA_j - fC_j)^2 / (2 N V)``
+* Jansen (1999):        ``sum_j (fA_j - fC_j)^2 / (2 N S)``, with the SAMPLE variance as xplique's and craft's
+  ``JansenEstimator`` (the reference of Sobol attribution and CRAFT importance)
 * Saltelli (2010):      ``mean(fA (fA - fC)) / V``
 * Homma-Saltelli (1996): ``(V - (mean(fA fC) - mean(fA)^2)) / V``
 * Janon (2014):         ``1 - (mean(fA fC) - m^2) / (mean((fA^2 + fC^2) / 2) - m^2)``, ``m = mean((fA + fC) / 2)``
@@ -82,9 +83,10 @@ def total_sobol_indices(
 ) -> Tensor:
     """Total Sobol indices [..., D] from evaluations [..., N (D + 1)] of a :func:`sobol_design` (module docstring)."""
     f_a, f_c = split_outputs(outputs.double(), nb_dim, nb_design)
-    var = f_a.var(dim=-1, unbiased=False)
+    var = f_a.var(dim=-1, correction=0)
     if estimator == "jansen":
-        indices = (f_a - f_c).square().mean(-1) / (2 * var + _EPS)
+        sample_var = f_a.var(dim=-1, correction=1)
+        indices = (f_a - f_c).square().mean(-1) / (2 * sample_var + _EPS)
     elif estimator == "saltelli":
         indices = (f_a * (f_a - f_c)).mean(-1) / (var + _EPS)
     elif estimator == "homma":

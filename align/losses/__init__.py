@@ -7,6 +7,7 @@ from align.losses.harmonization import (
     harmonization_loss,
     input_gradient,
     input_saliency,
+    same_padding,
     standardize_cut,
 )
 from align.losses.task import TASK_LOSSES, TaskLoss, task_loss
@@ -20,6 +21,7 @@ __all__ = [
     "harmonization_loss",
     "input_gradient",
     "input_saliency",
+    "same_padding",
     "standardize_cut",
     "task_loss",
 ]

@@ -6,8 +6,8 @@ The loss pulls the model's input-gradient saliency towards human importance maps
 1. ``g = d(sum_b logit_b[y_b]) / d x`` (double backprop: ``create_graph=True``), reduced over channels;
 2. ``standardize_cut(m) = relu((m - mean m) / (std m + 1e-5))`` per image, for ``g`` and the human map ``h``;
 3. ``h <- h / (max h + 1e-6) * stopgrad(max g + 1e-6)`` (the human map is rescaled to the model map's peak);
-4. a 5x5 binomial pyramid (``[1,4,6,4,1]`` outer itself / 256, stride 2) of ``levels`` levels, the first being
-   the full-resolution map;
+4. a 5x5 binomial pyramid (``[1,4,6,4,1]`` outer itself / 256, stride 2, TensorFlow ``SAME`` zero padding) of
+   ``levels`` levels, the first being the full-resolution map;
 5. ``loss = mean_levels mean_{b,i,j} (g_l - h_l)^2 * has_heatmap_b`` (the mean runs over the WHOLE batch, images
    without a human map count as zeros, exactly as the reference's "tokens").
 """
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from explain.attributions.saliency import REDUCTIONS, reduce_channels
 from explain.base import grad_enabled
+from explain.validation import positive_int
 
 #: channel reductions for the training saliency: any name of :func:`explain.attributions.saliency.reduce_channels`
 #: ("mean": signed mean, the reference; "absmean"; "absmax": the model map of the alignment evaluation; ...),
@@ -97,19 +98,29 @@ def binomial_kernel(dtype: torch.dtype = torch.float32, device: torch.device | N
     return (torch.outer(row, row) / 256.0)[None, None]
 
 
+def same_padding(size: int, kernel_size: int = 5, stride: int = 2) -> tuple[int, int]:
+    """Zero padding (before, after) of TensorFlow's ``padding="SAME"`` along one axis of length ``size``.
+
+    The output has ``ceil(size / stride)`` entries; the total padding ``max((out - 1) * stride + kernel_size - size,
+    0)`` is split with the smaller half before: for the 5-tap, stride-2 pyramid, 1 before and 2 after on an even
+    size, 2 and 2 on an odd one."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
 def binomial_pyramid(maps: Tensor, levels: int = 5) -> list[Tensor]:
     """Step 4: ``levels`` maps [B,H_l,W_l]; level 0 is ``maps``, level l+1 is level l blurred by the binomial
-    kernel with stride 2 and zero padding 2 (H_{l+1} = ceil(H_l / 2)).
-
-    DESIGN section 3 fixes the symmetric padding 2; the reference's TensorFlow ``padding="SAME"`` pads 1 before
-    and 2 after on even sizes, which shifts each coarse level by half a pixel (same sizes, same kernel)."""
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}")
+    kernel with stride 2 and TensorFlow ``SAME`` zero padding (:func:`same_padding`; H_{l+1} = ceil(H_l / 2)), as
+    the reference's ``tf.nn.conv2d(..., strides=2, padding="SAME")`` (``harmonization/training/pyramid.py``)."""
+    positive_int("levels", levels)
     kernel = binomial_kernel(maps.dtype, maps.device)
     pyramid = [maps]
     current = maps[:, None]
     for _ in range(levels - 1):
-        current = F.conv2d(current, kernel, stride=2, padding=2)
+        top, bottom = same_padding(current.shape[-2])
+        left, right = same_padding(current.shape[-1])
+        current = F.conv2d(F.pad(current, (left, right, top, bottom)), kernel, stride=2)
         pyramid.append(current[:, 0])
     return pyramid
 
@@ -155,9 +166,7 @@ class HarmonizationLoss(nn.Module):
 
     def __init__(self, levels: int = 5) -> None:
         super().__init__()
-        if not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"levels must be a positive int, got {levels!r}")
-        self.levels = levels
+        self.levels = positive_int("levels", levels)
 
     def forward(self, saliency: Tensor, human: Tensor, has_heatmap: Tensor | None = None) -> Tensor:
         return harmonization_loss(saliency, human, has_heatmap, self.levels)

@@ -6,7 +6,8 @@ The image is cut into a ``grid_size`` x ``grid_size`` grid of D cells. A scrambl
 [0, 1]) is upsampled (nearest) to the image, each mask perturbs the image (:mod:`.perturbations`), and the
 model's score ``f(x_M)[y]`` of every perturbed image gives the total Sobol index of every cell
 (:func:`explain.sensitivity.total_sobol_indices`, Jansen by default):
-``ST_i = sum_j (f(A_j) - f(C_ij))^2 / (2 N Var f(A))``. The map is the index grid resized bicubic to HxW.
+``ST_i = sum_j (f(A_j) - f(C_ij))^2 / (2 N Var f(A))``, Var the sample variance (ddof 1) as xplique's. The map is
+the index grid resized bicubic to HxW.
 
 Cost: exactly N(D+1) forward rows per image (2080 at the defaults; the reference also evaluates the unused
 ``B`` block). The perturbed images of all images of a call share forward passes of ``batch_size`` rows.

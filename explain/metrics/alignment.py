@@ -7,6 +7,7 @@ from torch import Tensor
 
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.alignment import CLICKME_CEILING, per_image_spearman, top_fraction_dice_iou
+from explain.validation import in_interval
 
 
 class HumanAlignment(ExplanationMetric):
@@ -14,7 +15,8 @@ class HumanAlignment(ExplanationMetric):
 
     ``update(maps [B,H,W], human [B,H,W], has_heatmap [B] = None)``; images without a human map are skipped.
     ``compute()`` returns ``mean(spearman rho) / ceiling`` (the score reported in the paper, ceiling = ClickMe
-    inter-rater agreement 0.65753). ``compute_all()`` also gives the raw rho and the top-``fraction`` Dice/IoU,
+    inter-rater agreement 0.65753). ``compute_all()`` also gives the raw rho and the Dice/IoU of the pixels strictly above each map's
+    ``100 (1 - top_fraction)``-th percentile (the reference's rule),
     synced across processes too (``ExplanationMonitor`` logs all four).
 
     The model map of the reference evaluation is ``|gradient|`` max over channels, not blurred
@@ -30,10 +32,8 @@ class HumanAlignment(ExplanationMetric):
         super().__init__(**kwargs)
         if not 0.0 < ceiling <= 1.0:
             raise ValueError(f"ceiling must be in (0, 1], got {ceiling}")
-        if not 0.0 < top_fraction <= 1.0:
-            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
         self.ceiling = ceiling
-        self.top_fraction = top_fraction
+        self.top_fraction = in_interval("top_fraction", top_fraction, 0, 1, low_open=True)
         for key in ("rho_sum", "dice_sum", "iou_sum", "count"):
             self.add_state(key, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 

@@ -71,7 +71,7 @@ def test_tuple_batches_and_bad_batches():
         step(model, {"img": images})
 
 
-def test_weight_decay_only_on_weights_and_scheduler_options():
+def test_weight_decay_as_the_reference_and_scheduler_options():
     backbone = small_cnn(4, widths=(8,), depth=1)  # conv without bias, BatchNorm, linear with bias
     model = HarmonizedClassifier(
         backbone,
@@ -82,9 +82,11 @@ def test_weight_decay_only_on_weights_and_scheduler_options():
     config = model.configure_optimizers()
     decay, no_decay = config["optimizer"].param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert {id(p) for p in decay["params"]} == {id(backbone.stage1[0].weight), id(backbone.head.weight)}
+    # the reference decays the linear layer's bias too; only the normalization layer is left out
+    head = backbone.head
+    assert {id(p) for p in decay["params"]} == {id(backbone.stage1[0].weight), id(head.weight), id(head.bias)}
     norm = backbone.stage1[1]
-    assert {id(norm.weight), id(norm.bias), id(backbone.head.bias)} == {id(p) for p in no_decay["params"]}
+    assert {id(norm.weight), id(norm.bias)} == {id(p) for p in no_decay["params"]}
     assert config["lr_scheduler"]["monitor"] == "val/loss"
 
 
@@ -167,3 +169,83 @@ def test_validation_logs_the_harmonization_loss_of_batches_without_maps_as_zero(
     expected = harmonization_loss(saliency, with_maps["heatmap"], with_maps["has_heatmap"], levels=3).item() / 2
     assert result["val/harmonization_loss"] == pytest.approx(expected, rel=1e-5)
     assert "val/alignment" in result
+
+
+def test_non_finite_arguments_are_refused():
+    for value in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="harmonization_weight"):
+            HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=value)
+        with pytest.raises(ValueError, match="noise_std"):
+            ShortcutShapesDataModule(noise_std=value)
+
+
+def test_a_nan_harmonization_term_stops_training_naming_step_and_term():
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=1.0, levels=3)
+    data = batch()
+    data["heatmap"][0, 0, 0] = float("nan")  # a broken human map: the harmonization term is NaN, the task is not
+    with pytest.raises(FloatingPointError, match=r"step 0: harmonization loss = nan") as error:
+        step(model, data)
+    assert "task" not in str(error.value)
+
+
+def test_a_nan_task_loss_mid_training_stops_the_fit_with_its_step(tmp_path):
+    torch.manual_seed(0)
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=0.0)
+    batches = [batch(maps=False) for _ in range(4)]
+    batches[2]["image"][0] = float("nan")
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    with pytest.raises(FloatingPointError, match=r"epoch 0, step 2: task loss = nan"):
+        trainer(tmp_path).fit(model, loader)
+
+
+def test_nan_weights_refuse_to_train(tmp_path):
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1))
+    with torch.no_grad():
+        model.backbone.head.weight[0, 0] = float("nan")
+    loader = torch.utils.data.DataLoader([batch()], batch_size=None)
+    with pytest.raises(FloatingPointError, match=r"NaN or inf .*step 0.*backbone\.head\.weight"):
+        trainer(tmp_path).fit(model, loader)
+
+
+def test_no_human_map_at_all_logs_no_alignment_and_warns_once(tmp_path):
+    model = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1), harmonization_weight=1.0, levels=3).eval()
+    loader = torch.utils.data.DataLoader([batch(maps=False), batch(maps=False)], batch_size=None)
+    with pytest.warns(UserWarning, match="no image of this epoch has a human map") as first:
+        (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
+    assert "val/alignment" not in result  # not a 0.0 that no image supports
+    assert "val/harmonization_loss" in result and "val/acc" in result
+    assert len([w for w in first if "human map" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as second:
+        warnings.simplefilter("always")
+        (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
+    assert "val/alignment" not in result
+    assert not [w for w in second if "human map" in str(w.message)]  # once
+    # one image with a map is enough: the score is logged and equals the metric on that image alone
+    loader = torch.utils.data.DataLoader([batch(maps=False), batch()], batch_size=None)
+    (result,) = trainer(tmp_path).validate(model, loader, verbose=False)
+    assert "val/alignment" in result
+
+
+def test_hyperparameters_keep_the_cli_config_but_not_python_objects():
+    """Pins Lightning's private ``_given_hyperparameters`` (no public twin), which HarmonizedClassifier reads to
+    tell a LightningCLI build (the backbone/optimizer configs are saved, so load_from_checkpoint rebuilds them)
+    from a Python one (objects are not hyperparameters). If Lightning renames or changes it, this fails."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    assert _given_hyperparameters.get() is None  # outside the CLI
+    plain = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1))
+    assert not {"backbone", "optimizer", "lr_scheduler"} & set(plain.hparams)
+    import inspect
+
+    backbone_config = {"class_path": "align.models.small_cnn", "init_args": {"num_classes": 4, "widths": [8]}}
+    optimizer_config = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}
+    # what LightningCLI gives: every init argument as configured, the objects as their class_path/init_args
+    given = {name: p.default for name, p in inspect.signature(HarmonizedClassifier).parameters.items()}
+    given.update(backbone=backbone_config, optimizer=optimizer_config, _class_path="align.HarmonizedClassifier")
+    token = _given_hyperparameters.set(given)
+    try:
+        from_cli = HarmonizedClassifier(small_cnn(4, widths=(8,), depth=1))
+    finally:
+        _given_hyperparameters.reset(token)
+    assert from_cli.hparams["backbone"] == backbone_config
+    assert from_cli.hparams["optimizer"] == optimizer_config and "lr_scheduler" in from_cli.hparams

@@ -146,6 +146,19 @@ def test_missing_csv(folder):
         ClickMeFolderDataModule(folder).test_dataloader()
 
 
+def test_missing_test_csv_names_the_right_requirement(folder):
+    datamodule = ClickMeFolderDataModule(folder)
+    assert not datamodule.has_test_split
+    datamodule.setup("fit")  # test.csv is optional for fit
+    needs = r"test\.csv does not exist: testing a ClickMe folder needs test\.csv"
+    with pytest.raises(FileNotFoundError, match=needs) as error:
+        datamodule.setup("test")
+    assert "a ClickMe folder needs train.csv and val.csv" not in str(error.value)  # the old, wrong requirement
+    (folder / "test.csv").write_text((folder / "val.csv").read_text())
+    assert datamodule.has_test_split
+    assert len(datamodule.test_dataloader().dataset) == 3
+
+
 def test_bad_header(folder):
     write_csv(folder / "train.csv", [("img/train0.png", "", 0)], header="path,map,y")
     with pytest.raises(ValueError, match=r"train\.csv: the first line must be the header 'image,heatmap,label'"):

@@ -50,6 +50,20 @@ def test_unused_input_gets_zero_index(estimator):
     assert (indices[[0, 2]] > 0.05).all()
 
 
+def test_jansen_divides_by_the_sample_variance():
+    """Jansen as xplique's and craft's JansenEstimator, written out with numpy: sum_j (fA_j - fC_ij)^2 over
+    (2 N var(fA, ddof=1)); with N = 8 the population variance would make every index 8/7 larger."""
+    import numpy as np
+
+    nb_dim, nb_design = 3, 8
+    outputs = torch.randn(2, nb_design * (nb_dim + 1), dtype=torch.float64)
+    indices = total_sobol_indices(outputs, nb_dim, nb_design, "jansen")
+    for row, got in zip(outputs.numpy(), indices):
+        f_a, f_c = row[:nb_design], row[nb_design:].reshape(nb_dim, nb_design)
+        expected = ((f_a - f_c) ** 2).sum(1) / (2 * nb_design * np.var(f_a, ddof=1))
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
+
+
 def test_indices_are_computed_per_leading_dimension():
     nb_design = 256
     design = sobol_design(2, nb_design, seed=0, dtype=torch.float64)

@@ -3,6 +3,7 @@
 from explain.metrics.functional.alignment import (
     CLICKME_CEILING,
     average_ranks,
+    linear_percentile,
     per_image_spearman,
     rowwise_spearman,
     top_fraction_dice_iou,
@@ -41,6 +42,7 @@ __all__ = [
     "mege_score",
     "merge_references",
     "mufidelity",
+    "linear_percentile",
     "per_image_spearman",
     "random_cell_masks",
     "reco_score",

@@ -3,13 +3,18 @@ deep neural networks with humans"; reference evaluation of serre-lab/Harmonizati
 
 * per-image Spearman rank correlation between the model map and the human map at full resolution; the
   alignment score is ``mean(rho) / ceiling`` with the ClickMe human inter-rater ceiling 0.65753;
-* Dice and IoU of the top-10% pixels of each map.
+* Dice and IoU of the pixels strictly above each map's 90th percentile (numpy's linear-interpolation
+  percentile), as the reference's ``harmonization/evaluation/metrics.py``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
+
+from explain.validation import in_interval
 
 CLICKME_CEILING = 0.65753
 
@@ -71,22 +76,47 @@ def per_image_spearman(maps: Tensor, human: Tensor) -> Tensor:
     return rowwise_spearman(*_flatten_pair(maps, human)).float()
 
 
+#: the reference's guard against empty masks in Dice and IoU (``harmonization/evaluation/metrics.py``)
+DICE_IOU_EPSILON = 1e-9
+
+
+def linear_percentile(flat: Tensor, q: float) -> Tensor:
+    """Per-row ``q``-quantile [B] of ``flat`` [B,N] with numpy's default ``"linear"`` interpolation, rounded as
+    ``numpy.percentile`` rounds it: virtual index ``(N - 1) q`` in float64, and the lerp ``a + (b - a) g``
+    (``b - (b - a)(1 - g)`` when ``g >= 0.5``) in the data's dtype, so a threshold equals numpy's bit for bit."""
+    n = flat.shape[1]
+    position = (n - 1) * q
+    below = min(max(math.floor(position), 0), n - 1)
+    above = min(below + 1, n - 1)
+    gamma = position - math.floor(position)
+    sorted_flat = flat.sort(dim=1).values
+    a, b = sorted_flat[:, below], sorted_flat[:, above]
+    difference = b - a
+    if gamma >= 0.5:
+        return b - difference * torch.tensor(1 - gamma, dtype=flat.dtype, device=flat.device)
+    return a + difference * torch.tensor(gamma, dtype=flat.dtype, device=flat.device)
+
+
 def top_fraction_mask(maps: Tensor, fraction: float = 0.1) -> Tensor:
-    """Boolean mask [B,N] of the ``round(fraction * N)`` (at least 1) largest values of each flattened map (ties
-    by index)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    """Boolean mask [B,N] of the pixels of each flattened map STRICTLY above its ``100 (1 - fraction)``-th
+    percentile (numpy's linear interpolation), the reference's binarisation.
+
+    Ties are never broken by position: on a map whose zeros fill more than ``1 - fraction`` of it, the percentile
+    is 0 and only its nonzero pixels are kept; a constant map keeps none."""
+    in_interval("fraction", fraction, 0, 1, low_open=True)
     flat = maps.flatten(1)
-    k = max(1, int(round(fraction * flat.shape[1])))
-    index = flat.topk(k, dim=1).indices
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, index, True)
+    if flat.shape[1] == 0:
+        return torch.zeros_like(flat, dtype=torch.bool)
+    return flat > linear_percentile(flat, 1.0 - fraction)[:, None]
 
 
 def top_fraction_dice_iou(maps: Tensor, human: Tensor, fraction: float = 0.1) -> tuple[Tensor, Tensor]:
-    """Dice ``2|A∩B| / (|A|+|B|)`` and IoU ``|A∩B| / |A∪B|`` [B] of the top-``fraction`` pixels of both maps."""
+    """Dice ``2|A∩B| / (|A| + |B| + 1e-9)`` and IoU ``|A∩B| / (|A∪B| + 1e-9)`` [B] of the masks of
+    :func:`top_fraction_mask` (pixels strictly above each map's 90th percentile at ``fraction=0.1``), as
+    ``harmonization/evaluation/metrics.py``: two empty masks score 0."""
     maps, human = _flatten_pair(maps, human)
     a, b = top_fraction_mask(maps, fraction), top_fraction_mask(human, fraction)
-    inter = (a & b).sum(1).float()
-    dice = 2 * inter / (a.sum(1) + b.sum(1)).float()
-    iou = inter / (a | b).sum(1).float()
-    return dice, iou
+    inter = (a & b).sum(1).double()
+    dice = 2 * inter / ((a.sum(1) + b.sum(1)).double() + DICE_IOU_EPSILON)
+    iou = inter / ((a | b).sum(1).double() + DICE_IOU_EPSILON)
+    return dice.float(), iou.float()
