@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from explain.base import Explainer
+from explain.validation import in_interval, one_of, positive_int
 
 Reduce = Union[Literal["absmax", "max", "sum", "abssum", "mean", "absmean"], Callable[[Tensor], Tensor]]
 REDUCTIONS: tuple[str, ...] = ("absmax", "max", "sum", "abssum", "mean", "absmean")
@@ -53,8 +54,9 @@ def reduce_channels(attributions: Tensor, reduce: Reduce = "absmax") -> Tensor:
 
 
 def _check_reduce(reduce: Reduce) -> None:
-    if not callable(reduce) and reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS} or a callable, got {reduce!r}")
+    """``reduce`` is a callable or one of :data:`REDUCTIONS`."""
+    if not callable(reduce):
+        one_of("reduce", reduce, REDUCTIONS)
 
 
 def check_logits(logits: Tensor, targets: Tensor) -> None:
@@ -162,13 +164,9 @@ class SmoothGrad(Explainer):
         reduce: Reduce = "absmax",
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
-        if not isinstance(nb_samples, int) or nb_samples < 1:
-            raise ValueError(f"nb_samples must be a positive int, got {nb_samples!r}")
-        if noise < 0:
-            raise ValueError(f"noise is a standard deviation and must be >= 0, got {noise}")
         _check_reduce(reduce)
-        self.nb_samples = nb_samples
-        self.noise = float(noise)
+        self.nb_samples = positive_int("nb_samples", nb_samples)
+        self.noise = in_interval("noise", noise, 0)  # a standard deviation
         self.reduce = reduce
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from explain.attributions.perturbations import PERTURBATIONS, Perturbation, appl
 from explain.attributions.saliency import check_logits
 from explain.base import Explainer
 from explain.sensitivity import ESTIMATORS, Estimator, sobol_design, total_sobol_indices
+from explain.validation import one_of, positive_int
 
 
 def evaluate_masks(
@@ -66,10 +67,25 @@ def evaluate_masks(
     return scores.clone()  # a normal tensor, usable outside inference mode
 
 
+def _sobol_arg_validation(
+    grid_size: int, nb_design: int, perturbation: str, estimator: str, blur_size: int, batch_size: int
+) -> None:
+    """The checks shared by :func:`sobol_indices` and :class:`Sobol` (torchmetrics' ``_..._arg_validation``)."""
+    positive_int("batch_size", batch_size)
+    positive_int("grid_size", grid_size)
+    positive_int("nb_design", nb_design)
+    if nb_design < 2 or nb_design & (nb_design - 1):
+        raise ValueError(f"nb_design must be a power of two >= 2 (the balance of a Sobol sequence), got {nb_design!r}")
+    one_of("perturbation", perturbation, PERTURBATIONS)
+    one_of("estimator", estimator, ESTIMATORS)
+    positive_int("blur_size", blur_size)
+
+
 def sobol_indices(
     model: nn.Module,
     images: Tensor,
     targets: Tensor,
+    *,
     grid_size: int = 8,
     nb_design: int = 32,
     perturbation: Perturbation = "inpainting",
@@ -82,8 +98,14 @@ def sobol_indices(
 ) -> Tensor:
     """Total Sobol indices [B, grid_size, grid_size] of the cells of each image for its target class.
 
-    ``seed`` scrambles the Sobol sequence (None: a new scrambling each call). See the module docstring.
+    ``seed`` scrambles the Sobol sequence (None: a new scrambling each call). See the module docstring; the
+    options are those of :class:`Sobol`.
+
+    Raises:
+        ValueError: an option out of its domain (``nb_design`` not a power of two, an unknown ``perturbation``
+            or ``estimator``, a ``grid_size``, ``blur_size`` or ``batch_size`` that is not a positive int).
     """
+    _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, batch_size)
     nb_dim = grid_size * grid_size
     design = sobol_design(nb_dim, nb_design, seed=seed).to(device=images.device, dtype=images.dtype)
     base, delta, offset = perturbation_terms(images, perturbation, baseline, blur_size, amplitude_sigma)
@@ -131,18 +153,7 @@ class Sobol(Explainer):
         amplitude_sigma: float = 1.0,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
-        if not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
-        if not isinstance(nb_design, int) or nb_design < 2 or nb_design & (nb_design - 1):
-            raise ValueError(
-                f"nb_design must be a power of two >= 2 (the balance of a Sobol sequence), got {nb_design!r}"
-            )
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not isinstance(blur_size, int) or blur_size < 1:
-            raise ValueError(f"blur_size must be a positive int, got {blur_size!r}")
+        _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, batch_size)
         self.grid_size = grid_size
         self.nb_design = nb_design
         self.perturbation = perturbation

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.alignment import CLICKME_CEILING, per_image_spearman, top_fraction_dice_iou
+from explain.validation import in_interval
 
 
 class HumanAlignment(ExplanationMetric):
@@ -28,10 +29,8 @@ class HumanAlignment(ExplanationMetric):
 
     def __init__(self, ceiling: float = CLICKME_CEILING, top_fraction: float = 0.1, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not 0.0 < ceiling <= 1.0:
-            raise ValueError(f"ceiling must be in (0, 1], got {ceiling}")
-        if not 0.0 < top_fraction <= 1.0:
-            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        in_interval("ceiling", ceiling, 0, 1, low_open=True)
+        in_interval("top_fraction", top_fraction, 0, 1, low_open=True)
         self.ceiling = ceiling
         self.top_fraction = top_fraction
         for key in ("rho_sum", "dice_sum", "iou_sum", "count"):
@@ -69,9 +68,7 @@ class HumanAlignment(ExplanationMetric):
         Synced across processes like ``compute()`` (torchmetrics' ``sync_context``: the states are summed over
         the processes, then each process gets its own states back), so call it on every process.
         """
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
-        ):
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
             return self._scores()
 
     def compute(self) -> Tensor:

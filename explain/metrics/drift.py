@@ -26,7 +26,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from explain.metrics.base import ExplanationMetric
-from explain.metrics.functional.drift import merge_references, reference_spearman, unique_by_id
+from explain.metrics.functional.drift import _check_ids_maps, merge_references, reference_spearman, unique_by_id
 
 _REFERENCE_KEYS = ("first_ids", "first_maps", "previous_ids", "previous_maps")
 
@@ -73,10 +73,7 @@ class ExplanationDrift(ExplanationMetric):
 
     def update(self, maps: Tensor, ids: Tensor) -> None:
         ids = torch.as_tensor(ids)
-        if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
-            raise ValueError(f"ids must be integer sample indices [B], got shape {tuple(ids.shape)} dtype {ids.dtype}")
-        if maps.ndim != 3 or maps.shape[0] != ids.shape[0]:
-            raise ValueError(f"maps must be [B, H, W] with one map per id ({ids.shape[0]}), got {tuple(maps.shape)}")
+        _check_ids_maps(ids, maps)
         size = torch.tensor(maps.shape[1:], dtype=torch.long, device=self.map_size.device)
         if bool((self.map_size > 0).all()) and not torch.equal(self.map_size, size):
             raise ValueError(
@@ -155,7 +152,7 @@ class ExplanationDrift(ExplanationMetric):
 
     def _distributed(self) -> bool:
         available = self.distributed_available_fn
-        return bool(self._to_sync and callable(available) and available())
+        return bool(self.sync_on_compute and callable(available) and available())
 
     def get_extra_state(self) -> dict[str, Tensor | None]:
         """The reference maps (first and previous evaluation), saved in ``state_dict()``."""

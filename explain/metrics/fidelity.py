@@ -12,17 +12,13 @@ from torch import Tensor, nn
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.fidelity import (
     Baseline,
+    _causal_fidelity_arg_validation,
+    _mufidelity_arg_validation,
     auc,
     deletion_curve,
     insertion_curve,
     mufidelity,
-    stage_sizes,
 )
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 class _CausalFidelity(ExplanationMetric):
@@ -32,8 +28,7 @@ class _CausalFidelity(ExplanationMetric):
 
     def __init__(self, steps: int = 10, baseline: Baseline = 0.0, batch_size: int = 64, **kwargs) -> None:
         super().__init__(**kwargs)
-        stage_sizes(1, steps)  # validates steps
-        _check_batch_size(batch_size)
+        _causal_fidelity_arg_validation(steps, batch_size)
         self.steps = steps
         self.baseline = baseline
         self.batch_size = batch_size
@@ -57,7 +52,7 @@ class _CausalFidelity(ExplanationMetric):
     def compute_curve(self) -> Tensor:
         """Mean curve [steps + 1] over every image seen, for a plot (synced like ``compute``: in a distributed
         run every process must call it)."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
             return (self.curve_sum / self.count.clamp_min(1)).float()
 
 
@@ -106,13 +101,7 @@ class MuFidelity(ExplanationMetric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        _check_batch_size(batch_size)
-        if not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
-        if not 0.0 < subset_percent < 1.0:
-            raise ValueError(f"subset_percent must be in (0, 1), got {subset_percent}")
-        if not isinstance(nb_samples, int) or nb_samples < 2:
-            raise ValueError(f"nb_samples must be an int >= 2, got {nb_samples!r}")
+        _mufidelity_arg_validation(grid_size, subset_percent, nb_samples, batch_size)
         self.grid_size = grid_size
         self.subset_percent = subset_percent
         self.nb_samples = nb_samples

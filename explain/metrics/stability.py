@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from explain.metrics.base import ExplanationMetric
-from explain.metrics.functional.stability import MapFn, average_stability, resolve_distance
+from explain.metrics.functional.stability import MapFn, _average_stability_arg_validation, average_stability
 
 
 class AverageStability(ExplanationMetric):
@@ -38,13 +38,7 @@ class AverageStability(ExplanationMetric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        resolve_distance(distance)  # validates the name
-        if not radius >= 0.0:
-            raise ValueError(f"radius must be >= 0, got {radius}")
-        if not isinstance(nb_samples, int) or nb_samples < 1:
-            raise ValueError(f"nb_samples must be a positive int, got {nb_samples!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _average_stability_arg_validation(radius, nb_samples, distance, batch_size)
         self.radius = radius
         self.nb_samples = nb_samples
         self.distance = distance

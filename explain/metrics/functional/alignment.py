@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from explain.validation import in_interval
+
 CLICKME_CEILING = 0.65753
 
 
@@ -74,8 +76,7 @@ def per_image_spearman(maps: Tensor, human: Tensor) -> Tensor:
 def top_fraction_mask(maps: Tensor, fraction: float = 0.1) -> Tensor:
     """Boolean mask [B,N] of the ``round(fraction * N)`` (at least 1) largest values of each flattened map (ties
     by index)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    in_interval("fraction", fraction, 0, 1, low_open=True)
     flat = maps.flatten(1)
     k = max(1, int(round(fraction * flat.shape[1])))
     index = flat.topk(k, dim=1).indices
