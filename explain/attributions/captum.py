@@ -144,4 +144,7 @@ def from_captum(
     ``attribute`` keywords. Raises an ImportError naming the extra to install when captum is missing.
     """
     _captum_attr()
-    return functools.partial(CaptumExplainer, method=_resolve(method), init_kwargs=init_kwargs)
+    method = _resolve(method)
+    factory = functools.partial(CaptumExplainer, method=method, init_kwargs=init_kwargs)
+    factory.__name__ = getattr(method, "__name__", "captum").lower()  # the callbacks' default logging key
+    return factory

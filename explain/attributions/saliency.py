@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from explain.base import Explainer
+from explain.registry import register_explainer
 from explain.validation import in_interval, one_of, positive_int
 
 Reduce = Union[Literal["absmax", "max", "sum", "abssum", "mean", "absmean"], Callable[[Tensor], Tensor]]
@@ -115,6 +116,7 @@ def smoothgrad_gradients(
     return total / nb_samples
 
 
+@register_explainer("saliency")
 class Saliency(Explainer):
     """Saliency map (Simonyan et al. 2014): ``reduce_c(d f(x)[y] / d x)``, by default ``max_c |grad|``.
 
@@ -130,6 +132,7 @@ class Saliency(Explainer):
         return reduce_channels(input_gradients(self.model, images, targets, self.batch_size), self.reduce)
 
 
+@register_explainer("gradient_input")
 class GradientInput(Explainer):
     """Gradient x Input (Shrikumar et al. 2016): ``reduce_c(x * d f(x)[y] / d x)``, by default ``max_c |.|``.
 
@@ -146,6 +149,7 @@ class GradientInput(Explainer):
         return reduce_channels(images * grads, self.reduce)
 
 
+@register_explainer("smoothgrad")
 class SmoothGrad(Explainer):
     """SmoothGrad (Smilkov et al. 2017): ``reduce_c(mean_s grad(x + eps_s))``, ``eps_s ~ N(0, noise^2)``.
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from explain.attributions.perturbations import PERTURBATIONS, Perturbation, apply_masks, perturbation_terms
 from explain.attributions.saliency import check_logits
 from explain.base import Explainer
+from explain.registry import register_explainer
 from explain.sensitivity import ESTIMATORS, Estimator, sobol_design, total_sobol_indices
 from explain.validation import one_of, positive_int
 
@@ -122,6 +123,7 @@ def sobol_attribution(model: nn.Module, images: Tensor, targets: Tensor, **optio
     return F.interpolate(indices[:, None], size=images.shape[-2:], mode="bicubic", align_corners=False)[:, 0]
 
 
+@register_explainer("sobol")
 class Sobol(Explainer):
     """Sobol attribution method (Fel et al. 2021): total Sobol index of each grid cell for ``f(x)[y]``.
 

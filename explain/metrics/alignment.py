@@ -7,9 +7,11 @@ from torch import Tensor
 
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.alignment import CLICKME_CEILING, per_image_spearman, top_fraction_dice_iou
+from explain.registry import register_metric
 from explain.validation import in_interval
 
 
+@register_metric("alignment")
 class HumanAlignment(ExplanationMetric):
     """Alignment of explanation maps with human importance maps (Fel et al. 2022, reference evaluation).
 

@@ -19,6 +19,7 @@ from explain.metrics.functional.fidelity import (
     insertion_curve,
     mufidelity,
 )
+from explain.registry import register_metric
 
 
 class _CausalFidelity(ExplanationMetric):
@@ -56,6 +57,7 @@ class _CausalFidelity(ExplanationMetric):
             return (self.curve_sum / self.count.clamp_min(1)).float()
 
 
+@register_metric("deletion")
 class Deletion(_CausalFidelity):
     """Deletion (Petsiuk et al. 2018): area under ``f(x_k)[y]`` as the top pixels of the map are set to
     ``baseline`` in ``steps`` equal stages (trapezoid mean). Lower is better.
@@ -67,6 +69,7 @@ class Deletion(_CausalFidelity):
     higher_is_better = False
 
 
+@register_metric("insertion")
 class Insertion(_CausalFidelity):
     """Insertion (Petsiuk et al. 2018): area under ``f(x_k)[y]`` as the top pixels of the map are copied onto
     the ``baseline`` image in ``steps`` equal stages (trapezoid mean). Higher is better.
@@ -78,6 +81,7 @@ class Insertion(_CausalFidelity):
     higher_is_better = True
 
 
+@register_metric("mufidelity")
 class MuFidelity(ExplanationMetric):
     """MuFidelity (Bhatt et al. 2020): mean over images of the Spearman rho between the score drops of random
     cell removals and the attribution of the removed cells (:func:`~explain.metrics.functional.mufidelity`).

@@ -13,8 +13,10 @@ from torch import Tensor
 
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.stability import MapFn, _average_stability_arg_validation, average_stability
+from explain.registry import register_metric
 
 
+@register_metric("stability")
 class AverageStability(ExplanationMetric):
     """AverageStability (Bhatt et al. 2020): mean distance between the map of ``x`` and the maps of
     ``nb_samples`` neighbours ``x + U(0, radius)`` (:func:`~explain.metrics.functional.average_stability`).
