@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.drift import _check_ids_maps, merge_references, reference_spearman, unique_by_id
@@ -84,14 +83,15 @@ class ExplanationDrift(ExplanationMetric):
         self.ids.append(ids.detach().to(self.device, torch.long))
         self.flat_maps.append(maps.detach().to(self.device, torch.float32).flatten())
 
-    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:  # noqa: ANN001
-        # torchmetrics stands in for an empty list state with a float tensor of the metric's dtype, which cannot
-        # be gathered with other processes' int64 ids: give empty states their true dtype first
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        """torchmetrics' ``sync``, after giving empty list states their true dtype: torchmetrics stands in for an
+        empty list state with a float tensor of the metric's dtype, which cannot be gathered with other processes'
+        int64 ids."""
         if not self.ids:
             self.ids = [torch.zeros(0, dtype=torch.long, device=self.device)]
         if not self.flat_maps:
             self.flat_maps = [torch.zeros(0, dtype=torch.float32, device=self.device)]
-        super()._sync_dist(dist_sync_fn, process_group)
+        super().sync(*args, **kwargs)
 
     def compute(self) -> dict[str, Tensor]:
         ids, flat_maps = _cat(self.ids), _cat(self.flat_maps)
