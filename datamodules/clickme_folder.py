@@ -185,8 +185,8 @@ class ClickMeFolderDataset(Dataset):
             mask = torch.zeros(size, dtype=torch.bool)
         else:
             mask = load_mask(row.spurious, row.where, self.max_pixels)
-            if mask.shape != size:  # nearest neighbour: a mask stays a mask
-                mask = F.resize(mask[None], list(size), interpolation=F.InterpolationMode.NEAREST_EXACT)[0]
+            if mask.shape != size:  # nearest neighbour, as v2 resamples a Mask
+                mask = F.resize(mask[None], list(size), interpolation=F.InterpolationMode.NEAREST)[0]
         image, heatmap, mask = self.transform(image, heatmap, mask)
         return {**make_sample(image, row.label, heatmap, row.heatmap is not None), "spurious_mask": mask}
 
