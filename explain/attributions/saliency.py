@@ -121,6 +121,21 @@ class Saliency(Explainer):
     """Saliency map (Simonyan et al. 2014): ``reduce_c(d f(x)[y] / d x)``, by default ``max_c |grad|``.
 
     ``Saliency(model, batch_size=64, reduce="absmax")(images [B,C,H,W], targets [B]) -> [B,H,W]``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``batch_size`` not a positive int, or ``reduce`` neither a callable nor one of
+            :data:`REDUCTIONS`; at the call, images/targets of the wrong shape or type.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    >>> maps = Saliency(model)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    >>> maps.shape, bool((maps >= 0).all())
+    (torch.Size([4, 8, 8]), True)
+    >>> weights = model[1].weight.view(2, 3, 8, 8)  # a linear model's gradient is its weight row
+    >>> torch.equal(maps[1], weights[1].abs().amax(0))
+    True
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
@@ -137,6 +152,19 @@ class GradientInput(Explainer):
     """Gradient x Input (Shrikumar et al. 2016): ``reduce_c(x * d f(x)[y] / d x)``, by default ``max_c |.|``.
 
     Pass ``reduce="sum"`` for the signed first-order Taylor contribution of each pixel.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``batch_size`` not a positive int, or an unknown ``reduce``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2, bias=False))
+    >>> images = torch.rand(2, 3, 8, 8)
+    >>> maps = GradientInput(model, reduce="sum")(images, torch.tensor([0, 1]))
+    >>> logits = model(images)  # linear and no bias: the contributions add up to the logit
+    >>> torch.allclose(maps.sum((1, 2)), logits.gather(1, torch.tensor([[0], [1]]))[:, 0], atol=1e-5)
+    True
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
@@ -156,6 +184,20 @@ class SmoothGrad(Explainer):
     ``nb_samples`` noisy copies per image (default 50) with Gaussian noise of standard deviation ``noise``
     (default 0.2, for inputs in [0, 1]); ``batch_size`` bounds the noisy inputs per pass; the noise is drawn
     from ``self.generator`` (``seed``; ``seed=None`` uses the global RNG, as captum's NoiseTunnel does).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``nb_samples`` or ``batch_size`` not a positive int, ``noise`` negative or not finite, or an
+            unknown ``reduce``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    >>> explainer = SmoothGrad(model, nb_samples=8, noise=0.1)
+    >>> images, targets = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+    >>> maps = explainer(images, targets)
+    >>> maps.shape, torch.equal(maps, explainer(images, targets))  # seeded noise: the same maps every call
+    (torch.Size([2, 8, 8]), True)
     """
 
     def __init__(

@@ -139,6 +139,24 @@ class Sobol(Explainer):
         batch_size: rows per forward pass (rows of several images share a pass).
         baseline: inpainting value, a number or a tensor broadcastable to the images.
         seed: scrambling seed of the Sobol sequence (None: a new one each call).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``nb_design`` not a power of two, an unknown ``perturbation`` or ``estimator``, ``grid_size``,
+            ``blur_size`` or ``batch_size`` not a positive int; at the call, a ``grid_size`` larger than the images.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    >>> with torch.no_grad():  # the class-0 score reads the top-left 4x4 cell only
+    ...     _ = model[1].weight.zero_()
+    ...     _ = model[1].weight.view(2, 3, 8, 8)[0, :, :4, :4].fill_(1.0)
+    >>> explainer = Sobol(model, grid_size=2, nb_design=16)
+    >>> explainer.nb_forwards  # N (D + 1) forward rows per image
+    80
+    >>> maps = explainer(torch.rand(1, 3, 8, 8), torch.tensor([0]))
+    >>> maps.shape, bool(maps[0, 1, 1] > maps[0, 6, 6])
+    (torch.Size([1, 8, 8]), True)
     """
 
     def __init__(

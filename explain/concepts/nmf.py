@@ -214,6 +214,17 @@ class NMF:
 
     After ``fit(X)``: ``W`` [r, c] (the components, scikit-learn's ``components_``), ``error`` (final
     Frobenius error) and ``n_iter``.
+
+    Raises:
+        ValueError: ``rank``, ``max_iter`` or ``inner_iter`` not a positive int, ``warmup`` negative, or an unknown
+            ``init``; at ``fit``, a matrix that is not nonnegative [n, c].
+        RuntimeError: ``transform`` before ``fit``.
+
+    >>> import torch
+    >>> x = torch.rand(8, 2) @ torch.rand(2, 6)
+    >>> factorizer = NMF(2, max_iter=500, tol=0).fit(x)
+    >>> factorizer.W.shape, factorizer.transform(x[:3]).shape
+    (torch.Size([2, 6]), torch.Size([3, 2]))
     """
 
     def __init__(

@@ -154,6 +154,20 @@ def maco(
     Returns:
         ``(image [3,H,W] in value_range, alpha [H,W])``: alpha sums ``|d objective / d image|`` over the steps
         (mean over the colour channels); see :func:`~explain.featureviz.plot_maco`.
+
+    Raises:
+        TypeError: ``objective`` is not callable.
+        ValueError: ``steps`` or ``crops_per_step`` not a positive int, ``lr`` not positive, ``noise`` negative,
+            a bad ``value_range``, ``image_size`` or ``input_size``, or a magnitude of the wrong shape.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from explain.featureviz import logit, power_law_spectrum
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    >>> image, alpha = maco(logit(model, 1), image_size=16, steps=4, crops_per_step=2,
+    ...                     magnitude=power_law_spectrum(16))
+    >>> image.shape, alpha.shape, bool(0 <= image.min() and image.max() <= 1)
+    (torch.Size([3, 16, 16]), torch.Size([16, 16]), True)
     """
     if not callable(objective):
         raise TypeError(f"objective must be callable (crops [N,3,h,w] -> scores [N]), got {type(objective).__name__}")

@@ -43,6 +43,25 @@ class ExplanationDrift(ExplanationMetric):
     mean Spearman rho (empty dict on the first evaluation); ``compute_per_image()`` -> ``{"ids", "vs_previous",
     "vs_first"}`` tensors; ``reset()`` advances the references. ``forward`` is not supported (drift compares
     whole evaluations, not batches).
+
+    Raises:
+        ValueError: at ``update``, ids that are not integers [B], maps that are not [B, H, W], or maps of another
+            size than the earlier ones of the evaluation.
+        TypeError: the metric is called (``forward``).
+
+    >>> import torch
+    >>> drift, maps, ids = ExplanationDrift(), torch.rand(3, 4, 4), torch.arange(3)
+    >>> drift.update(maps=maps, ids=ids)
+    >>> drift.compute()  # the first evaluation has nothing to compare with
+    {}
+    >>> drift.reset()
+    >>> drift.update(maps=maps.flip(-1), ids=ids)
+    >>> sorted(drift.compute())
+    ['vs_first', 'vs_previous']
+    >>> drift.reset()
+    >>> drift.update(maps=maps.flip(-1), ids=ids)
+    >>> drift.compute()["vs_previous"]  # unchanged maps: rho = 1
+    tensor(1.)
     """
 
     requires = ("maps", "ids")

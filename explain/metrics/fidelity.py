@@ -63,6 +63,18 @@ class Deletion(_CausalFidelity):
     ``baseline`` in ``steps`` equal stages (trapezoid mean). Lower is better.
 
     ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean AUC.
+
+    Raises:
+        ValueError: ``steps`` or ``batch_size`` not a positive int; at ``update``, inputs that do not match.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    >>> images, targets = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    >>> metric = Deletion(steps=4)
+    >>> metric.update(model=model, images=images, targets=targets, maps=torch.rand(2, 4, 4))
+    >>> metric.compute().shape, metric.compute_curve().shape  # mean AUC, mean curve over the 5 stages
+    (torch.Size([]), torch.Size([5]))
     """
 
     insertion = False
@@ -75,6 +87,19 @@ class Insertion(_CausalFidelity):
     the ``baseline`` image in ``steps`` equal stages (trapezoid mean). Higher is better.
 
     ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean AUC.
+
+    Raises:
+        ValueError: ``steps`` or ``batch_size`` not a positive int; at ``update``, inputs that do not match.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 1, bias=False))
+    >>> with torch.no_grad():
+    ...     _ = model[1].weight.fill_(1.0)  # the score is the sum of the pixels
+    >>> metric = Insertion(steps=2)  # onto a black baseline: 0, then half of the pixels, then all
+    >>> metric.update(model=model, images=torch.ones(1, 3, 4, 4), targets=torch.tensor([0]), maps=torch.rand(1, 4, 4))
+    >>> metric.compute()  # trapezoid mean of the curve [0, 24, 48]
+    tensor(24.)
     """
 
     insertion = True
@@ -88,6 +113,20 @@ class MuFidelity(ExplanationMetric):
     Higher is better (1: the map ranks the removals exactly as the model does).
 
     ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean rho.
+
+    Raises:
+        ValueError: ``grid_size`` or ``batch_size`` not a positive int, ``subset_percent`` outside (0, 1),
+            ``nb_samples < 2``; at ``update``, inputs that do not match.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 1, bias=False))
+    >>> images = torch.rand(2, 3, 4, 4)
+    >>> exact = (model[1].weight.view(3, 4, 4) * images).sum(1)  # each pixel's exact share of the score
+    >>> metric = MuFidelity(grid_size=4, nb_samples=20)
+    >>> metric.update(model=model, images=images, targets=torch.tensor([0, 0]), maps=exact)
+    >>> round(metric.compute().item(), 4)  # the drops rank exactly as the removed attributions
+    1.0
     """
 
     requires = ("model", "images", "targets", "maps")

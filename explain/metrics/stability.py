@@ -24,6 +24,20 @@ class AverageStability(ExplanationMetric):
 
     ``update(explainer, images [B,C,H,W], targets [B], maps [B,H,W])`` with ``maps = explainer(images, targets)``;
     ``compute()`` -> mean distance over every image seen. Costs ``nb_samples`` explanations per image.
+
+    Raises:
+        ValueError: ``radius`` negative or not finite, ``nb_samples`` or ``batch_size`` not a positive int, or an
+            unknown ``distance``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from explain import Saliency
+    >>> explainer = Saliency(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)))
+    >>> images, targets = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    >>> metric = AverageStability(radius=0.1, nb_samples=3)
+    >>> metric.update(explainer=explainer, images=images, targets=targets, maps=explainer(images, targets))
+    >>> metric.compute()  # a linear model's gradient does not depend on the input: perfectly stable
+    tensor(0.)
     """
 
     requires = ("explainer", "images", "targets", "maps")

@@ -230,6 +230,20 @@ def mege_reco(
     ``explainer(model) -> callable(images, targets) -> maps`` (an :class:`~explain.base.Explainer` class, or a
     ``functools.partial`` of one with its options). The maps explain the true ``labels``, as in xplique. NaN
     where a set of pairs is empty (MeGe: no pair with both models right; ReCo: either set empty).
+
+    Raises:
+        ValueError: fewer than 2 models, ``fold_of_sample`` without one fold in ``[0, k)`` per image, or a
+            ``batch_size`` that is not a positive int.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from explain import Saliency
+    >>> _ = torch.manual_seed(0)
+    >>> models = [nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)) for _ in range(3)]
+    >>> images, labels = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 0, 1, 0, 1])
+    >>> mege, reco = mege_reco(models, images, labels, torch.tensor([0, 1, 2, 0, 1, 2]), Saliency)
+    >>> mege.dtype, bool(mege.isnan() or 0 < mege <= 1), bool(reco.isnan() or -1 <= reco <= 1)
+    (torch.float64, True, True)
     """
     consistent, inconsistent = fold_pair_distances(models, images, labels, fold_of_sample, explainer, batch_size)
     return mege_score(consistent), reco_score(consistent, inconsistent)
