@@ -116,8 +116,17 @@ def smoothgrad_gradients(
     return total / nb_samples
 
 
+class _GradientExplainer(Explainer):
+    """An explainer whose only options are ``batch_size`` and the channel reduction ``reduce`` (no randomness)."""
+
+    def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
+        super().__init__(model, batch_size=batch_size, seed=None)
+        _check_reduce(reduce)
+        self.reduce = reduce
+
+
 @register_explainer("saliency")
-class Saliency(Explainer):
+class Saliency(_GradientExplainer):
     """Saliency map (Simonyan et al. 2014): ``reduce_c(d f(x)[y] / d x)``, by default ``max_c |grad|``.
 
     ``Saliency(model, batch_size=64, reduce="absmax")(images [B,C,H,W], targets [B]) -> [B,H,W]``.
@@ -138,17 +147,12 @@ class Saliency(Explainer):
     True
     """
 
-    def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
-        super().__init__(model, batch_size=batch_size, seed=None)
-        _check_reduce(reduce)
-        self.reduce = reduce
-
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         return reduce_channels(input_gradients(self.model, images, targets, self.batch_size), self.reduce)
 
 
 @register_explainer("gradient_input")
-class GradientInput(Explainer):
+class GradientInput(_GradientExplainer):
     """Gradient x Input (Shrikumar et al. 2016): ``reduce_c(x * d f(x)[y] / d x)``, by default ``max_c |.|``.
 
     Pass ``reduce="sum"`` for the signed first-order Taylor contribution of each pixel.
@@ -166,11 +170,6 @@ class GradientInput(Explainer):
     >>> torch.allclose(maps.sum((1, 2)), logits.gather(1, torch.tensor([[0], [1]]))[:, 0], atol=1e-5)
     True
     """
-
-    def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
-        super().__init__(model, batch_size=batch_size, seed=None)
-        _check_reduce(reduce)
-        self.reduce = reduce
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         grads = input_gradients(self.model, images, targets, self.batch_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -148,21 +149,6 @@ class Craft:
         self.parent_crops_: Tensor | None = None
         self.parent_weights_: Tensor | None = None
         self.parent_error_: float | None = None
-
-    # ------------------------------------------------------------------ read-only aliases of the fitted attributes
-    W = property(lambda self: self.W_, doc="Alias of ``W_``, the concept bank [r, c].")
-    crops = property(lambda self: self.crops_, doc="Alias of ``crops_``, the fitted crops [n, C, p, p].")
-    crops_u = property(lambda self: self.crops_u_, doc="Alias of ``crops_u_``, the crops' coefficients [n, r].")
-    crops_image = property(lambda self: self.crops_image_, doc="Alias of ``crops_image_``.")
-    image_size = property(lambda self: self.image_size_, doc="Alias of ``image_size_``.")
-    class_id = property(lambda self: self.class_id_, doc="Alias of ``class_id_``.")
-    factorizer = property(lambda self: self.factorizer_, doc="Alias of ``factorizer_``.")
-    importances = property(lambda self: self.importances_, doc="Alias of ``importances_``.")
-    parent = property(lambda self: self.parent_, doc="Alias of ``parent_``.")
-    parent_concept = property(lambda self: self.parent_concept_, doc="Alias of ``parent_concept_``.")
-    parent_crops = property(lambda self: self.parent_crops_, doc="Alias of ``parent_crops_``.")
-    parent_weights = property(lambda self: self.parent_weights_, doc="Alias of ``parent_weights_``.")
-    parent_error = property(lambda self: self.parent_error_, doc="Alias of ``parent_error_``.")
 
     # ------------------------------------------------------------------ model evaluation
     def _device(self, like: Tensor) -> torch.device:
@@ -399,3 +385,10 @@ class Craft:
     def __repr__(self) -> str:
         state = "fitted" if self.W_ is not None else "not fitted"
         return f"Craft(n_concepts={self.n_concepts}, patch_size={self.patch_size}, {state})"
+
+
+#: fitted attributes of :class:`Craft` that earlier code reads without the trailing underscore
+_ALIASED = ("W", "crops", "crops_u", "crops_image", "image_size", "class_id", "factorizer", "importances", "parent",
+            "parent_concept", "parent_crops", "parent_weights", "parent_error")
+for _name in _ALIASED:  # read-only: fitting writes the underscored attribute
+    setattr(Craft, _name, property(operator.attrgetter(f"{_name}_"), doc=f"Read-only alias of ``{_name}_``."))
