@@ -36,7 +36,7 @@ from explain.concepts.importance import concept_importance
 from explain.concepts.nmf import NMF
 from explain.concepts.nnls import nnls
 from explain.sensitivity import Estimator
-from explain.validation import in_interval, positive_int
+from explain.validation import in_interval, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -330,7 +330,7 @@ class Craft:
         ``parent_error = ||u - U' b|| / ||u||``.
         """
         self._check_fitted()
-        if not isinstance(concept, int) or not 0 <= concept < self.n_concepts:
+        if non_negative_int("concept", concept) >= self.n_concepts:
             raise ValueError(f"concept must be an int in [0, {self.n_concepts}), got {concept!r}")
         in_interval("top_fraction", top_fraction, 0, 1, low_open=True)
         n_concepts = n_concepts or self.n_concepts
