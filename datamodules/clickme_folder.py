@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,12 +121,17 @@ def _check_row(root: Path, image: str, heatmap: str, label: str, num_classes: in
     return Row(image_path, heatmap_path, value, where)
 
 
+def _image_key(row: Row) -> str:
+    """The image's path with ``.``/``..``/double slashes folded (no filesystem call: CSVs may list millions)."""
+    return os.path.normpath(row.image)
+
+
 def _warn_repeats(csv_path: Path, rows: list[Row]) -> None:
     """Warn, with a count and the first example, about rows whose image an earlier row of the CSV lists."""
-    first: dict[Path, Row] = {}
+    first: dict[str, Row] = {}
     repeats = []
     for row in rows:
-        key = row.image.resolve()
+        key = _image_key(row)
         if key in first:
             repeats.append((row, first[key]))
         else:
@@ -143,8 +149,8 @@ def warn_shared_images(reference: tuple[str, list[Row]], other: tuple[str, list[
     """Warn, with a count and an example, when images of ``other`` (e.g. val) are also in ``reference`` (train):
     the scores of ``other`` are then not held out. Returns the count."""
     (reference_name, reference_rows), (other_name, other_rows) = reference, other
-    seen = {row.image.resolve() for row in reference_rows}
-    shared = [row for row in other_rows if row.image.resolve() in seen]
+    seen = {_image_key(row) for row in reference_rows}
+    shared = [row for row in other_rows if _image_key(row) in seen]
     if shared:
         example = f"{shared[0].where}: {shared[0].image}"
         rank_zero_warn(

@@ -327,6 +327,7 @@ def spurious_folder(folder, size=(20, 28)):
     return folder
 
 
+@pytest.mark.filterwarnings("ignore:.*also in train.csv")  # val repeats train here on purpose
 def test_spurious_column_gives_a_mask_with_the_image_crop_and_flip(folder):
     spurious_folder(folder)
     dm = ClickMeFolderDataModule(folder, image_size=16, batch_size=3, num_workers=0)
@@ -358,6 +359,7 @@ def test_spurious_column_gives_a_mask_with_the_image_crop_and_flip(folder):
     assert "spurious_mask" not in next(iter(plain.val_dataloader()))
 
 
+@pytest.mark.filterwarnings("ignore:.*also in train.csv")  # val repeats train here on purpose
 def test_unreadable_or_missing_mask_names_file_and_row(folder):
     spurious_folder(folder)
     write_png(folder / "img/rgb_mask.png", ramp_picture(20, 28, 0), mode="RGB")
