@@ -26,7 +26,8 @@ def _register(table: dict[str, type], kind: str, name: str) -> Callable[[T], T]:
 
     def decorator(cls: T) -> T:
         if table.get(name, cls) is not cls:
-            raise ValueError(f"two {kind}s are registered as {name!r}: {table[name].__qualname__} and {cls.__qualname__}")
+            taken = table[name].__qualname__
+            raise ValueError(f"two {kind}s are registered as {name!r}: {taken} and {cls.__qualname__}")
         table[name] = cls
         return cls
 

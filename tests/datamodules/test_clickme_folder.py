@@ -363,11 +363,14 @@ def test_spurious_column_gives_a_mask_with_the_image_crop_and_flip(folder):
 def test_unreadable_or_missing_mask_names_file_and_row(folder):
     spurious_folder(folder)
     write_png(folder / "img/rgb_mask.png", ramp_picture(20, 28, 0), mode="RGB")
-    write_csv(folder / "val.csv", [("img/block0.png", "", 0, "img/rgb_mask.png")], header="image,heatmap,label,spurious")
+    header = "image,heatmap,label,spurious"
+    write_csv(folder / "val.csv", [("img/block0.png", "", 0, "img/rgb_mask.png")], header=header)
     dm = ClickMeFolderDataModule(folder, num_workers=0)
     dm.setup("validate")
-    with pytest.raises(ValueError, match=r"val\.csv row 1 \(line 2\): mask .*rgb_mask\.png must be a grayscale image"):
+    message = r"val\.csv row 1 \(line 2\): mask .*rgb_mask\.png must be a grayscale image"
+    with pytest.raises(ValueError, match=message):
         dm.val_dataloader().dataset[0]
-    write_csv(folder / "val.csv", [("img/block0.png", "", 0, "img/none.png")], header="image,heatmap,label,spurious")
-    with pytest.raises(FileNotFoundError, match=r"val\.csv row 1 \(line 2\): spurious mask file 'img/none\.png' not found"):
+    write_csv(folder / "val.csv", [("img/block0.png", "", 0, "img/none.png")], header=header)
+    message = r"val\.csv row 1 \(line 2\): spurious mask file 'img/none\.png' not found"
+    with pytest.raises(FileNotFoundError, match=message):
         ClickMeFolderDataModule(folder, num_workers=0).setup("validate")
