@@ -20,14 +20,18 @@ EXPLAINERS: dict[str, type] = {}
 METRICS: dict[str, type] = {}
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _register(table: dict[str, type], kind: str, name: str) -> Callable[[T], T]:
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"a registered {kind} name must be an identifier such as 'sobol', got {name!r}")
 
     def decorator(cls: T) -> T:
-        if table.get(name, cls) is not cls:
-            taken = table[name].__qualname__
-            raise ValueError(f"two {kind}s are registered as {name!r}: {taken} and {cls.__qualname__}")
+        taken = table.get(name)
+        if taken is not None and _qualified(taken) != _qualified(cls):  # the same class again: a module reload
+            raise ValueError(f"two {kind}s are registered as {name!r}: {_qualified(taken)} and {_qualified(cls)}")
         table[name] = cls
         return cls
 

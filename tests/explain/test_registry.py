@@ -20,12 +20,23 @@ def test_the_built_in_classes_are_registered_by_their_decorator():
 
 
 def test_register_refuses_a_second_class_under_a_taken_name():
-    with pytest.raises(ValueError, match="two explainers are registered as 'sobol'"):
+    taken = r"two explainers are registered as 'sobol': explain\.attributions\.sobol\.Sobol and .*OtherSobol"
+    with pytest.raises(ValueError, match=taken):
         register_explainer("sobol")(type("OtherSobol", (Sobol,), {}))
     with pytest.raises(ValueError, match="identifier"):
         register_explainer("not a name")
     register_explainer("sobol")(Sobol)  # registering the same class again is harmless
     assert EXPLAINERS["sobol"] is Sobol
+    import importlib
+
+    import explain.attributions.sobol as module
+
+    try:  # a reload defines the class anew under the same qualified name: it replaces the old one
+        reloaded = importlib.reload(module).Sobol
+        assert reloaded is not Sobol and EXPLAINERS["sobol"] is reloaded
+    finally:
+        register_explainer("sobol")(Sobol)
+        module.Sobol = Sobol
 
 
 def test_one_parser_reads_names_options_callables_instances_and_class_paths_for_both_kinds():
