@@ -34,19 +34,25 @@ class PairedTransform:
         transform: a v2 transform built of geometric operations (crop, flip, resize, ...).
 
     Call: ``image`` uint8 or float [3, H, W] and ``heatmap`` float [H, W] of the same H, W ->
-    ``(image float32 [3, h, w] in [0, 1], heatmap float32 [h, w])``.
+    ``(image float32 [3, h, w] in [0, 1], heatmap float32 [h, w])``; with a ``mask`` bool [H, W] too (e.g. the
+    spurious pixels), ``(image, heatmap, mask bool [h, w])``, the mask as a ``tv_tensors.Mask`` (nearest neighbour).
     """
 
     def __init__(self, transform: v2.Transform) -> None:
         self.transform = v2.Compose([transform, v2.ToDtype(torch.float32, scale=True)])
 
-    def __call__(self, image: Tensor, heatmap: Tensor) -> tuple[Tensor, Tensor]:
-        if image.shape[-2:] != heatmap.shape[-2:]:
-            raise ValueError(
-                f"image {tuple(image.shape)} and heatmap {tuple(heatmap.shape)} must have the same height and width"
-            )
-        image, heatmap = self.transform(tv_tensors.Image(image), tv_tensors.Image(heatmap.float()[None]))
-        return image.as_subclass(Tensor), heatmap.as_subclass(Tensor)[0]
+    def __call__(self, image: Tensor, heatmap: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+        for name, other in (("heatmap", heatmap), ("mask", mask)):
+            if other is not None and image.shape[-2:] != other.shape[-2:]:
+                raise ValueError(
+                    f"image {tuple(image.shape)} and {name} {tuple(other.shape)} must have the same height and width"
+                )
+        inputs = [tv_tensors.Image(image), tv_tensors.Image(heatmap.float()[None])]
+        if mask is not None:
+            inputs.append(tv_tensors.Mask(mask.bool()))
+        outputs = self.transform(*inputs)
+        image, heatmap = outputs[0].as_subclass(Tensor), outputs[1].as_subclass(Tensor)[0]
+        return (image, heatmap) if mask is None else (image, heatmap, outputs[2].as_subclass(Tensor))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.transform.transforms[0]})"

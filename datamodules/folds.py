@@ -6,8 +6,43 @@ that saw different data measures how much an explanation depends on the training
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
+
+
+@runtime_checkable
+class FoldedData(Protocol):
+    """What ``scripts/stability.py`` needs of a datamodule to train k fold models and evaluate MeGe / ReCo.
+
+    ``num_folds`` and ``fold`` are constructor arguments (the script sets ``--data.init_args.num_folds`` and
+    ``--data.init_args.fold``) and attributes; model ``fold`` trains on every fold but ``fold``, and
+    ``heldout_dataloader()`` serves fold ``fold``, unaugmented. :class:`~datamodules.splits.SplitDataModule`
+    provides all three (``num_folds = 1``, ``fold = 0`` as class defaults).
+    """
+
+    num_folds: int
+    fold: int
+
+    def heldout_dataloader(self) -> DataLoader: ...
+
+
+#: the members of :class:`FoldedData`
+FOLD_MEMBERS: tuple[str, ...] = ("num_folds", "fold", "heldout_dataloader")
+
+
+def missing_fold_members(cls: type) -> list[str]:
+    """The members of :class:`FoldedData` that the datamodule class ``cls`` lacks (empty: it has folds).
+
+    >>> from datamodules import ClickMeFolderDataModule, ClickMeTFRecordDataModule
+    >>> missing_fold_members(ClickMeFolderDataModule)
+    []
+    >>> missing_fold_members(ClickMeTFRecordDataModule)
+    ['num_folds', 'fold', 'heldout_dataloader']
+    """
+    return [name for name in FOLD_MEMBERS if not hasattr(cls, name)]
 
 
 def check_fold(num_folds: int, fold: int) -> None:

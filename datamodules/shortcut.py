@@ -8,16 +8,16 @@ on ``flipped`` and puts little attribution mass on :meth:`ShortcutShapesDataModu
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.augmentation import make_sample, pad_crop_flip
 from datamodules.folds import assign_folds, check_fold
 from datamodules.shapes import SHAPE_NAMES, render_scenes, stamp_watermark, watermark_classes
 from datamodules.shapes import watermark_mask as _watermark_mask
 from explain.validation import in_interval
+from datamodules.splits import SplitDataModule
 
 
 class InMemoryDataset(Dataset):
@@ -71,7 +71,7 @@ class InMemoryDataset(Dataset):
         )
 
 
-class ShortcutShapesDataModule(L.LightningDataModule):
+class ShortcutShapesDataModule(SplitDataModule):
     """Shapes to classify, with a watermark that is a shortcut (DESIGN section 2).
 
     Each image shows one shape (the class: ``class_names``) of random colour, size and position on a noisy grey
@@ -107,6 +107,7 @@ class ShortcutShapesDataModule(L.LightningDataModule):
     """
 
     test_split_names: tuple[str, ...] = ("iid", "flipped")
+    pin_memory = False  # small tensors already in memory
 
     def __init__(
         self,
@@ -223,27 +224,3 @@ class ShortcutShapesDataModule(L.LightningDataModule):
         if split not in self._splits:
             raise KeyError(f"unknown split {split!r}; choose from {sorted(self._splits)}")
         return self._splits[split]
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(name) for name in self.test_split_names]
-
-    def heldout_dataloader(self) -> DataLoader:
-        """The training images of fold ``fold`` (no augmentation): what model ``fold`` did not train on."""
-        if self.num_folds == 1:
-            raise ValueError("heldout_dataloader() needs num_folds > 1: with num_folds=1 every image is trained on")
-        return self._loader("heldout")

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from explain.validation import positive_int
+
 
 def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
     """The device of the model's first parameter or buffer (``default`` or CPU for a stateless model)."""
@@ -88,10 +90,8 @@ class Explainer(ABC):
     def __init__(self, model: nn.Module, batch_size: int = 64, seed: int | None = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
-        self.batch_size = batch_size
+        self.batch_size = positive_int("batch_size", batch_size)
         self.seed = seed
 
     @property

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from explain.validation import int_at_least, one_of, positive_int
+
 Estimator = Literal["jansen", "saltelli", "homma", "janon", "glen"]
 ESTIMATORS: tuple[str, ...] = ("jansen", "saltelli", "homma", "janon", "glen")
 _EPS = 1e-12
@@ -44,19 +46,16 @@ def sobol_design(
     ``sampler="sobol"`` uses :class:`torch.quasirandom.SobolEngine`, ``"halton"`` uses
     :class:`scipy.stats.qmc.Halton` (the sampler of the CRAFT reference code).
     """
-    if nb_dim < 1:
-        raise ValueError(f"nb_dim must be >= 1, got {nb_dim}")
-    if nb_design < 2:
-        raise ValueError(f"nb_design must be >= 2, got {nb_design}")
+    positive_int("nb_dim", nb_dim)
+    int_at_least("nb_design", nb_design, 2)
+    one_of("sampler", sampler, ("sobol", "halton"))
     if sampler == "sobol":
         engine = torch.quasirandom.SobolEngine(dimension=2 * nb_dim, scramble=scramble, seed=seed)
         points = engine.draw(nb_design, dtype=torch.float64)
-    elif sampler == "halton":
+    else:  # "halton"
         from scipy.stats import qmc
 
         points = torch.from_numpy(qmc.Halton(d=2 * nb_dim, scramble=scramble, seed=seed).random(nb_design))
-    else:
-        raise ValueError(f"sampler must be 'sobol' or 'halton', got {sampler!r}")
     a, b = points[:, :nb_dim], points[:, nb_dim:]
     # C[i, j] = A[j] with column i replaced by B[j, i]
     c = a.unsqueeze(0).repeat(nb_dim, 1, 1)
@@ -82,6 +81,7 @@ def total_sobol_indices(
     outputs: Tensor, nb_dim: int, nb_design: int, estimator: Estimator = "jansen"
 ) -> Tensor:
     """Total Sobol indices [..., D] from evaluations [..., N (D + 1)] of a :func:`sobol_design` (module docstring)."""
+    one_of("estimator", estimator, ESTIMATORS)
     f_a, f_c = split_outputs(outputs.double(), nb_dim, nb_design)
     var = f_a.var(dim=-1, correction=0)
     if estimator == "jansen":
@@ -96,11 +96,9 @@ def total_sobol_indices(
         num = (f_a * f_c).mean(-1) - m.square()
         den = ((f_a.square() + f_c.square()) / 2).mean(-1) - m.square()
         indices = 1 - num / (den + _EPS)
-    elif estimator == "glen":
+    else:  # "glen"
         a_c = f_a - f_a.mean(-1, keepdim=True)
         c_c = f_c - f_c.mean(-1, keepdim=True)
         corr = (a_c * c_c).mean(-1) / (a_c.square().mean(-1).sqrt() * c_c.square().mean(-1).sqrt() + _EPS)
         indices = 1 - corr
-    else:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     return indices.to(outputs.dtype if outputs.is_floating_point() else torch.float32)

@@ -46,6 +46,24 @@ def positive_int(name: str, value: Any, *, allow_none: bool = False) -> Any:
     return value
 
 
+def int_at_least(name: str, value: Any, low: int, *, why: str = "") -> int:
+    """``value`` if it is an ``int >= low`` (not a ``bool``); ``why`` is appended to the message.
+
+    Raises:
+        ValueError: ``"<name> must be an int >= <low>[ (<why>)], got <value>"``.
+
+    >>> int_at_least("nb_samples", 2, 2)
+    2
+    >>> int_at_least("nb_samples", 1, 2, why="a correlation needs several subsets")
+    Traceback (most recent call last):
+    ...
+    ValueError: nb_samples must be an int >= 2 (a correlation needs several subsets), got 1
+    """
+    if not _is_int(value) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{f' ({why})' if why else ''}, got {value!r}")
+    return value
+
+
 def non_negative_int(name: str, value: Any, *, allow_none: bool = False) -> Any:
     """``value`` if it is an ``int >= 0`` (not a ``bool``), or ``None`` when ``allow_none``.
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import inspect
 import io
 import json
 import math
@@ -49,6 +48,7 @@ import datamodules  # noqa: F401  (as in train.py: data class_paths may use the 
 from align import HarmonizedClassifier
 from align.cli import main as cli_main
 from align.models import export_plain
+from datamodules.folds import FoldedData, missing_fold_members
 from explain.callbacks.registry import ExplainerSpec, resolve_explainers
 from explain.metrics.functional.stability import fold_pair_distances, mege_score, reco_score
 
@@ -143,13 +143,12 @@ def check_fold_support(data: dict[str, Any], where: str) -> None:
         raise SystemExit(
             f"stability.py: error: {where}: cannot import the datamodule {class_path!r}: {error}"
         ) from error
-    parameters = inspect.signature(cls).parameters
-    missing = [arg for arg in ("num_folds", "fold") if arg not in parameters]
-    if missing or not callable(getattr(cls, "heldout_dataloader", None)):
+    missing = missing_fold_members(cls)
+    if missing:
         raise SystemExit(
             f"stability.py: error: {where}: the datamodule {class_path} has no folds support (it needs the "
-            f"arguments num_folds and fold and a heldout_dataloader() method; missing: "
-            f"{missing or ['heldout_dataloader']}). Use a datamodule that has them, such as "
+            f"arguments num_folds and fold and a heldout_dataloader() method, datamodules.folds.FoldedData; "
+            f"missing: {missing}). Use a datamodule that has them, such as "
             "datamodules.ShortcutShapesDataModule or datamodules.ClickMeFolderDataModule"
         )
 
@@ -247,6 +246,8 @@ def load_backbone(checkpoint: Path, device: torch.device) -> nn.Module:
 def heldout_images(data: dict[str, Any], count: int) -> tuple[Tensor, Tensor]:
     """The first ``count`` images and labels of the held-out fold of the datamodule of ``data`` (unaugmented)."""
     datamodule = build_datamodule(data)
+    if not isinstance(datamodule, FoldedData):
+        raise SystemExit(f"stability.py: error: {type(datamodule).__name__} has no heldout_dataloader() (no folds)")
     datamodule.prepare_data()
     datamodule.setup("fit")
     images, labels, taken = [], [], 0

@@ -69,6 +69,20 @@ class CaptumExplainer(Explainer):
         reduce: channel reduction of [B,C,H,W] attributions (see :func:`reduce_channels`).
         **attribute_kwargs: passed unchanged to every ``attribute`` call (``n_steps``, ``baselines``,
             ``feature_mask``...); a tensor with one entry per image needs ``batch_size`` >= the batch.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``method`` did not build a captum attribution.
+        ValueError: ``batch_size`` not a positive int, an unknown ``reduce`` or method name, or ``inputs`` /
+            ``target`` among the options (the call sets them).
+        ImportError: ``method`` is a name and captum is missing.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from captum.attr import InputXGradient
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    >>> explainer = CaptumExplainer(model, InputXGradient, reduce="sum")
+    >>> explainer(torch.rand(2, 3, 8, 8), torch.tensor([0, 1])).shape
+    torch.Size([2, 8, 8])
     """
 
     def __init__(
@@ -141,7 +155,23 @@ def from_captum(
     """Factory ``(model, **options) -> CaptumExplainer`` for a captum attribution ``method`` (module docstring).
 
     ``options`` are :class:`CaptumExplainer`'s (``batch_size``, ``seed``, ``reduce``) and captum
-    ``attribute`` keywords. Raises an ImportError naming the extra to install when captum is missing.
+    ``attribute`` keywords.
+
+    Raises:
+        ImportError: captum is missing (the message names the extra to install).
+        ValueError: ``method`` names no attribution method of ``captum.attr``.
+        TypeError: ``method`` is neither a class, a name nor a callable.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> IntegratedGradients = from_captum("IntegratedGradients")
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    >>> explainer = IntegratedGradients(model, n_steps=8)  # unknown options go to .attribute()
+    >>> explainer.name, explainer(torch.rand(2, 3, 8, 8), torch.tensor([0, 1])).shape
+    ('integratedgradients', torch.Size([2, 8, 8]))
     """
     _captum_attr()
-    return functools.partial(CaptumExplainer, method=_resolve(method), init_kwargs=init_kwargs)
+    method = _resolve(method)
+    factory = functools.partial(CaptumExplainer, method=method, init_kwargs=init_kwargs)
+    factory.__name__ = getattr(method, "__name__", "captum").lower()  # the callbacks' default logging key
+    return factory

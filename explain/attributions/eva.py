@@ -35,6 +35,7 @@ from explain.bounds import METHODS, BoundGraph, build_graph, check_graph, margin
 from explain.bounds.crown import crown_backward
 from explain.bounds.ibp import ibp_spec_upper
 from explain.bounds.margin import intermediate_bounds
+from explain.registry import register_explainer
 
 RELAXATIONS = ("shared", "per_box")
 
@@ -272,6 +273,7 @@ def eva_maps(
     return torch.stack([(full[b] - per_region[b])[inverses[b]] for b in range(batch)])
 
 
+@register_explainer("eva")
 class EVA(Explainer):
     """EVA attribution maps: ``EVA(model, eps=8/255, grid_size=8, regions=None, bound="crown")(images, targets)``.
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from explain.validation import one_of, positive_int
+
 Perturbation = Literal["inpainting", "blur", "amplitude"]
 PERTURBATIONS: tuple[str, ...] = ("inpainting", "blur", "amplitude")
 
@@ -32,8 +34,7 @@ def box_blur(images: Tensor, kernel_size: int = 10) -> Tensor:
     Borders are reflected without repeating the edge pixel (``cv2.BORDER_REFLECT_101``, torch's ``"reflect"``;
     ``"replicate"`` when the image is too small to reflect); an even window spans ``[i - k//2, i + k - 1 - k//2]``.
     """
-    if kernel_size < 1:
-        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    positive_int("kernel_size", kernel_size)
     if kernel_size == 1:
         return images.clone()
     before, after = kernel_size // 2, kernel_size - 1 - kernel_size // 2
@@ -54,6 +55,7 @@ def perturbation_terms(
     ``base`` is a 0-dim tensor or [B,C,H,W]; ``delta`` is [B,C,H,W]. ``baseline`` (inpainting only) is a
     number or a tensor broadcastable to [B,C,H,W].
     """
+    one_of("perturbation", perturbation, PERTURBATIONS)
     if perturbation == "inpainting":
         if isinstance(baseline, Tensor):
             base = baseline.to(images).expand_as(images).contiguous()
@@ -63,9 +65,7 @@ def perturbation_terms(
     if perturbation == "blur":
         blurred = box_blur(images, blur_size)
         return blurred, images - blurred, 0.0
-    if perturbation == "amplitude":
-        return images.new_zeros(()), images * amplitude_sigma, 0.5
-    raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+    return images.new_zeros(()), images * amplitude_sigma, 0.5  # "amplitude"
 
 
 def upsample_nearest(masks: Tensor, size: tuple[int, int]) -> Tensor:

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from explain.base import Explainer
+from explain.registry import register_explainer
+from explain.validation import in_interval, one_of, positive_int
 
 Reduce = Union[Literal["absmax", "max", "sum", "abssum", "mean", "absmean"], Callable[[Tensor], Tensor]]
 REDUCTIONS: tuple[str, ...] = ("absmax", "max", "sum", "abssum", "mean", "absmean")
@@ -53,8 +55,9 @@ def reduce_channels(attributions: Tensor, reduce: Reduce = "absmax") -> Tensor:
 
 
 def _check_reduce(reduce: Reduce) -> None:
-    if not callable(reduce) and reduce not in REDUCTIONS:
-        raise ValueError(f"reduce must be one of {REDUCTIONS} or a callable, got {reduce!r}")
+    """``reduce`` is a callable or one of :data:`REDUCTIONS`."""
+    if not callable(reduce):
+        one_of("reduce", reduce, REDUCTIONS)
 
 
 def check_logits(logits: Tensor, targets: Tensor) -> None:
@@ -113,43 +116,87 @@ def smoothgrad_gradients(
     return total / nb_samples
 
 
-class Saliency(Explainer):
-    """Saliency map (Simonyan et al. 2014): ``reduce_c(d f(x)[y] / d x)``, by default ``max_c |grad|``.
-
-    ``Saliency(model, batch_size=64, reduce="absmax")(images [B,C,H,W], targets [B]) -> [B,H,W]``.
-    """
+class _GradientExplainer(Explainer):
+    """An explainer whose only options are ``batch_size`` and the channel reduction ``reduce`` (no randomness)."""
 
     def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
         super().__init__(model, batch_size=batch_size, seed=None)
         _check_reduce(reduce)
         self.reduce = reduce
+
+
+@register_explainer("saliency")
+class Saliency(_GradientExplainer):
+    """Saliency map (Simonyan et al. 2014): ``reduce_c(d f(x)[y] / d x)``, by default ``max_c |grad|``.
+
+    ``Saliency(model, batch_size=64, reduce="absmax")(images [B,C,H,W], targets [B]) -> [B,H,W]``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``batch_size`` not a positive int, or ``reduce`` neither a callable nor one of
+            :data:`REDUCTIONS`; at the call, images/targets of the wrong shape or type.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    >>> maps = Saliency(model)(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]))
+    >>> maps.shape, bool((maps >= 0).all())
+    (torch.Size([4, 8, 8]), True)
+    >>> weights = model[1].weight.view(2, 3, 8, 8)  # a linear model's gradient is its weight row
+    >>> torch.equal(maps[1], weights[1].abs().amax(0))
+    True
+    """
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         return reduce_channels(input_gradients(self.model, images, targets, self.batch_size), self.reduce)
 
 
-class GradientInput(Explainer):
+@register_explainer("gradient_input")
+class GradientInput(_GradientExplainer):
     """Gradient x Input (Shrikumar et al. 2016): ``reduce_c(x * d f(x)[y] / d x)``, by default ``max_c |.|``.
 
     Pass ``reduce="sum"`` for the signed first-order Taylor contribution of each pixel.
-    """
 
-    def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
-        super().__init__(model, batch_size=batch_size, seed=None)
-        _check_reduce(reduce)
-        self.reduce = reduce
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``batch_size`` not a positive int, or an unknown ``reduce``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2, bias=False))
+    >>> images = torch.rand(2, 3, 8, 8)
+    >>> maps = GradientInput(model, reduce="sum")(images, torch.tensor([0, 1]))
+    >>> logits = model(images)  # linear and no bias: the contributions add up to the logit
+    >>> torch.allclose(maps.sum((1, 2)), logits.gather(1, torch.tensor([[0], [1]]))[:, 0], atol=1e-5)
+    True
+    """
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         grads = input_gradients(self.model, images, targets, self.batch_size)
         return reduce_channels(images * grads, self.reduce)
 
 
+@register_explainer("smoothgrad")
 class SmoothGrad(Explainer):
     """SmoothGrad (Smilkov et al. 2017): ``reduce_c(mean_s grad(x + eps_s))``, ``eps_s ~ N(0, noise^2)``.
 
     ``nb_samples`` noisy copies per image (default 50) with Gaussian noise of standard deviation ``noise``
     (default 0.2, for inputs in [0, 1]); ``batch_size`` bounds the noisy inputs per pass; the noise is drawn
     from ``self.generator`` (``seed``; ``seed=None`` uses the global RNG, as captum's NoiseTunnel does).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``nb_samples`` or ``batch_size`` not a positive int, ``noise`` negative or not finite, or an
+            unknown ``reduce``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    >>> explainer = SmoothGrad(model, nb_samples=8, noise=0.1)
+    >>> images, targets = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+    >>> maps = explainer(images, targets)
+    >>> maps.shape, torch.equal(maps, explainer(images, targets))  # seeded noise: the same maps every call
+    (torch.Size([2, 8, 8]), True)
     """
 
     def __init__(
@@ -162,13 +209,9 @@ class SmoothGrad(Explainer):
         reduce: Reduce = "absmax",
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
-        if not isinstance(nb_samples, int) or nb_samples < 1:
-            raise ValueError(f"nb_samples must be a positive int, got {nb_samples!r}")
-        if noise < 0:
-            raise ValueError(f"noise is a standard deviation and must be >= 0, got {noise}")
         _check_reduce(reduce)
-        self.nb_samples = nb_samples
-        self.noise = float(noise)
+        self.nb_samples = positive_int("nb_samples", nb_samples)
+        self.noise = in_interval("noise", noise, 0)  # a standard deviation
         self.reduce = reduce
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:

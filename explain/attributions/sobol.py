@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from explain.attributions.perturbations import PERTURBATIONS, Perturbation, apply_masks, perturbation_terms
 from explain.attributions.saliency import check_logits
 from explain.base import Explainer
+from explain.registry import register_explainer
 from explain.sensitivity import ESTIMATORS, Estimator, sobol_design, total_sobol_indices
+from explain.validation import one_of, positive_int
 
 
 def evaluate_masks(
@@ -67,10 +69,25 @@ def evaluate_masks(
     return scores.clone()  # a normal tensor, usable outside inference mode
 
 
+def _sobol_arg_validation(
+    grid_size: int, nb_design: int, perturbation: str, estimator: str, blur_size: int, batch_size: int
+) -> None:
+    """The checks shared by :func:`sobol_indices` and :class:`Sobol` (torchmetrics' ``_..._arg_validation``)."""
+    positive_int("batch_size", batch_size)
+    positive_int("grid_size", grid_size)
+    positive_int("nb_design", nb_design)
+    if nb_design < 2 or nb_design & (nb_design - 1):
+        raise ValueError(f"nb_design must be a power of two >= 2 (the balance of a Sobol sequence), got {nb_design!r}")
+    one_of("perturbation", perturbation, PERTURBATIONS)
+    one_of("estimator", estimator, ESTIMATORS)
+    positive_int("blur_size", blur_size)
+
+
 def sobol_indices(
     model: nn.Module,
     images: Tensor,
     targets: Tensor,
+    *,
     grid_size: int = 8,
     nb_design: int = 32,
     perturbation: Perturbation = "inpainting",
@@ -83,8 +100,14 @@ def sobol_indices(
 ) -> Tensor:
     """Total Sobol indices [B, grid_size, grid_size] of the cells of each image for its target class.
 
-    ``seed`` scrambles the Sobol sequence (None: a new scrambling each call). See the module docstring.
+    ``seed`` scrambles the Sobol sequence (None: a new scrambling each call). See the module docstring; the
+    options are those of :class:`Sobol`.
+
+    Raises:
+        ValueError: an option out of its domain (``nb_design`` not a power of two, an unknown ``perturbation``
+            or ``estimator``, a ``grid_size``, ``blur_size`` or ``batch_size`` that is not a positive int).
     """
+    _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, batch_size)
     nb_dim = grid_size * grid_size
     design = sobol_design(nb_dim, nb_design, seed=seed).to(device=images.device, dtype=images.dtype)
     base, delta, offset = perturbation_terms(images, perturbation, baseline, blur_size, amplitude_sigma)
@@ -101,6 +124,7 @@ def sobol_attribution(model: nn.Module, images: Tensor, targets: Tensor, **optio
     return F.interpolate(indices[:, None], size=images.shape[-2:], mode="bicubic", align_corners=False)[:, 0]
 
 
+@register_explainer("sobol")
 class Sobol(Explainer):
     """Sobol attribution method (Fel et al. 2021): total Sobol index of each grid cell for ``f(x)[y]``.
 
@@ -116,6 +140,24 @@ class Sobol(Explainer):
         batch_size: rows per forward pass (rows of several images share a pass).
         baseline: inpainting value, a number or a tensor broadcastable to the images.
         seed: scrambling seed of the Sobol sequence (None: a new one each call).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``nb_design`` not a power of two, an unknown ``perturbation`` or ``estimator``, ``grid_size``,
+            ``blur_size`` or ``batch_size`` not a positive int; at the call, a ``grid_size`` larger than the images.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    >>> with torch.no_grad():  # the class-0 score reads the top-left 4x4 cell only
+    ...     _ = model[1].weight.zero_()
+    ...     _ = model[1].weight.view(2, 3, 8, 8)[0, :, :4, :4].fill_(1.0)
+    >>> explainer = Sobol(model, grid_size=2, nb_design=16)
+    >>> explainer.nb_forwards  # N (D + 1) forward rows per image
+    80
+    >>> maps = explainer(torch.rand(1, 3, 8, 8), torch.tensor([0]))
+    >>> maps.shape, bool(maps[0, 1, 1] > maps[0, 6, 6])
+    (torch.Size([1, 8, 8]), True)
     """
 
     def __init__(
@@ -132,18 +174,7 @@ class Sobol(Explainer):
         amplitude_sigma: float = 1.0,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
-        if not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
-        if not isinstance(nb_design, int) or nb_design < 2 or nb_design & (nb_design - 1):
-            raise ValueError(
-                f"nb_design must be a power of two >= 2 (the balance of a Sobol sequence), got {nb_design!r}"
-            )
-        if perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not isinstance(blur_size, int) or blur_size < 1:
-            raise ValueError(f"blur_size must be a positive int, got {blur_size!r}")
+        _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, batch_size)
         self.grid_size = grid_size
         self.nb_design = nb_design
         self.perturbation = perturbation

@@ -21,7 +21,7 @@ the global RNGs, writes no ``.grad`` and no BatchNorm statistics.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -40,8 +40,7 @@ from explain.callbacks.batches import (
 from explain.callbacks.isolation import isolated
 from explain.callbacks.logging import log_images, log_table
 from explain.callbacks.overlays import explanation_panel
-from explain.callbacks.registry import ExplainerSpec, resolve_explainers, resolve_metrics
-from explain.metrics.base import ExplanationMetric
+from explain.callbacks.registry import ExplainerItem, ExplainerSpec, MetricItem, resolve_explainers, resolve_metrics
 from explain.metrics.drift import ExplanationDrift
 from explain.metrics.functional.alignment import per_image_spearman
 
@@ -50,9 +49,6 @@ from explain.metrics.functional.alignment import per_image_spearman
 #: drift measures the model's change, not the estimator's noise.
 DEFAULT_SOBOL = {"nb_design": 8}
 
-ExplainerFactory = Callable[[nn.Module], Explainer]
-ExplainerItem = Union[str, dict[str, Any], ExplainerFactory]
-MetricItem = Union[str, dict[str, Any], ExplanationMetric]
 
 
 def default_explainers(model: nn.Module) -> list[Any]:

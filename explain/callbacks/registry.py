@@ -1,18 +1,19 @@
-"""Explainers and metrics by name, so a config can say ``explainers: [saliency, {sobol: {nb_design: 16}}]``.
+"""Explainers and metrics from what a user writes, so a config can say
+``explainers: [saliency, {sobol: {nb_design: 16}}]`` and ``metrics: [alignment, {deletion: {steps: 10}}]``.
 
-An explainer needs the model it explains, so the callbacks hold *factories* ``model -> Explainer`` and build
-the explainers on the LightningModule they watch. A spec is any of:
+One parser serves both kinds. An item is one of:
 
-* a registered name (``"saliency"``), or a mapping ``{name: {options}}``;
-* an :class:`~explain.base.Explainer` subclass, or any callable ``model -> Explainer`` such as
-  ``functools.partial(Sobol, nb_design=16)`` or ``explain.from_captum("IntegratedGradients")``;
-* a ``{"class_path": ..., "init_args": {...}}`` mapping (LightningCLI style; jsonargparse may also hand over
-  the callable it built from one);
-* a mapping ``{key: class or callable}`` to choose the logging key;
-* an already-built explainer (it must be bound to the model the callback watches).
+* a registered **name** (``"saliency"``; the classes register themselves with
+  :func:`explain.registry.register_explainer` / :func:`~explain.registry.register_metric`);
+* a mapping **{name: options}** (``{"sobol": {"nb_design": 16}}``), or **{key: item}** to choose the logging key
+  of any other item (``{"fast_sobol": functools.partial(Sobol, nb_design=2)}``);
+* a **callable**: a class, or a factory such as ``functools.partial(Sobol, nb_design=16)`` or
+  ``explain.from_captum("IntegratedGradients")``. In YAML (LightningCLI) a callable is written
+  ``{class_path: ..., init_args: {...}}``;
+* an **instance**: an already-built explainer (it must be bound to the model the callback watches) or metric.
 
-Metrics are :class:`~explain.metrics.ExplanationMetric` instances, registered names, ``{name: {options}}``
-mappings or classes.
+An explainer needs the model it explains, so explainers come back as :class:`ExplainerSpec` (a factory
+``model -> Explainer`` or an instance, built on the LightningModule the callback watches); metrics come back built.
 """
 
 from __future__ import annotations
@@ -22,61 +23,55 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any
+from typing import Any, Union
 
 from torch import nn
 
+import explain.attributions.eva  # noqa: F401  (the imports register the built-in classes)
+import explain.attributions.saliency  # noqa: F401
+import explain.attributions.sobol  # noqa: F401
+import explain.metrics  # noqa: F401
 from explain.base import Explainer
 from explain.metrics.base import ExplanationMetric
+from explain.registry import EXPLAINERS, METRICS, registered_name
 
-#: registered explainer names -> "module:Class"
-EXPLAINERS: dict[str, str] = {
-    "saliency": "explain.attributions.saliency:Saliency",
-    "smoothgrad": "explain.attributions.saliency:SmoothGrad",
-    "gradient_input": "explain.attributions.saliency:GradientInput",
-    "sobol": "explain.attributions.sobol:Sobol",
-    "eva": "explain.attributions.eva:EVA",
-}
+#: What the callbacks' ``explainers`` / ``metrics`` arguments take, one item or a list of them. The callable is
+#: typed ``model -> Any`` (not ``-> Explainer``) on purpose: jsonargparse then hands a YAML ``class_path`` block
+#: over as the mapping it is, which this module parses, instead of a callable of its own making.
+ExplainerItem = Union[str, dict[str, Any], Callable[[nn.Module], Any]]
+MetricItem = Union[str, dict[str, Any], ExplanationMetric]
 
-#: registered metric names -> "module:Class"
-METRICS: dict[str, str] = {
-    "alignment": "explain.metrics.alignment:HumanAlignment",
-    "deletion": "explain.metrics.fidelity:Deletion",
-    "insertion": "explain.metrics.fidelity:Insertion",
-    "mufidelity": "explain.metrics.fidelity:MuFidelity",
-    "stability": "explain.metrics.stability:AverageStability",
-}
+
+@dataclass(frozen=True)
+class _Kind:
+    what: str
+    table: dict[str, type]
+    base: type
+    public: str  # the base class as users import it
+
+
+_EXPLAINER = _Kind("explainer", EXPLAINERS, Explainer, "explain.Explainer")
+_METRIC = _Kind("metric", METRICS, ExplanationMetric, "explain.metrics.ExplanationMetric")
 
 
 def load(kind: str, name: str) -> type:
-    """The class registered as ``name`` in the ``kind`` ("explainer" or "metric") table."""
+    """The class registered as ``name`` in the ``kind`` (``"explainer"`` or ``"metric"``) table.
+
+    Raises:
+        ValueError: no class is registered under ``name``.
+    """
     table = EXPLAINERS if kind == "explainer" else METRICS
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}: registered names are {sorted(table)}")
-    module, attribute = table[name].split(":")
-    try:
-        return getattr(import_module(module), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ImportError(f"{kind} {name!r} needs {module}.{attribute}, which cannot be imported: {error}") from error
-
-
-def registered_name(cls: type, kind: str) -> str | None:
-    """The registered name of ``cls`` (None if it is not registered)."""
-    table = EXPLAINERS if kind == "explainer" else METRICS
-    for name, path in table.items():
-        module, attribute = path.split(":")
-        if attribute != cls.__name__:
-            continue
-        try:
-            if getattr(import_module(module), attribute) is cls:
-                return name
-        except (ImportError, AttributeError):
-            continue
-    return None
+    return table[name]
 
 
 def check_options(cls: type, options: Mapping[str, Any], what: str) -> None:
-    """Raise a clear error if ``options`` are not keyword arguments of ``cls``."""
+    """Raise a clear error if ``options`` are not keyword arguments of ``cls``.
+
+    Raises:
+        ValueError: an option ``cls`` does not accept (unless it takes ``**kwargs``).
+    """
     parameters = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
@@ -95,6 +90,12 @@ class ExplainerSpec:
     instance: Explainer | None = None
 
     def build(self, model: nn.Module) -> Explainer:
+        """The explainer of ``model``.
+
+        Raises:
+            ValueError: the spec is an instance bound to another model.
+            TypeError: the factory did not return an :class:`~explain.base.Explainer`.
+        """
         if self.instance is not None:
             if self.instance.model is not model:
                 raise ValueError(
@@ -113,8 +114,13 @@ class ExplainerSpec:
         return explainer
 
 
-def import_path(path: str) -> Any:
-    """The object at a dotted import path such as ``"explain.attributions.sobol.Sobol"``."""
+# ------------------------------------------------------------------------------------------------ the one parser
+def _plain(item: Any) -> Any:
+    """A jsonargparse ``Namespace`` (what LightningCLI leaves of a nested block) as a dict."""
+    return item.as_dict() if hasattr(item, "as_dict") and callable(item.as_dict) else item
+
+
+def _import(path: str) -> Any:
     module, _, attribute = path.rpartition(".")
     try:
         return getattr(import_module(module), attribute)
@@ -122,148 +128,123 @@ def import_path(path: str) -> Any:
         raise ImportError(f"cannot import {path!r} (class_path): {error}") from error
 
 
-def _plain(item: Any) -> Any:
-    """A jsonargparse ``Namespace`` (what LightningCLI leaves of a nested ``class_path`` block) as a dict."""
-    return item.as_dict() if hasattr(item, "class_path") and hasattr(item, "as_dict") else item
-
-
-def _class_path(item: Mapping[str, Any]) -> tuple[type, dict[str, Any]]:
-    """``(class, init_args)`` of a ``{"class_path": ..., "init_args": {...}}`` mapping (LightningCLI style)."""
+def _from_class_path(item: Mapping[str, Any], kind: _Kind) -> Callable[..., Any]:
+    """The callable a ``{class_path, init_args}`` mapping stands for: the class with its options bound."""
     unknown = sorted(set(item) - {"class_path", "init_args"})
     if unknown:
         raise ValueError(f"a class_path mapping takes 'class_path' and 'init_args', got extra keys {unknown}")
-    options = dict(item.get("init_args") or {})
-    if options.get("model", 0) is None:  # jsonargparse fills the unset model argument with None
+    cls = _import(item["class_path"])
+    options = dict(_plain(item.get("init_args")) or {})
+    if options.get("model", 0) is None:  # jsonargparse fills an unset model argument with None
         del options["model"]
-    return import_path(item["class_path"]), options
+    if isinstance(cls, type) and issubclass(cls, kind.base):
+        check_options(cls, options, f"{kind.what} {cls.__name__}")
+    return functools.partial(cls, **options)
 
 
 def _callable_name(obj: Any) -> str:
-    while isinstance(obj, functools.partial):
-        method = obj.keywords.get("method")  # from_captum: partial(CaptumExplainer, method=<captum class>)
-        if method is not None and hasattr(method, "__name__"):
-            return method.__name__.lower()
-        # jsonargparse wraps a class_path callable as partial(instantiate, <instantiator>, cls, **init_args)
-        classes = [arg for arg in obj.args if isinstance(arg, type)]
-        obj = classes[-1] if classes else obj.func
+    """The default key of a callable: the registered name of the class it builds, else its ``__name__``.
+
+    A ``functools.partial`` is named after the callable it wraps (``partial.func``), unless it was given a
+    ``__name__`` of its own (:func:`~explain.attributions.captum.from_captum` names its factory after the method).
+    """
+    while isinstance(obj, functools.partial) and not hasattr(obj, "__name__"):
+        obj = obj.func
     if isinstance(obj, type):
-        return registered_name(obj, "explainer") or obj.__name__.lower()
+        return registered_name(obj) or obj.__name__.lower()
     return getattr(obj, "__name__", type(obj).__name__).lower()
 
 
-def _explainer_spec(item: Any, name: str | None = None) -> ExplainerSpec:
-    item = _plain(item)
-    if isinstance(item, Mapping) and "class_path" in item:
-        return _from_class_path(item, name=name)
-    if isinstance(item, str):
-        cls = load("explainer", item)
-        return ExplainerSpec(name or item, factory=cls)
-    if isinstance(item, Explainer):
-        cls = type(item)
-        return ExplainerSpec(name or registered_name(cls, "explainer") or item.name, instance=item)
-    if isinstance(item, type) and not issubclass(item, Explainer):
-        raise TypeError(f"{item.__name__} is not an explain.Explainer subclass")
-    if callable(item):
-        return ExplainerSpec(name or _callable_name(item), factory=item)
-    raise TypeError(
-        f"cannot make an explainer of {item!r} ({type(item).__name__}): pass a registered name "
-        f"{sorted(EXPLAINERS)}, {{name: {{options}}}}, an Explainer class, a callable model -> Explainer or an "
-        "Explainer instance"
+def _described(kind: _Kind) -> str:
+    return (
+        f"a registered name {sorted(kind.table)}, {{name: {{options}}}}, an {kind.public} class or a callable "
+        f"returning one ({{class_path: ..., init_args: ...}} in YAML), or an {kind.public} instance"
     )
 
 
-def _from_class_path(item: Mapping[str, Any], name: str | None = None) -> ExplainerSpec:
-    cls, options = _class_path(item)
-    if isinstance(cls, type) and issubclass(cls, Explainer):
-        check_options(cls, options, f"explainer {cls.__name__}")
-    return _explainer_spec(functools.partial(cls, **options), name=name)
+def _entry(item: Any, kind: _Kind, name: str | None = None, options: Mapping[str, Any] | None = None):
+    """``(name, callable or instance)`` of one item (module docstring)."""
+    item = _plain(item)
+    if isinstance(item, str):
+        cls = load(kind.what, item)
+        check_options(cls, options or {}, f"{kind.what} {item!r}")
+        return name or item, functools.partial(cls, **(options or {})) if options else cls
+    if isinstance(item, Mapping) and "class_path" in item:
+        item = _from_class_path(item, kind)
+    if isinstance(item, kind.base):
+        return name or registered_name(type(item)) or item.name, item
+    if isinstance(item, type) and not issubclass(item, kind.base):
+        raise TypeError(f"{item.__name__} is not an {kind.public} subclass")
+    if callable(item) and not isinstance(item, nn.Module):
+        return name or _callable_name(item), item
+    raise TypeError(f"cannot use {item!r} ({type(item).__name__}) as an {kind.what}: pass {_described(kind)}")
 
 
-def _from_mapping(items: Mapping[str, Any]) -> list[ExplainerSpec]:
-    if "class_path" in items:
-        return [_from_class_path(items)]
-    specs = []
-    for key, value in items.items():
-        value = _plain(value)
-        if not isinstance(key, str):
-            raise TypeError(f"explainer keys must be names (str), got {key!r}")
-        if isinstance(value, Mapping) and "class_path" in value:
-            specs.append(_from_class_path(value, name=key))
-        elif value is None or isinstance(value, Mapping):
-            cls = load("explainer", key)
-            options = dict(value or {})
-            check_options(cls, options, f"explainer {key!r}")
-            specs.append(ExplainerSpec(key, factory=functools.partial(cls, **options)))
-        else:
-            specs.append(_explainer_spec(value, name=key))
-    return specs
-
-
-def resolve_explainers(spec: Any) -> list[ExplainerSpec]:
-    """Named explainer specs from a name, a mapping, a class/callable/instance, or a sequence of those."""
+def _entries(spec: Any, kind: _Kind) -> list[tuple[str, Any]]:
+    """``[(name, callable or instance)]`` of one item or a list of items, names unique."""
     spec = _plain(spec)
-    if isinstance(spec, Mapping):
-        specs = _from_mapping(spec)
-    elif isinstance(spec, (str, Explainer)) or callable(spec):
-        specs = [_explainer_spec(spec)]
-    elif isinstance(spec, Sequence):
-        specs = []
-        for item in map(_plain, spec):
-            specs.extend(_from_mapping(item) if isinstance(item, Mapping) else [_explainer_spec(item)])
-    else:
-        raise TypeError(f"explainers must be a name, a mapping or a list of explainers, got {type(spec).__name__}")
-    if not specs:
-        raise ValueError("explainers is empty: pass at least one, e.g. explainers=['saliency']")
-    _check_unique([s.name for s in specs], "explainers")
-    return specs
-
-
-def _check_unique(names: list[str], what: str) -> None:
+    items = list(spec) if isinstance(spec, Sequence) and not isinstance(spec, str) else [spec]
+    entries = []
+    for item in map(_plain, items):
+        if isinstance(item, Mapping) and "class_path" not in item:
+            for key, value in item.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"{kind.what} keys must be names (str), got {key!r}")
+                value = _plain(value)
+                if value is None or (isinstance(value, Mapping) and "class_path" not in value):
+                    entries.append(_entry(key, kind, options=value))  # {name: options}
+                else:
+                    entries.append(_entry(value, kind, name=key))  # {key: item}
+        else:
+            entries.append(_entry(item, kind))
+    names = [name for name, _ in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(
-            f"two {what} are named {duplicates}: give each its own key with a mapping, e.g. "
+            f"two {kind.what}s are named {duplicates}: give each its own key with a mapping, e.g. "
             f"{{'{duplicates[0]}_a': ..., '{duplicates[0]}_b': ...}}"
         )
+    return entries
 
 
-def _metric(item: Any, name: str | None = None, options: Mapping[str, Any] | None = None):
-    if isinstance(item, str):
-        cls = load("metric", item)
-        check_options(cls, options or {}, f"metric {item!r}")
-        return name or item, cls(**(options or {}))
-    if isinstance(item, type) and issubclass(item, ExplanationMetric):
-        metric = item(**(options or {}))
-        return name or registered_name(item, "metric") or metric.name, metric
-    if isinstance(item, ExplanationMetric):
-        return name or registered_name(type(item), "metric") or item.name, item
-    raise TypeError(
-        f"cannot use {item!r} ({type(item).__name__}) as an explanation metric: pass a registered name "
-        f"{sorted(METRICS)}, {{name: {{options}}}}, or an explain.metrics.ExplanationMetric (a torchmetrics Metric "
-        "whose update takes keywords named by `requires`)"
-    )
+def resolve_explainers(spec: Any) -> list[ExplainerSpec]:
+    """Named explainer specs from one item or a list of items (module docstring).
 
-
-def resolve_metrics(spec: Any) -> dict[str, Any]:
-    """``{name: ExplanationMetric}`` from a name, a metric, a mapping or a sequence of those (may be empty)."""
-    pairs = []
-    spec = _plain(spec)
-    items = [spec] if isinstance(spec, (str, Mapping)) or not isinstance(spec, Sequence) else list(spec)
-    for item in map(_plain, items):
-        if isinstance(item, Mapping) and "class_path" in item:
-            cls, options = _class_path(item)
-            pairs.append(_metric(cls, options=options))
-        elif isinstance(item, Mapping):
-            for key, value in item.items():
-                value = _plain(value)
-                if isinstance(value, Mapping) and "class_path" in value:
-                    cls, options = _class_path(value)
-                    pairs.append(_metric(cls, name=key, options=options))
-                elif value is None or isinstance(value, Mapping):
-                    pairs.append(_metric(key, options=value))
-                else:
-                    pairs.append(_metric(value, name=key))
+    Raises:
+        ValueError: an unknown name or option, two explainers under one name, or no explainer at all.
+        TypeError: an item that is none of the accepted shapes.
+        ImportError: a ``class_path`` that cannot be imported.
+    """
+    specs = []
+    for name, target in _entries(spec, _EXPLAINER):
+        if isinstance(target, Explainer):
+            specs.append(ExplainerSpec(name, instance=target))
         else:
-            pairs.append(_metric(item))
-    _check_unique([name for name, _ in pairs], "metrics")
-    return dict(pairs)
+            specs.append(ExplainerSpec(name, factory=target))
+    if not specs:
+        raise ValueError("explainers is empty: pass at least one, e.g. explainers=['saliency']")
+    return specs
+
+
+def resolve_metrics(spec: Any) -> dict[str, ExplanationMetric]:
+    """``{name: ExplanationMetric}`` from one item or a list of items (module docstring); may be empty.
+
+    Raises:
+        ValueError: an unknown name or option, or two metrics under one name.
+        TypeError: an item that is none of the accepted shapes, or a callable that does not build a metric.
+        ImportError: a ``class_path`` that cannot be imported.
+    """
+    metrics = {}
+    for name, target in _entries(spec, _METRIC):
+        try:
+            metric = target if isinstance(target, ExplanationMetric) else target()
+        except (TypeError, ValueError) as error:  # e.g. torchmetrics' "Unexpected keyword arguments"
+            raise type(error)(f"metric {name!r}: {error}") from error
+        if not isinstance(metric, ExplanationMetric):
+            raise TypeError(
+                f"metric {name!r}: the callable returned a {type(metric).__name__}, not an "
+                "explain.metrics.ExplanationMetric (a torchmetrics Metric whose update takes keywords named by "
+                "`requires`)"
+            )
+        metrics[name] = metric
+    return metrics

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +36,7 @@ from explain.concepts.importance import concept_importance
 from explain.concepts.nmf import NMF
 from explain.concepts.nnls import nnls
 from explain.sensitivity import Estimator
+from explain.validation import in_interval, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -76,9 +78,28 @@ class Craft:
         device: where the model parts and NMF run; default the device of ``input_to_latent`` when it is a
             module, else that of the images.
 
-    After ``fit``: ``W`` [r, c] (concept bank, on ``device``), ``crops`` [n, C, p, p] (on CPU), ``crops_u``
-    [n, r] (their coefficients), ``crops_image`` [n] (index of each crop's image), ``image_size``,
-    ``patch_size_``, ``stride_``, ``class_id``. After ``importance``: ``importances`` [r].
+    Fitted attributes (None until set; scikit-learn's trailing underscore): after ``fit``, ``W_`` [r, c] (concept
+    bank, on ``device``), ``crops_`` [n, C, p, p] (on CPU), ``crops_u_`` [n, r] (their coefficients),
+    ``crops_image_`` [n] (index of each crop's image), ``image_size_``, ``patch_size_``, ``stride_``,
+    ``class_id_`` and ``factorizer_`` (the fitted :class:`~explain.concepts.nmf.NMF`); after ``importance``,
+    ``importances_`` [r]; on a child of :meth:`decompose`, ``parent_``, ``parent_concept_``, ``parent_crops_``,
+    ``parent_weights_`` and ``parent_error_``. The names without the underscore (``W``, ``crops_u``, ...) are
+    read-only aliases kept for earlier code.
+
+    Raises:
+        TypeError: ``input_to_latent`` (or a given ``latent_to_logit``) is not callable.
+        ValueError: ``n_concepts``, ``batch_size`` not positive ints, ``patch_size``/``stride`` neither None nor
+            positive ints, an ``NMF`` whose rank is not ``n_concepts``, or a bad NMF option.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> g = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())   # images -> activations >= 0
+    >>> h = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    >>> craft = Craft(g, h, n_concepts=2, patch_size=4, stride=2).fit(torch.rand(3, 3, 8, 8), class_id=0)
+    >>> craft.W_.shape, craft.crops_u_.shape
+    (torch.Size([2, 4]), torch.Size([27, 2]))
+    >>> craft.importance(torch.rand(2, 3, 8, 8), nb_design=4).shape
+    torch.Size([2])
     """
 
     def __init__(
@@ -96,13 +117,10 @@ class Craft:
             raise TypeError(f"input_to_latent must be callable (a module or a function), got {input_to_latent!r}")
         if latent_to_logit is not None and not callable(latent_to_logit):
             raise TypeError(f"latent_to_logit must be callable or None, got {latent_to_logit!r}")
-        if not isinstance(n_concepts, int) or n_concepts < 1:
-            raise ValueError(f"n_concepts must be a positive int, got {n_concepts!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        for name, value in (("patch_size", patch_size), ("stride", stride)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        positive_int("n_concepts", n_concepts)
+        positive_int("batch_size", batch_size)
+        positive_int("patch_size", patch_size, allow_none=True)
+        positive_int("stride", stride, allow_none=True)
         if isinstance(nmf, NMF):
             if nmf.rank != n_concepts:
                 raise ValueError(f"nmf has rank {nmf.rank} but n_concepts={n_concepts}: make them equal")
@@ -113,9 +131,24 @@ class Craft:
         self.input_to_latent, self.latent_to_logit = input_to_latent, latent_to_logit
         self.n_concepts, self.patch_size, self.stride, self.batch_size = n_concepts, patch_size, stride, batch_size
         self.device = torch.device(device) if device is not None else None
-        self.W: Tensor | None = None
-        self.importances: Tensor | None = None
-        self.parent: Craft | None = None
+        # fitted by fit()
+        self.W_: Tensor | None = None
+        self.crops_: Tensor | None = None
+        self.crops_u_: Tensor | None = None
+        self.crops_image_: Tensor | None = None
+        self.image_size_: tuple[int, int] | None = None
+        self.patch_size_: int | None = None
+        self.stride_: int | None = None
+        self.class_id_: int | None = None
+        self.factorizer_: NMF | None = None
+        # fitted by importance()
+        self.importances_: Tensor | None = None
+        # set on the child of decompose()
+        self.parent_: Craft | None = None
+        self.parent_concept_: int | None = None
+        self.parent_crops_: Tensor | None = None
+        self.parent_weights_: Tensor | None = None
+        self.parent_error_: float | None = None
 
     # ------------------------------------------------------------------ model evaluation
     def _device(self, like: Tensor) -> torch.device:
@@ -149,9 +182,9 @@ class Craft:
         return torch.cat(outputs)
 
     def _check_fitted(self) -> Tensor:
-        if self.W is None:
+        if self.W_ is None:
             raise RuntimeError("this Craft is not fitted yet: call craft.fit(images) first")
-        return self.W
+        return self.W_
 
     # ------------------------------------------------------------------ concepts
     def fit(self, images: Tensor, class_id: int | None = None) -> Craft:
@@ -164,7 +197,7 @@ class Craft:
         stride = self.stride or default_stride(patch)
         crops = extract_crops(images, patch, stride)
         per_image = crops.shape[0] // images.shape[0]
-        self.crops_image = torch.arange(images.shape[0]).repeat_interleave(per_image)
+        self.crops_image_ = torch.arange(images.shape[0]).repeat_interleave(per_image)
         self.patch_size_, self.stride_ = patch, stride
         return self._fit_crops(crops, tuple(images.shape[-2:]), class_id)
 
@@ -175,11 +208,11 @@ class Craft:
                 "ones), a smaller patch_size/stride, or fewer concepts"
             )
         activations = self._latents(crops, size=image_size, pool=True)
-        self.factorizer = NMF(self.n_concepts, **self.nmf_options)
-        self.crops_u = self.factorizer.fit_transform(activations)
-        self.W = self.factorizer.W
-        self.crops = crops.detach().cpu()
-        self.image_size, self.class_id = tuple(image_size), class_id
+        self.factorizer_ = NMF(self.n_concepts, **self.nmf_options)
+        self.crops_u_ = self.factorizer_.fit_transform(activations)
+        self.W_ = self.factorizer_.W
+        self.crops_ = crops.detach().cpu()
+        self.image_size_, self.class_id_ = tuple(image_size), class_id
         return self
 
     def transform(self, images: Tensor) -> Tensor:
@@ -219,7 +252,7 @@ class Craft:
         w = self._check_fitted()
         if self.latent_to_logit is None:
             raise ValueError("importance needs latent_to_logit: pass it to Craft(input_to_latent, latent_to_logit)")
-        class_id = self.class_id if class_id is None else class_id
+        class_id = self.class_id_ if class_id is None else class_id
         if class_id is None:
             raise ValueError("importance needs a class_id (none was given here or to fit)")
         _check_images(images)
@@ -229,8 +262,8 @@ class Craft:
                 u, w, self.latent_to_logit, class_id, nb_design=nb_design, sampler=sampler, estimator=estimator,
                 seed=seed, batch_size=self.batch_size,
             ).to(images.device)
-        self.importances = indices.mean(dim=0)
-        return indices if per_image else self.importances
+        self.importances_ = indices.mean(dim=0)
+        return indices if per_image else self.importances_
 
     # ------------------------------------------------------------------ attribution maps
     def concept_maps(
@@ -263,8 +296,7 @@ class Craft:
         elif method == "activation":
             maps = self._coefficients(activations).permute(0, 3, 1, 2)
             if percentile is not None:
-                if not 0 <= percentile <= 100:
-                    raise ValueError(f"percentile must be in [0, 100] or None, got {percentile}")
+                in_interval("percentile", percentile, 0, 100)
                 # the percentile per concept over every location of every image, linear interpolation as
                 # torch.quantile (which refuses more than 2^24 values: sort instead)
                 values = maps.transpose(0, 1).flatten(1).float().sort(dim=1).values
@@ -298,12 +330,11 @@ class Craft:
         ``parent_error = ||u - U' b|| / ||u||``.
         """
         self._check_fitted()
-        if not isinstance(concept, int) or not 0 <= concept < self.n_concepts:
+        if non_negative_int("concept", concept) >= self.n_concepts:
             raise ValueError(f"concept must be an int in [0, {self.n_concepts}), got {concept!r}")
-        if not 0 < top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        in_interval("top_fraction", top_fraction, 0, 1, low_open=True)
         n_concepts = n_concepts or self.n_concepts
-        scores = self.crops_u[:, concept]
+        scores = self.crops_u_[:, concept]
         present = int((scores > 0).sum())
         count = min(present, math.ceil(top_fraction * scores.shape[0]))
         if count < n_concepts:
@@ -318,14 +349,14 @@ class Craft:
             batch_size=self.batch_size, nmf=self.nmf_options, device=self.device,
         )
         child.patch_size_, child.stride_ = self.patch_size_, self.stride_
-        child.crops_image = self.crops_image[selected] if hasattr(self, "crops_image") else None
-        child._fit_crops(self.crops[selected], self.image_size, self.class_id)
+        child.crops_image_ = self.crops_image_[selected] if self.crops_image_ is not None else None
+        child._fit_crops(self.crops_[selected], self.image_size_, self.class_id_)
         parent_u = scores[selected.to(scores.device)]
-        sub_u = child.crops_u.to(parent_u)
+        sub_u = child.crops_u_.to(parent_u)
         weights = nnls(parent_u[None, :], sub_u.T)[0]
-        child.parent, child.parent_concept, child.parent_crops = self, concept, selected
-        child.parent_weights = weights
-        child.parent_error = float((parent_u - sub_u @ weights).norm() / parent_u.norm().clamp_min(1e-30))
+        child.parent_, child.parent_concept_, child.parent_crops_ = self, concept, selected
+        child.parent_weights_ = weights
+        child.parent_error_ = float((parent_u - sub_u @ weights).norm() / parent_u.norm().clamp_min(1e-30))
         return child
 
     # ------------------------------------------------------------------ figure
@@ -343,14 +374,21 @@ class Craft:
         """
         self._check_fitted()
         if images is None:
-            crops, u = self.crops, self.crops_u
+            crops, u = self.crops_, self.crops_u_
         else:
             _check_images(images)
             crops = extract_crops(images, self.patch_size_, self.stride_)
             u = self._coefficients(self._latents(crops, size=tuple(images.shape[-2:]), pool=True))
-        importance = self.importances if importance is None else torch.as_tensor(importance)
+        importance = self.importances_ if importance is None else torch.as_tensor(importance)
         return concept_gallery(crops.cpu(), u.cpu(), None if importance is None else importance.cpu(), top_k, concepts)
 
     def __repr__(self) -> str:
-        state = "fitted" if self.W is not None else "not fitted"
+        state = "fitted" if self.W_ is not None else "not fitted"
         return f"Craft(n_concepts={self.n_concepts}, patch_size={self.patch_size}, {state})"
+
+
+#: fitted attributes of :class:`Craft` that earlier code reads without the trailing underscore
+_ALIASED = ("W", "crops", "crops_u", "crops_image", "image_size", "class_id", "factorizer", "importances", "parent",
+            "parent_concept", "parent_crops", "parent_weights", "parent_error")
+for _name in _ALIASED:  # read-only: fitting writes the underscored attribute
+    setattr(Craft, _name, property(operator.attrgetter(f"{_name}_"), doc=f"Read-only alias of ``{_name}_``."))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from explain.validation import positive_int
+
 #: reference geometry: 64-pixel crops of 224-pixel images, stride int(0.8 * 64)
 REFERENCE_IMAGE_SIZE, REFERENCE_PATCH_SIZE, REFERENCE_STRIDE_RATIO = 224, 64, 0.8
 
@@ -31,8 +33,7 @@ def extract_crops(images: Tensor, patch_size: int, stride: int) -> Tensor:
         raise ValueError(
             f"patch_size must be between 1 and the image side {min(images.shape[-2:])}, got {patch_size}"
         )
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    positive_int("stride", stride)
     channels = images.shape[1]
     patches = F.unfold(images, kernel_size=patch_size, stride=stride)  # [B, C p p, L]
     return patches.transpose(1, 2).reshape(-1, channels, patch_size, patch_size)

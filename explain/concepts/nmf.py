@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from explain.concepts.nnls import hals_sweeps, nnls
+from explain.validation import non_negative_int, one_of, positive_int
 
 Init = Literal["nndsvda", "nndsvd", "random"]
 _TINY = 1e-30
@@ -80,6 +81,7 @@ def nndsvd_init(
     ``sqrt(s_j sigma)``. Entries below ``eps`` are zeroed, then set to ``mean(X)`` for NNDSVDa.
     """
     _check_matrix(x)
+    one_of("fill", fill, ("zeros", "mean"))
     if not 1 <= rank <= min(x.shape):
         raise ValueError(f"NNDSVD needs 1 <= rank <= min(n, c) = {min(x.shape)}, got rank={rank}")
     left, s, right = top_singular_triplets(x, rank, seed=seed)  # [n, r], [r], [c, r]
@@ -98,8 +100,6 @@ def nndsvd_init(
     if fill == "mean":
         mean = x.double().mean()
         u[u == 0], w[w == 0] = mean, mean
-    elif fill != "zeros":
-        raise ValueError(f"fill must be 'zeros' or 'mean', got {fill!r}")
     return u.to(x.dtype), w.contiguous().to(x.dtype)
 
 
@@ -119,6 +119,18 @@ def _squared_error(x_norm2: Tensor, ut_x: Tensor, ut_u: Tensor, w: Tensor) -> Te
     return x_norm2 - 2 * (ut_x.double() * w).sum() + (ut_u.double() * (w @ w.T)).sum()
 
 
+INITS: tuple[str, ...] = ("nndsvda", "nndsvd", "random")
+
+
+def _nmf_arg_validation(rank: int, init: Init, max_iter: int, inner_iter: int, warmup: int) -> None:
+    """The checks shared by :func:`nmf` and :class:`NMF` (torchmetrics' ``_..._arg_validation``)."""
+    positive_int("rank", rank)
+    one_of("init", init, INITS)
+    positive_int("max_iter", max_iter)
+    positive_int("inner_iter", inner_iter)
+    non_negative_int("warmup", warmup)
+
+
 def nmf(
     x: Tensor,
     rank: int,
@@ -135,7 +147,22 @@ def nmf(
 
     ``callback(iteration, error)``, if given, is called after every iteration with the Frobenius error
     ``||X - U W||_F``; returning True stops the fit.
+
+    Raises:
+        ValueError: ``x`` is not a nonnegative matrix, ``rank`` is not in ``[1, min(n, c)]``, an unknown
+            ``init``, or ``max_iter``, ``inner_iter`` not positive ints or ``warmup`` negative.
+        TypeError: ``x`` is not floating point.
+
+    >>> import torch
+    >>> x = torch.rand(6, 2) @ torch.rand(2, 5)  # a nonnegative matrix of rank 2
+    >>> u, w = nmf(x, 2, max_iter=500, tol=0)
+    >>> u.shape, w.shape, bool((u >= 0).all() and (w >= 0).all())
+    (torch.Size([6, 2]), torch.Size([2, 5]), True)
+    >>> bool(reconstruction_error(x, u, w) < 1e-2 * x.norm())
+    True
     """
+    _check_matrix(x)
+    _nmf_arg_validation(rank, init, max_iter, inner_iter, warmup)
     u, w, _, _ = _fit(x, rank, init, max_iter, tol, inner_iter, warmup, seed, callback)
     return u, w
 
@@ -151,16 +178,12 @@ def _fit(
     seed: int | None,
     callback: Callable[[int, float], bool | None] | None,
 ) -> tuple[Tensor, Tensor, int, Tensor | None]:
-    """:func:`nmf`, also returning the number of iterations and the last error (a tensor on ``x``'s device)."""
-    _check_matrix(x)
-    if not isinstance(rank, int) or not 1 <= rank:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if init in ("nndsvda", "nndsvd"):
-        u, w = nndsvd_init(x, rank, fill="mean" if init == "nndsvda" else "zeros", seed=seed)
-    elif init == "random":
+    """:func:`nmf` on validated arguments, also returning the number of iterations and the last error (a tensor on
+    ``x``'s device)."""
+    if init == "random":
         u, w = random_init(x, rank, seed=seed)
     else:
-        raise ValueError(f"init must be 'nndsvda', 'nndsvd' or 'random', got {init!r}")
+        u, w = nndsvd_init(x, rank, fill="mean" if init == "nndsvda" else "zeros", seed=seed)
     ut, xt = u.T.contiguous(), x.T.contiguous()  # U is kept transposed: its rows are the components
     x_norm2 = x.double().square().sum()
     # errors stay on the device: the host reads them only for a callback or once per stopping window (no per-step
@@ -191,6 +214,17 @@ class NMF:
 
     After ``fit(X)``: ``W`` [r, c] (the components, scikit-learn's ``components_``), ``error`` (final
     Frobenius error) and ``n_iter``.
+
+    Raises:
+        ValueError: ``rank``, ``max_iter`` or ``inner_iter`` not a positive int, ``warmup`` negative, or an unknown
+            ``init``; at ``fit``, a matrix that is not nonnegative [n, c].
+        RuntimeError: ``transform`` before ``fit``.
+
+    >>> import torch
+    >>> x = torch.rand(8, 2) @ torch.rand(2, 6)
+    >>> factorizer = NMF(2, max_iter=500, tol=0).fit(x)
+    >>> factorizer.W.shape, factorizer.transform(x[:3]).shape
+    (torch.Size([2, 6]), torch.Size([3, 2]))
     """
 
     def __init__(
@@ -204,14 +238,7 @@ class NMF:
         warmup: int = 10,
         seed: int | None = 0,
     ) -> None:
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        if max_iter < 1 or inner_iter < 1 or warmup < 0:
-            raise ValueError(
-                f"max_iter and inner_iter must be >= 1 and warmup >= 0, got {max_iter}, {inner_iter}, {warmup}"
-            )
-        if init not in ("nndsvda", "nndsvd", "random"):
-            raise ValueError(f"init must be 'nndsvda', 'nndsvd' or 'random', got {init!r}")
+        _nmf_arg_validation(rank, init, max_iter, inner_iter, warmup)
         self.rank, self.init, self.max_iter, self.tol = rank, init, max_iter, tol
         self.inner_iter, self.warmup, self.seed = inner_iter, warmup, seed
         self.W: Tensor | None = None
@@ -220,6 +247,7 @@ class NMF:
 
     def fit_transform(self, x: Tensor) -> Tensor:
         """Fit on ``x`` [n, c] and return its coefficients ``U`` [n, r]."""
+        _check_matrix(x)
         u, self.W, self.n_iter, error = _fit(
             x, self.rank, self.init, self.max_iter, self.tol, self.inner_iter, self.warmup, self.seed, None
         )

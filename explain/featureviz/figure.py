@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from explain.validation import in_interval
+
 
 def _clip_percentiles(x: Tensor, low: float, high: float) -> Tensor:
     flat = x.flatten().float()
@@ -39,11 +41,8 @@ def maco_overlay(
     alpha = alpha.mean(0) if alpha.ndim == 3 else alpha
     if alpha.shape != image.shape[-2:]:
         raise ValueError(f"alpha must be [H, W] = {tuple(image.shape[-2:])}, got {tuple(alpha.shape)}")
-    if not 0 <= percentile_image < 50 or not 0 < percentile_alpha <= 100:
-        raise ValueError(
-            f"percentile_image must be in [0, 50) and percentile_alpha in (0, 100], got {percentile_image}, "
-            f"{percentile_alpha}"
-        )
+    in_interval("percentile_image", percentile_image, 0, 50, high_open=True)
+    in_interval("percentile_alpha", percentile_alpha, 0, 100, low_open=True)
     image = _rescale(_clip_percentiles(image.detach().float(), percentile_image, 100 - percentile_image))
     alpha = _clip_percentiles(alpha, 0.0, percentile_alpha)
     alpha = (alpha / alpha.max().clamp_min(1e-12)).clamp(0, 1)

@@ -29,6 +29,7 @@ from explain.featureviz.spectrum import (
     power_law_spectrum,
     resize_spectrum,
 )
+from explain.validation import in_interval, positive_int
 
 __all__ = ["maco", "magnitude_spectrum", "random_crops", "box_size_schedule"]
 
@@ -153,21 +154,31 @@ def maco(
     Returns:
         ``(image [3,H,W] in value_range, alpha [H,W])``: alpha sums ``|d objective / d image|`` over the steps
         (mean over the colour channels); see :func:`~explain.featureviz.plot_maco`.
+
+    Raises:
+        TypeError: ``objective`` is not callable.
+        ValueError: ``steps`` or ``crops_per_step`` not a positive int, ``lr`` not positive, ``noise`` negative,
+            a bad ``value_range``, ``image_size`` or ``input_size``, or a magnitude of the wrong shape.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from explain.featureviz import logit, power_law_spectrum
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    >>> image, alpha = maco(logit(model, 1), image_size=16, steps=4, crops_per_step=2,
+    ...                     magnitude=power_law_spectrum(16))
+    >>> image.shape, alpha.shape, bool(0 <= image.min() and image.max() <= 1)
+    (torch.Size([3, 16, 16]), torch.Size([16, 16]), True)
     """
     if not callable(objective):
         raise TypeError(f"objective must be callable (crops [N,3,h,w] -> scores [N]), got {type(objective).__name__}")
     size = _pair(image_size, "image_size")
     crop_size = size if input_size is None else _pair(input_size, "input_size")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not isinstance(crops_per_step, int) or crops_per_step < 1:
-        raise ValueError(f"crops_per_step must be a positive int, got {crops_per_step!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    positive_int("steps", steps)
+    positive_int("crops_per_step", crops_per_step)
+    in_interval("lr", lr, 0, low_open=True)
     if len(value_range) != 2 or not value_range[0] < value_range[1]:
         raise ValueError(f"value_range must be a pair (low, high) with low < high, got {value_range!r}")
-    if not noise >= 0:
-        raise ValueError(f"noise must be >= 0, got {noise!r}")
+    in_interval("noise", noise, 0)
     box_sizes = box_size_schedule(box_size, steps).tolist()
 
     model = getattr(objective, "model", None)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from explain.validation import non_negative_int, one_of
+
 
 class Objective:
     """A callable ``crops [N,3,h,w] -> scores [N]`` and the module it runs (``model``, or None)."""
@@ -72,9 +74,7 @@ def _check_module(model: object) -> nn.Module:
 
 
 def _check_index(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return value
+    return non_negative_int(name, value)
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
@@ -200,8 +200,7 @@ def direction_similarity(
     ``dot``: ``a.d``; ``cosine``: ``a.d / (|a| |d|)``; ``dot_cossim`` (Lucid, Horama, Xplique's direction
     objective): ``a.d * max(cosine, 0.1)^cossim_pow``, which rewards both the projection and the alignment.
     """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    one_of("similarity", similarity, SIMILARITIES)
     direction = direction.to(device=activations.device, dtype=activations.dtype)
     dot = activations @ direction
     if similarity == "dot":
@@ -231,8 +230,7 @@ def concept_direction(
         raise ValueError(f"direction must be a vector [C], got shape {tuple(direction.shape)}")
     if not torch.isfinite(direction).all() or direction.norm() == 0:
         raise ValueError("direction must be finite and nonzero")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    one_of("similarity", similarity, SIMILARITIES)
     channels = direction.numel()
 
     def score(crops: Tensor) -> Tensor:

@@ -26,13 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from explain.featureviz.parameterization import decorrelate_colors
+from explain.validation import in_interval, positive_int
 
 
 def _pair(size: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (size, size) if isinstance(size, int) else tuple(size)
-    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pair):
-        raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints, got {size!r}")
-    return pair
+    try:
+        if len(pair) != 2:
+            raise ValueError
+        return positive_int(name, pair[0]), positive_int(name, pair[1])
+    except ValueError:
+        raise ValueError(
+            f"{name} must be a positive int or a pair (height, width) of positive ints, got {size!r}"
+        ) from None
 
 
 def _images_of(item: object, index: int) -> Tensor:
@@ -79,8 +85,7 @@ def magnitude_spectrum(
     Returns:
         float32 tensor on the CPU.
     """
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    positive_int("max_batches", max_batches, allow_none=True)
     size = None if image_size is None else _pair(image_size, "image_size")
     if cache is not None and os.path.isfile(cache):
         cached = load_spectrum(cache)
@@ -130,8 +135,7 @@ def power_law_spectrum(image_size: int | tuple[int, int], decay: float = 1.0) ->
     :func:`magnitude_spectrum` of your images.
     """
     height, width = _pair(image_size, "image_size")
-    if decay < 0:
-        raise ValueError(f"decay must be >= 0, got {decay}")
+    in_interval("decay", decay, 0)
     fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
     fx = torch.fft.rfftfreq(width, dtype=torch.float64)[None, :]
     frequency = (fx**2 + fy**2).sqrt().clamp_min(1.0 / max(height, width))

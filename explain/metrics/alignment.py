@@ -7,9 +7,11 @@ from torch import Tensor
 
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.alignment import CLICKME_CEILING, per_image_spearman, top_fraction_dice_iou
+from explain.registry import register_metric
 from explain.validation import in_interval
 
 
+@register_metric("alignment")
 class HumanAlignment(ExplanationMetric):
     """Alignment of explanation maps with human importance maps (Fel et al. 2022, reference evaluation).
 
@@ -21,6 +23,17 @@ class HumanAlignment(ExplanationMetric):
 
     The model map of the reference evaluation is ``|gradient|`` max over channels, not blurred
     (``explain.Saliency``).
+
+    Raises:
+        ValueError: ``ceiling`` or ``top_fraction`` outside (0, 1]; at ``update``, a ``has_heatmap`` that does not
+            have one entry per map.
+
+    >>> import torch
+    >>> human = torch.rand(3, 8, 8)
+    >>> metric = HumanAlignment()
+    >>> metric.update(maps=2 * human + 1, human=human, has_heatmap=torch.tensor([True, True, False]))
+    >>> {key: round(value.item(), 3) for key, value in metric.compute_all().items()}  # same ranking: rho = 1
+    {'alignment': 1.521, 'spearman': 1.0, 'dice': 1.0, 'iou': 1.0}
     """
 
     requires = ("maps", "human", "has_heatmap")
@@ -30,8 +43,8 @@ class HumanAlignment(ExplanationMetric):
 
     def __init__(self, ceiling: float = CLICKME_CEILING, top_fraction: float = 0.1, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not 0.0 < ceiling <= 1.0:
-            raise ValueError(f"ceiling must be in (0, 1], got {ceiling}")
+        in_interval("ceiling", ceiling, 0, 1, low_open=True)
+        in_interval("top_fraction", top_fraction, 0, 1, low_open=True)
         self.ceiling = ceiling
         self.top_fraction = in_interval("top_fraction", top_fraction, 0, 1, low_open=True)
         for key in ("rho_sum", "dice_sum", "iou_sum", "count"):
@@ -69,9 +82,7 @@ class HumanAlignment(ExplanationMetric):
         Synced across processes like ``compute()`` (torchmetrics' ``sync_context``: the states are summed over
         the processes, then each process gets its own states back), so call it on every process.
         """
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
-        ):
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
             return self._scores()
 
     def compute(self) -> Tensor:

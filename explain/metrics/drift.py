@@ -23,10 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics.utilities.data import dim_zero_cat
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from explain.metrics.base import ExplanationMetric
-from explain.metrics.functional.drift import merge_references, reference_spearman, unique_by_id
+from explain.metrics.functional.drift import _check_ids_maps, merge_references, reference_spearman, unique_by_id
 
 _REFERENCE_KEYS = ("first_ids", "first_maps", "previous_ids", "previous_maps")
 
@@ -44,6 +43,25 @@ class ExplanationDrift(ExplanationMetric):
     mean Spearman rho (empty dict on the first evaluation); ``compute_per_image()`` -> ``{"ids", "vs_previous",
     "vs_first"}`` tensors; ``reset()`` advances the references. ``forward`` is not supported (drift compares
     whole evaluations, not batches).
+
+    Raises:
+        ValueError: at ``update``, ids that are not integers [B], maps that are not [B, H, W], or maps of another
+            size than the earlier ones of the evaluation.
+        TypeError: the metric is called (``forward``).
+
+    >>> import torch
+    >>> drift, maps, ids = ExplanationDrift(), torch.rand(3, 4, 4), torch.arange(3)
+    >>> drift.update(maps=maps, ids=ids)
+    >>> drift.compute()  # the first evaluation has nothing to compare with
+    {}
+    >>> drift.reset()
+    >>> drift.update(maps=maps.flip(-1), ids=ids)
+    >>> sorted(drift.compute())
+    ['vs_first', 'vs_previous']
+    >>> drift.reset()
+    >>> drift.update(maps=maps.flip(-1), ids=ids)
+    >>> drift.compute()["vs_previous"]  # unchanged maps: rho = 1
+    tensor(1.)
     """
 
     requires = ("maps", "ids")
@@ -73,10 +91,7 @@ class ExplanationDrift(ExplanationMetric):
 
     def update(self, maps: Tensor, ids: Tensor) -> None:
         ids = torch.as_tensor(ids)
-        if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
-            raise ValueError(f"ids must be integer sample indices [B], got shape {tuple(ids.shape)} dtype {ids.dtype}")
-        if maps.ndim != 3 or maps.shape[0] != ids.shape[0]:
-            raise ValueError(f"maps must be [B, H, W] with one map per id ({ids.shape[0]}), got {tuple(maps.shape)}")
+        _check_ids_maps(ids, maps)
         size = torch.tensor(maps.shape[1:], dtype=torch.long, device=self.map_size.device)
         if bool((self.map_size > 0).all()) and not torch.equal(self.map_size, size):
             raise ValueError(
@@ -87,14 +102,15 @@ class ExplanationDrift(ExplanationMetric):
         self.ids.append(ids.detach().to(self.device, torch.long))
         self.flat_maps.append(maps.detach().to(self.device, torch.float32).flatten())
 
-    def _sync_dist(self, dist_sync_fn=gather_all_tensors, process_group=None) -> None:  # noqa: ANN001
-        # torchmetrics stands in for an empty list state with a float tensor of the metric's dtype, which cannot
-        # be gathered with other processes' int64 ids: give empty states their true dtype first
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        """torchmetrics' ``sync``, after giving empty list states their true dtype: torchmetrics stands in for an
+        empty list state with a float tensor of the metric's dtype, which cannot be gathered with other processes'
+        int64 ids."""
         if not self.ids:
             self.ids = [torch.zeros(0, dtype=torch.long, device=self.device)]
         if not self.flat_maps:
             self.flat_maps = [torch.zeros(0, dtype=torch.float32, device=self.device)]
-        super()._sync_dist(dist_sync_fn, process_group)
+        super().sync(*args, **kwargs)
 
     def compute(self) -> dict[str, Tensor]:
         ids, flat_maps = _cat(self.ids), _cat(self.flat_maps)
@@ -155,7 +171,7 @@ class ExplanationDrift(ExplanationMetric):
 
     def _distributed(self) -> bool:
         available = self.distributed_available_fn
-        return bool(self._to_sync and callable(available) and available())
+        return bool(self.sync_on_compute and callable(available) and available())
 
     def get_extra_state(self) -> dict[str, Tensor | None]:
         """The reference maps (first and previous evaluation), saved in ``state_dict()``."""

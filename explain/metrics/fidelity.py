@@ -12,17 +12,14 @@ from torch import Tensor, nn
 from explain.metrics.base import ExplanationMetric
 from explain.metrics.functional.fidelity import (
     Baseline,
+    _causal_fidelity_arg_validation,
+    _mufidelity_arg_validation,
     auc,
     deletion_curve,
     insertion_curve,
     mufidelity,
-    stage_sizes,
 )
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+from explain.registry import register_metric
 
 
 class _CausalFidelity(ExplanationMetric):
@@ -32,8 +29,7 @@ class _CausalFidelity(ExplanationMetric):
 
     def __init__(self, steps: int = 10, baseline: Baseline = 0.0, batch_size: int = 64, **kwargs) -> None:
         super().__init__(**kwargs)
-        stage_sizes(1, steps)  # validates steps
-        _check_batch_size(batch_size)
+        _causal_fidelity_arg_validation(steps, batch_size)
         self.steps = steps
         self.baseline = baseline
         self.batch_size = batch_size
@@ -57,38 +53,80 @@ class _CausalFidelity(ExplanationMetric):
     def compute_curve(self) -> Tensor:
         """Mean curve [steps + 1] over every image seen, for a plot (synced like ``compute``: in a distributed
         run every process must call it)."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync):
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self.sync_on_compute):
             return (self.curve_sum / self.count.clamp_min(1)).float()
 
 
+@register_metric("deletion")
 class Deletion(_CausalFidelity):
     """Deletion (Petsiuk et al. 2018): area under ``f(x_k)[y]`` as the top pixels of the map are set to
     ``baseline`` in ``steps`` equal stages (trapezoid mean). Lower is better.
 
     ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean AUC.
+
+    Raises:
+        ValueError: ``steps`` or ``batch_size`` not a positive int; at ``update``, inputs that do not match.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+    >>> images, targets = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    >>> metric = Deletion(steps=4)
+    >>> metric.update(model=model, images=images, targets=targets, maps=torch.rand(2, 4, 4))
+    >>> metric.compute().shape, metric.compute_curve().shape  # mean AUC, mean curve over the 5 stages
+    (torch.Size([]), torch.Size([5]))
     """
 
     insertion = False
     higher_is_better = False
 
 
+@register_metric("insertion")
 class Insertion(_CausalFidelity):
     """Insertion (Petsiuk et al. 2018): area under ``f(x_k)[y]`` as the top pixels of the map are copied onto
     the ``baseline`` image in ``steps`` equal stages (trapezoid mean). Higher is better.
 
     ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean AUC.
+
+    Raises:
+        ValueError: ``steps`` or ``batch_size`` not a positive int; at ``update``, inputs that do not match.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 1, bias=False))
+    >>> with torch.no_grad():
+    ...     _ = model[1].weight.fill_(1.0)  # the score is the sum of the pixels
+    >>> metric = Insertion(steps=2)  # onto a black baseline: 0, then half of the pixels, then all
+    >>> metric.update(model=model, images=torch.ones(1, 3, 4, 4), targets=torch.tensor([0]), maps=torch.rand(1, 4, 4))
+    >>> metric.compute()  # trapezoid mean of the curve [0, 24, 48]
+    tensor(24.)
     """
 
     insertion = True
     higher_is_better = True
 
 
+@register_metric("mufidelity")
 class MuFidelity(ExplanationMetric):
     """MuFidelity (Bhatt et al. 2020): mean over images of the Spearman rho between the score drops of random
     cell removals and the attribution of the removed cells (:func:`~explain.metrics.functional.mufidelity`).
     Higher is better (1: the map ranks the removals exactly as the model does).
 
     ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean rho.
+
+    Raises:
+        ValueError: ``grid_size`` or ``batch_size`` not a positive int, ``subset_percent`` outside (0, 1),
+            ``nb_samples < 2``; at ``update``, inputs that do not match.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 1, bias=False))
+    >>> images = torch.rand(2, 3, 4, 4)
+    >>> exact = (model[1].weight.view(3, 4, 4) * images).sum(1)  # each pixel's exact share of the score
+    >>> metric = MuFidelity(grid_size=4, nb_samples=20)
+    >>> metric.update(model=model, images=images, targets=torch.tensor([0, 0]), maps=exact)
+    >>> round(metric.compute().item(), 4)  # the drops rank exactly as the removed attributions
+    1.0
     """
 
     requires = ("model", "images", "targets", "maps")
@@ -106,13 +144,7 @@ class MuFidelity(ExplanationMetric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        _check_batch_size(batch_size)
-        if not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
-        if not 0.0 < subset_percent < 1.0:
-            raise ValueError(f"subset_percent must be in (0, 1), got {subset_percent}")
-        if not isinstance(nb_samples, int) or nb_samples < 2:
-            raise ValueError(f"nb_samples must be an int >= 2, got {nb_samples!r}")
+        _mufidelity_arg_validation(grid_size, subset_percent, nb_samples, batch_size)
         self.grid_size = grid_size
         self.subset_percent = subset_percent
         self.nb_samples = nb_samples

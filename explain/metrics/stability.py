@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 
 from explain.metrics.base import ExplanationMetric
-from explain.metrics.functional.stability import MapFn, average_stability, resolve_distance
+from explain.metrics.functional.stability import MapFn, _average_stability_arg_validation, average_stability
+from explain.registry import register_metric
 
 
+@register_metric("stability")
 class AverageStability(ExplanationMetric):
     """AverageStability (Bhatt et al. 2020): mean distance between the map of ``x`` and the maps of
     ``nb_samples`` neighbours ``x + U(0, radius)`` (:func:`~explain.metrics.functional.average_stability`).
@@ -22,6 +24,20 @@ class AverageStability(ExplanationMetric):
 
     ``update(explainer, images [B,C,H,W], targets [B], maps [B,H,W])`` with ``maps = explainer(images, targets)``;
     ``compute()`` -> mean distance over every image seen. Costs ``nb_samples`` explanations per image.
+
+    Raises:
+        ValueError: ``radius`` negative or not finite, ``nb_samples`` or ``batch_size`` not a positive int, or an
+            unknown ``distance``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from explain import Saliency
+    >>> explainer = Saliency(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)))
+    >>> images, targets = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    >>> metric = AverageStability(radius=0.1, nb_samples=3)
+    >>> metric.update(explainer=explainer, images=images, targets=targets, maps=explainer(images, targets))
+    >>> metric.compute()  # a linear model's gradient does not depend on the input: perfectly stable
+    tensor(0.)
     """
 
     requires = ("explainer", "images", "targets", "maps")
@@ -38,13 +54,7 @@ class AverageStability(ExplanationMetric):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        resolve_distance(distance)  # validates the name
-        if not radius >= 0.0:
-            raise ValueError(f"radius must be >= 0, got {radius}")
-        if not isinstance(nb_samples, int) or nb_samples < 1:
-            raise ValueError(f"nb_samples must be a positive int, got {nb_samples!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _average_stability_arg_validation(radius, nb_samples, distance, batch_size)
         self.radius = radius
         self.nb_samples = nb_samples
         self.distance = distance

@@ -235,3 +235,155 @@ def test_sixteen_bit_heatmap(folder):
     expected = F.interpolate(torch.from_numpy(array / 65535.0).float()[None, None], size=(20, 20),
                              mode="bilinear", antialias=True)[0, 0]
     torch.testing.assert_close(heatmap, expected, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- data defects
+def png_header_only(path, width, height):
+    """A PNG whose header announces width x height pixels and holds no pixel data: what a decompression bomb
+    looks like to a reader before decoding (a real 30000x30000 bomb is a few kilobytes of zeros)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_from_its_header_naming_file_and_row(folder):
+    png_header_only(folder / "img/bomb.png", 30000, 30000)
+    rows = [("img/train0.png", "", 0), ("img/bomb.png", "", 1), ("img/train1.png", "img/bomb.png", 1)]
+    write_csv(folder / "train.csv", rows)
+    dm = ClickMeFolderDataModule(folder, num_workers=0)
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    message = r"train\.csv row 2 \(line 3\): image .*bomb\.png is 30000x30000 = 900000000 pixels, more than max_pixels="
+    with pytest.raises(ValueError, match=message):
+        dataset[1]
+    with pytest.raises(ValueError, match=r"row 3 \(line 4\): heatmap .*bomb\.png is 30000x30000"):
+        dataset[2]
+
+
+def test_max_pixels_is_the_limit_and_can_be_changed(folder, monkeypatch):
+    # the 20x28 = 560-pixel pictures of the fixture pass a limit of 560 and fail one of 559 (image and map alike)
+    np.save(folder / "img/big_map.npy", np.ones((30, 30), dtype=np.float32))  # 900 pixels
+    rows = [("img/train0.png", "img/train0_map.png", 0), ("img/train1.png", "img/big_map.npy", 1)]
+    write_csv(folder / "train.csv", rows)
+    at_limit = ClickMeFolderDataModule(folder, num_workers=0, max_pixels=560)
+    at_limit.setup("fit")
+    assert at_limit.train_dataloader().dataset[0]["image"].shape[0] == 3
+    with pytest.raises(ValueError, match=r"row 2 \(line 3\): heatmap .*big_map\.npy is 30x30 = 900 pixels, more than "
+                                         r"max_pixels=560"):
+        at_limit.train_dataloader().dataset[1]
+    below = ClickMeFolderDataModule(folder, num_workers=0, max_pixels=559)
+    below.setup("fit")
+    with pytest.raises(ValueError, match=r"row 1 \(line 2\): image .*train0\.png is 28x20 = 560 pixels"):
+        below.train_dataloader().dataset[0]
+    # the datamodule's limit replaces Pillow's global one (which would refuse these pictures) and restores it
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)
+    unlimited = ClickMeFolderDataModule(folder, num_workers=0, max_pixels=None)
+    unlimited.setup("fit")
+    assert unlimited.train_dataloader().dataset[1]["heatmap"].shape == (224, 224)
+    assert PILImage.MAX_IMAGE_PIXELS == 100
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="max_pixels must be a positive int or None"):
+            ClickMeFolderDataModule(folder, max_pixels=bad)
+
+
+def test_csv_with_a_utf8_byte_order_mark(folder):
+    text = (folder / "train.csv").read_text()
+    (folder / "train.csv").write_bytes(text.encode("utf-8-sig"))  # what Excel writes
+    assert (folder / "train.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    dm = ClickMeFolderDataModule(folder, num_workers=0)
+    dm.setup("fit")
+    assert len(dm.train_dataloader().dataset) == 6
+
+
+def test_repeated_rows_and_train_val_overlap_are_counted_in_warnings(folder, recwarn):
+    clean = ClickMeFolderDataModule(folder, num_workers=0)
+    clean.setup("fit")
+    assert not [w for w in recwarn if "repeat" in str(w.message) or "also in" in str(w.message)]
+    rows = [("img/train0.png", "", 0), ("img/train1.png", "", 1), ("img/train0.png", "", 0), ("img/train0.png", "", 2)]
+    write_csv(folder / "train.csv", rows)
+    write_csv(folder / "val.csv", [("img/val0.png", "", 0), ("img/train1.png", "", 1), ("img/./train0.png", "", 0)])
+    with pytest.warns(UserWarning, match=r"train\.csv: 2 row\(s\) repeat an image listed earlier in the same file.*"
+                                         r"row 3 \(line 4\) repeats .*row 1 \(line 2\)"):
+        with pytest.warns(UserWarning, match=r"2 image\(s\) of val\.csv are also in train\.csv .*the val\.csv scores "
+                                             r"are not held out"):
+            dm = ClickMeFolderDataModule(folder, num_workers=0)
+            dm.setup("fit")
+    assert len(dm.train_dataloader().dataset) == 4  # they still pass
+
+
+def spurious_folder(folder, size=(20, 28)):
+    """train/val rows whose image is black with a white block, and whose spurious mask is that block."""
+    h, w = size
+    rows = []
+    for i, (top, left) in enumerate([(2, 3), (10, 15), (4, 18)]):
+        block = np.zeros((h, w))
+        block[top : top + 6, left : left + 8] = 1.0
+        write_png(folder / f"img/block{i}.png", block, mode="RGB")
+        if i == 0:
+            write_png(folder / f"img/block{i}_mask.png", block)  # grayscale PNG mask
+            mask = f"img/block{i}_mask.png"
+        elif i == 1:  # a .npy mask at half the resolution: resized by nearest neighbour
+            np.save(folder / f"img/block{i}_mask.npy", block[::2, ::2] * 3.5)
+            mask = f"img/block{i}_mask.npy"
+        else:
+            mask = ""  # no spurious pixel known
+        rows.append((f"img/block{i}.png", "", i % 3, mask))
+    for split in ("train", "val"):
+        write_csv(folder / f"{split}.csv", rows, header="image,heatmap,label,spurious")
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:.*also in train.csv")  # val repeats train here on purpose
+def test_spurious_column_gives_a_mask_with_the_image_crop_and_flip(folder):
+    spurious_folder(folder)
+    dm = ClickMeFolderDataModule(folder, image_size=16, batch_size=3, num_workers=0)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["spurious_mask"].dtype == torch.bool and batch["spurious_mask"].shape == (3, 16, 16)
+    assert not batch["spurious_mask"][2].any()  # empty cell: no spurious pixel
+    for i in (0, 1):  # eval: the mask is the block, resized by nearest neighbour (torchvision's for a Mask)
+        block = torch.zeros(20, 28, dtype=torch.bool)
+        top, left = [(2, 3), (10, 15)][i]
+        block[top : top + 6, left : left + 8] = True
+        expected = F.interpolate(block[None, None].float(), size=(16, 16), mode="nearest")[0, 0].bool()
+        if i == 1:  # the half-resolution mask goes to 20x28 by nearest, then to 16x16
+            half = F.interpolate(block[None, None, ::2, ::2].float(), size=(20, 28), mode="nearest")
+            expected = F.interpolate(half, size=(16, 16), mode="nearest")[0, 0].bool()
+        assert torch.equal(batch["spurious_mask"][i], expected), i
+    train = dm.train_dataloader().dataset
+    torch.manual_seed(0)
+    flipped = False
+    for _ in range(30):  # random crops and flips: the mask stays on the white block (up to its resampled edge)
+        sample = train[0]
+        mask, white = sample["spurious_mask"], sample["image"].mean(0) > 0.5
+        assert (mask != white).float().mean() < 0.1
+        flipped |= bool(mask[:, 8:].sum() > 2 * mask[:, :8].sum())  # the block is on the left of the picture
+    assert flipped
+    write_csv(folder / "val.csv", [("img/block0.png", "", 0)])  # no spurious column: no mask in the batch
+    plain = ClickMeFolderDataModule(folder, image_size=16, num_workers=0)
+    plain.setup("validate")
+    assert "spurious_mask" not in next(iter(plain.val_dataloader()))
+
+
+@pytest.mark.filterwarnings("ignore:.*also in train.csv")  # val repeats train here on purpose
+def test_unreadable_or_missing_mask_names_file_and_row(folder):
+    spurious_folder(folder)
+    write_png(folder / "img/rgb_mask.png", ramp_picture(20, 28, 0), mode="RGB")
+    header = "image,heatmap,label,spurious"
+    write_csv(folder / "val.csv", [("img/block0.png", "", 0, "img/rgb_mask.png")], header=header)
+    dm = ClickMeFolderDataModule(folder, num_workers=0)
+    dm.setup("validate")
+    message = r"val\.csv row 1 \(line 2\): mask .*rgb_mask\.png must be a grayscale image"
+    with pytest.raises(ValueError, match=message):
+        dm.val_dataloader().dataset[0]
+    write_csv(folder / "val.csv", [("img/block0.png", "", 0, "img/none.png")], header=header)
+    message = r"val\.csv row 1 \(line 2\): spurious mask file 'img/none\.png' not found"
+    with pytest.raises(FileNotFoundError, match=message):
+        ClickMeFolderDataModule(folder, num_workers=0).setup("validate")

@@ -117,6 +117,16 @@ def test_explainer_base_call():
         _Mean(model, batch_size=0)
 
 
+@pytest.mark.parametrize("batch_size", [True, False, 2.0, "8"])
+def test_batch_size_must_be_an_int_not_a_bool(batch_size):
+    # True is an int to Python, never a batch size to a user (explain.validation refuses it everywhere)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int, got "):
+        _Mean(nn.Linear(2, 2), batch_size=batch_size)
+    for cls in (Saliency, Sobol):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            cls(nn.Linear(2, 2), batch_size=batch_size)
+
+
 def test_explainer_generator_and_forward():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     explainer = _Mean(model, seed=5, batch_size=2)

@@ -376,3 +376,22 @@ def test_flat_latent_and_errors():
         from explain.concepts import NMF
 
         Craft(flat, n_concepts=3, nmf=NMF(4))
+
+
+def test_fitted_attributes_exist_from_init_and_the_old_names_are_read_only_aliases():
+    g = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    h = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    craft = Craft(g, h, n_concepts=2, patch_size=4, stride=2)
+    fitted = ["W_", "crops_", "crops_u_", "crops_image_", "image_size_", "patch_size_", "stride_", "class_id_",
+              "factorizer_", "importances_", "parent_", "parent_concept_", "parent_crops_", "parent_weights_",
+              "parent_error_"]
+    assert all(getattr(craft, name) is None for name in fitted)  # declared in __init__, not on first fit
+    assert craft.W is None and craft.crops_u is None and craft.importances is None
+    craft.fit(torch.rand(3, 3, 8, 8), class_id=1)
+    assert craft.W is craft.W_ and craft.crops_u is craft.crops_u_ and craft.crops is craft.crops_
+    assert craft.W_.shape == (2, 4) and craft.crops_u_.shape == (27, 2) and craft.class_id == craft.class_id_ == 1
+    assert craft.crops_image_.tolist() == [i for i in range(3) for _ in range(9)]
+    craft.importance(torch.rand(2, 3, 8, 8), nb_design=4)
+    assert craft.importances is craft.importances_
+    with pytest.raises(AttributeError):
+        craft.W = torch.zeros(2, 4)  # an alias is read-only: the fitted attribute is W_

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from explain.validation import finite, in_interval, non_negative_int, one_of, positive_int
+from explain.validation import finite, in_interval, int_at_least, non_negative_int, one_of, positive_int
 
 
 @pytest.mark.parametrize("value", [1, 7, 10**9])
@@ -58,3 +58,12 @@ def test_in_interval_ends():
         in_interval("p", 1, 0, 1, high_open=True)
     with pytest.raises(ValueError, match="must be in"):
         in_interval("p", math.nan, 0, 1)
+
+
+def test_int_at_least():
+    assert int_at_least("n", 2, 2) == 2 and int_at_least("n", 7, 2) == 7
+    for bad in (1, True, 2.0, "3", None):
+        with pytest.raises(ValueError, match=r"^n must be an int >= 2, got "):
+            int_at_least("n", bad, 2)
+    with pytest.raises(ValueError, match=r"must be an int >= 2 \(two or more\), got 1"):
+        int_at_least("n", 1, 2, why="two or more")

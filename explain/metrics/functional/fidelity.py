@@ -29,17 +29,16 @@ from torch import Tensor, nn
 
 from explain.base import batched, check_images_targets, eval_mode, model_device
 from explain.metrics.functional.alignment import rowwise_spearman
+from explain.validation import in_interval, int_at_least, positive_int
 
 Baseline = float | Tensor | Callable[[Tensor], Tensor]
 
 
 def _check_inputs(
-    model: nn.Module, images: Tensor, targets: Tensor | int, maps: Tensor, batch_size: int
+    model: nn.Module, images: Tensor, targets: Tensor | int, maps: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     images, targets = check_images_targets(images, targets)
     if not isinstance(maps, Tensor) or maps.shape != (images.shape[0], *images.shape[-2:]):
         shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
@@ -73,10 +72,27 @@ def _target_scores(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     return out.gather(1, targets[:, None]).squeeze(1).float()
 
 
+def _causal_fidelity_arg_validation(steps: int, batch_size: int) -> None:
+    """The checks shared by the deletion/insertion functions and the ``Deletion``/``Insertion`` metrics."""
+    positive_int("steps", steps)
+    positive_int("batch_size", batch_size)
+
+
+def _cell_masks_arg_validation(grid_size: int, subset_percent: float, nb_samples: int) -> None:
+    positive_int("grid_size", grid_size)
+    in_interval("subset_percent", subset_percent, 0, 1, low_open=True, high_open=True)
+    int_at_least("nb_samples", nb_samples, 2, why="a correlation needs several subsets")
+
+
+def _mufidelity_arg_validation(grid_size: int, subset_percent: float, nb_samples: int, batch_size: int) -> None:
+    """The checks shared by :func:`mufidelity` and the ``MuFidelity`` metric."""
+    _cell_masks_arg_validation(grid_size, subset_percent, nb_samples)
+    positive_int("batch_size", batch_size)
+
+
 def stage_sizes(nb_pixels: int, steps: int) -> Tensor:
     """Number of pixels perturbed at each of the ``steps + 1`` stages: ``floor(k * nb_pixels / steps)``."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    positive_int("steps", steps)
     return torch.arange(steps + 1) * nb_pixels // steps
 
 
@@ -90,8 +106,9 @@ def _causal_curve(
     batch_size: int,
     insertion: bool,
 ) -> Tensor:
+    _causal_fidelity_arg_validation(steps, batch_size)
     out_device = images.device
-    images, targets, maps = _check_inputs(model, images, targets, maps, batch_size)
+    images, targets, maps = _check_inputs(model, images, targets, maps)
     b, _, h, w = images.shape
     base = _baseline_like(images, baseline)
     start, end = (base, images) if insertion else (images, base)
@@ -163,12 +180,7 @@ def random_cell_masks(
     grid: each cell is removed independently with probability ``subset_percent`` (xplique's ``U(0,1) > p``),
     cells upsampled to ``size`` by nearest neighbour. Drawn on the CPU from ``torch.Generator().manual_seed(seed)``
     (the global RNG when ``seed`` is None), so the masks are the same on every device."""
-    if not isinstance(grid_size, int) or grid_size < 1:
-        raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
-    if not 0.0 < subset_percent < 1.0:
-        raise ValueError(f"subset_percent must be in (0, 1), got {subset_percent}")
-    if not isinstance(nb_samples, int) or nb_samples < 2:
-        raise ValueError(f"nb_samples must be an int >= 2 (a correlation needs several subsets), got {nb_samples!r}")
+    _cell_masks_arg_validation(grid_size, subset_percent, nb_samples)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     keep = (torch.rand(nb_samples, 1, grid_size, grid_size, generator=generator) > subset_percent).float()
     return F.interpolate(keep, size=tuple(size), mode="nearest-exact")[:, 0]
@@ -179,6 +191,7 @@ def mufidelity(
     images: Tensor,
     targets: Tensor | int,
     maps: Tensor,
+    *,
     grid_size: int = 9,
     subset_percent: float = 0.2,
     nb_samples: int = 200,
@@ -191,9 +204,21 @@ def mufidelity(
 
     Defaults are xplique's (grid 9, 20%, 200 subsets); the same masks (:func:`random_cell_masks`) serve every
     image. A constant score drop or attribution (no ranking) gives 0, as in xplique.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an option out of its domain (``grid_size``, ``batch_size`` not positive ints,
+            ``subset_percent`` outside (0, 1), ``nb_samples < 2``), or images, targets and maps that do not match.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+    >>> images = torch.rand(2, 3, 4, 4)
+    >>> mufidelity(model, images, torch.tensor([0, 1]), torch.rand(2, 4, 4), grid_size=2, nb_samples=8).shape
+    torch.Size([2])
     """
+    _mufidelity_arg_validation(grid_size, subset_percent, nb_samples, batch_size)
     out_device = images.device
-    images, targets, maps = _check_inputs(model, images, targets, maps, batch_size)
+    images, targets, maps = _check_inputs(model, images, targets, maps)
     b, _, h, w = images.shape
     keep = random_cell_masks(nb_samples, grid_size, (h, w), subset_percent, seed).to(images.device, images.dtype)
     base = _baseline_like(images, baseline)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from explain.base import check_images_targets, eval_mode, model_device
 from explain.metrics.functional.alignment import rowwise_spearman
+from explain.validation import in_interval, one_of, positive_int
 
 MapFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -57,16 +58,24 @@ def resolve_distance(distance: str | Callable[[Tensor, Tensor], Tensor]) -> Call
     """The distance function named ``distance`` in :data:`DISTANCES`, or ``distance`` itself if callable."""
     if callable(distance):
         return distance
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {sorted(DISTANCES)} or a callable (a [n,N], b [n,N]) -> [n], "
-                         f"got {distance!r}")
-    return DISTANCES[distance]
+    return DISTANCES[one_of("distance", distance, sorted(DISTANCES))]
+
+
+def _average_stability_arg_validation(
+    radius: float, nb_samples: int, distance: str | Callable[[Tensor, Tensor], Tensor], batch_size: int
+) -> None:
+    """The checks shared by :func:`average_stability` and the ``AverageStability`` metric."""
+    in_interval("radius", radius, 0)
+    positive_int("nb_samples", nb_samples)
+    resolve_distance(distance)
+    positive_int("batch_size", batch_size)
 
 
 def average_stability(
     explainer: MapFn,
     images: Tensor,
     targets: Tensor | int,
+    *,
     radius: float = 0.1,
     nb_samples: int = 20,
     distance: str | Callable[[Tensor, Tensor], Tensor] = "l2",
@@ -81,15 +90,20 @@ def average_stability(
     ``"l1"``, ``"squared_l2"`` (xplique's ``"l2"``), ``"linf"`` or a callable on flattened maps ``[n,N]``.
     The explainer gets at most ``batch_size`` noisy images per call. The noise comes from a generator seeded
     with ``seed`` on the images' device (the global RNG when None).
+
+    Raises:
+        TypeError: ``explainer`` is not callable.
+        ValueError: ``radius`` negative or not finite, ``nb_samples`` or ``batch_size`` not a positive int, an
+            unknown ``distance``, or ``maps`` that do not match the images.
+
+    >>> import torch
+    >>> brightness = lambda images, targets: images.mean(1)  # a "map": the pixel brightness
+    >>> average_stability(brightness, torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), radius=0.0, nb_samples=2)
+    tensor([0., 0.])
     """
     if not callable(explainer):
         raise TypeError(f"explainer must be callable (images, targets) -> maps, got {type(explainer).__name__}")
-    if not radius >= 0.0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    if not isinstance(nb_samples, int) or nb_samples < 1:
-        raise ValueError(f"nb_samples must be a positive int, got {nb_samples!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _average_stability_arg_validation(radius, nb_samples, distance, batch_size)
     distance_fn = resolve_distance(distance)
     images, targets = check_images_targets(images, targets)
     targets = targets.to(images.device)  # indexed below by positions on the images' device
@@ -180,8 +194,7 @@ def fold_pair_distances(
             f"fold_of_sample must be in [0, {k}) (model i was trained without fold i), got values in "
             f"[{int(fold_of_sample.min())}, {int(fold_of_sample.max())}]"
         )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int("batch_size", batch_size)
     explainers = [explainer(model) for model in models]
     consistent, inconsistent = [], []
     for start in range(0, images.shape[0], batch_size):
@@ -217,6 +230,20 @@ def mege_reco(
     ``explainer(model) -> callable(images, targets) -> maps`` (an :class:`~explain.base.Explainer` class, or a
     ``functools.partial`` of one with its options). The maps explain the true ``labels``, as in xplique. NaN
     where a set of pairs is empty (MeGe: no pair with both models right; ReCo: either set empty).
+
+    Raises:
+        ValueError: fewer than 2 models, ``fold_of_sample`` without one fold in ``[0, k)`` per image, or a
+            ``batch_size`` that is not a positive int.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from explain import Saliency
+    >>> _ = torch.manual_seed(0)
+    >>> models = [nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2)) for _ in range(3)]
+    >>> images, labels = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 0, 1, 0, 1])
+    >>> mege, reco = mege_reco(models, images, labels, torch.tensor([0, 1, 2, 0, 1, 2]), Saliency)
+    >>> mege.dtype, bool(mege.isnan() or 0 < mege <= 1), bool(reco.isnan() or -1 <= reco <= 1)
+    (torch.float64, True, True)
     """
     consistent, inconsistent = fold_pair_distances(models, images, labels, fold_of_sample, explainer, batch_size)
     return mege_score(consistent), reco_score(consistent, inconsistent)
