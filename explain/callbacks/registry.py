@@ -45,6 +45,7 @@ METRICS: dict[str, str] = {
     "insertion": "explain.metrics.fidelity:Insertion",
     "mufidelity": "explain.metrics.fidelity:MuFidelity",
     "stability": "explain.metrics.stability:AverageStability",
+    "spurious": "explain.metrics.spurious:SpuriousMass",
 }
 
 
