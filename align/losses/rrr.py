@@ -3,7 +3,9 @@ log-probabilities where the model should NOT look.
 
 The paper's objective (eq. 1) is::
 
-    L = sum_n sum_k -y_nk log p_nk  +  lambda_1 sum_n sum_d (A_nd * d/dx_nd sum_k log p_nk)^2  +  lambda_2 sum_i theta_i^2
+    L = sum_n sum_k -y_nk log p_nk                                  (right answers)
+        + lambda_1 sum_n sum_d (A_nd * d/dx_nd sum_k log p_nk)^2       (right reasons)
+        + lambda_2 sum_i theta_i^2
 
 with ``p = softmax(f(x))``, ``A`` the annotation (1 = an input dimension that should be irrelevant) and double
 backprop through the gradient. Here the right-reasons term is averaged over the batch instead of summed, like the
