@@ -44,7 +44,7 @@ class MonitorCallback(Callback):
         model_attr: dotted name of the LightningModule's attribute holding the network to explain (e.g.
             ``"model"``); None explains the LightningModule itself (its ``forward`` must return logits).
         batch_adapter: ``batch -> dict`` in the data contract (``image``, ``label``, optional ``heatmap``,
-            ``has_heatmap``); None: batches are that dict or ``(image, label)`` pairs.
+            ``has_heatmap``, ``spurious_mask``); None: batches are that dict or ``(image, label)`` pairs.
         seed: seed of the samples the monitor draws from the validation data.
     """
 
