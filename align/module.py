@@ -2,6 +2,10 @@
 
 ``loss = task_loss(f(x), y) + harmonization_weight * harmonization_loss(saliency(f, x, y), human, has_heatmap)``
 
+or, with ``alignment_loss="rrr"``, the right-reasons term of Ross et al. 2017 in its place
+(:mod:`align.losses.rrr`: ``||mask * d(sum_k log p_k)/dx||^2``, the mask being the batch's ``spurious_mask`` or
+where the human map is below ``rrr_threshold``), weighted by the same ``harmonization_weight``.
+
 The harmonization term needs the input gradient with ``create_graph=True`` (double backprop); it is computed only
 on batches that carry human maps, and never when ``harmonization_weight == 0`` (the baseline then costs one plain
 forward/backward). Batches are the dicts of the data contract (``image``, ``label``, ``heatmap``, ``has_heatmap``);
@@ -23,12 +27,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from align.certification import certified_correct, last_linear, margin_lipschitz
 from align.losses.harmonization import HarmonizationLoss, Reduce, check_reduce, input_gradient
+from align.losses.rrr import RRRLoss
 from align.losses.task import TASK_LOSSES, TaskLoss
 from align.optim import weight_decay_groups
 from explain.attributions.saliency import reduce_channels
 from explain.metrics import HumanAlignment
 from explain.metrics.functional.alignment import CLICKME_CEILING
-from explain.validation import in_interval
+from explain.validation import in_interval, one_of
 
 
 class HarmonizedClassifier(LightningModule):
@@ -48,7 +53,8 @@ class HarmonizedClassifier(LightningModule):
         num_classes: K; by default read from the backbone's last ``nn.Linear``.
         task_loss: ``"ce"`` (label smoothing 0.1), ``"hkr"``, ``"softhkr"`` or ``"tau_ce"`` (deel-torchlip).
         task_loss_options: options of the task loss, overriding its defaults (``align.losses.TASK_LOSSES``).
-        harmonization_weight: lambda of the harmonization term; 0 trains the baseline (no double backprop).
+        harmonization_weight: lambda of the alignment term (the harmonization loss, or RRR with
+            ``alignment_loss="rrr"``); 0 trains the baseline (no double backprop).
         levels: pyramid levels of the harmonization loss (5 in the reference).
         reduce: channel reduction of the training saliency, a name of
             :func:`explain.attributions.saliency.reduce_channels`: ``"mean"`` (signed, reference), ``"absmean"``,
@@ -63,6 +69,11 @@ class HarmonizedClassifier(LightningModule):
         scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         certify_radius: L2 radius of the logged certified accuracy (Lipschitz backbones only).
         alignment_ceiling: human inter-rater ceiling dividing the mean Spearman rho (ClickMe: 0.65753).
+        alignment_loss: the alignment term: ``"harmonization"`` (Fel et al. 2022, logged as
+            ``*/harmonization_loss``) or ``"rrr"`` ("Right for the Right Reasons", Ross et al. 2017, logged as
+            ``*/rrr_loss``; :class:`align.losses.rrr.RRRLoss`).
+        rrr_threshold: with ``"rrr"`` and no ``spurious_mask`` in the batch, the pixels whose human map is below
+            this value are where the model should not look.
     """
 
     def __init__(
@@ -80,6 +91,8 @@ class HarmonizedClassifier(LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         certify_radius: float = 36 / 255,
         alignment_ceiling: float = CLICKME_CEILING,
+        alignment_loss: Literal["harmonization", "rrr"] = "harmonization",
+        rrr_threshold: float = 0.1,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -102,6 +115,8 @@ class HarmonizedClassifier(LightningModule):
         self.lipschitz = bool(getattr(backbone, "lipschitz_body", False))
         self.task_loss = TaskLoss(task_loss, **(task_loss_options or {}))
         self.harmonization = HarmonizationLoss(levels)
+        self.alignment_loss = one_of("alignment_loss", alignment_loss, ("harmonization", "rrr"))
+        self.rrr = RRRLoss(rrr_threshold)
         self.harmonization_weight = float(harmonization_weight)
         self.reduce = check_reduce(reduce)
         self.optimizer_factory = optimizer
@@ -168,22 +183,34 @@ class HarmonizedClassifier(LightningModule):
             f"(image, label) pair, got {type(batch).__name__}"
         )
 
+    def _alignment_term(
+        self, batch: Any, images: Tensor, labels: Tensor, human: Tensor | None, has_heatmap: Tensor | None,
+        create_graph: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits and the ``alignment_loss`` term of the batch (None when the batch gives nothing to align with:
+        no human map, or for RRR no pixel to ignore; then no double backprop)."""
+        if self.alignment_loss == "rrr":
+            spurious = batch.get("spurious_mask") if isinstance(batch, dict) else None
+            return self.rrr(self.backbone, images, human, has_heatmap, spurious, create_graph=create_graph)
+        if human is None or not bool(has_heatmap.any()):
+            return self.backbone(images), None
+        logits, gradient = input_gradient(self.backbone, images, labels, create_graph=create_graph)
+        return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, human, has_heatmap = self._unpack(batch)
         size = images.shape[0]
-        harmonize = self.harmonization_weight > 0 and human is not None and bool(has_heatmap.any())
-        if harmonize:
-            logits, gradient = input_gradient(self.backbone, images, labels, create_graph=True)
-            harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
+        if self.harmonization_weight > 0:
+            logits, alignment = self._alignment_term(batch, images, labels, human, has_heatmap)
         else:
-            logits = self.backbone(images)
+            logits, alignment = self.backbone(images), None
         task = self.task_loss(logits, labels)
-        loss = task + self.harmonization_weight * harmonization if harmonize else task
+        loss = task + self.harmonization_weight * alignment if alignment is not None else task
         self.train_acc(logits.detach(), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/task_loss", task, batch_size=size)
-        if harmonize:
-            self.log("train/harmonization_loss", harmonization, batch_size=size)
+        if alignment is not None:
+            self.log(f"train/{self.alignment_loss}_loss", alignment, batch_size=size)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         self._check_finite_loss(task=task, harmonization=harmonization if harmonize else None)
         return loss
@@ -232,8 +259,14 @@ class HarmonizedClassifier(LightningModule):
             logits = self.backbone(images)
             harmonization = logits.new_zeros(())  # what the loss gives a batch without maps (the mean runs over it)
         task = self.task_loss(logits, labels)
-        loss = task + self.harmonization_weight * harmonization
         options = {"batch_size": size, "sync_dist": True, "add_dataloader_idx": False}
+        if self.alignment_loss == "rrr":  # logged on every batch (zero without a pixel to ignore), as below
+            _, rrr = self._alignment_term(batch, images, labels, human, has_heatmap, create_graph=False)
+            rrr = logits.new_zeros(()) if rrr is None else rrr.detach()
+            self.log(f"{prefix}/rrr_loss", rrr, **options)
+            loss = task + self.harmonization_weight * rrr
+        else:
+            loss = task + self.harmonization_weight * harmonization
         if human is not None:
             # logged on every batch of a dataset with maps, even one without any: with sync_dist, a key logged by
             # some DDP processes only would make them wait for each other at the end of the epoch

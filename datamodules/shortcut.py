@@ -3,7 +3,8 @@
 A plain model trained on this data learns the watermark (the easy cue) more than the shape: it is accurate on
 the ``iid`` test split and much less on the ``flipped`` split, where the watermark always names a wrong class.
 A model that looks where humans look (the human map covers the object, never the watermark) keeps its accuracy
-on ``flipped`` and puts little attribution mass on :meth:`ShortcutShapesDataModule.watermark_mask`.
+on ``flipped`` and puts little attribution mass on the watermark, which every batch marks as its
+``spurious_mask`` (the data contract's optional key: pixels a model right for the right reasons should ignore).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class InMemoryDataset(Dataset):
     ``padding`` set: the training augmentation (:func:`~datamodules.augmentation.pad_crop_flip`, i.e. zero-pad,
     random crop, random flip, image and map alike), applied per batch through ``__getitems__``, which the
     DataLoader calls with the indices of a whole batch. ``watermark_labels`` [N] records the class each image's
-    watermark shows (for analysis; not in the batch).
+    watermark shows (for analysis; not in the batch). ``spurious_mask`` bool [S, S] (the watermark's pixels, the
+    same in every image) goes into each sample as ``spurious_mask``, moved by the same crop and flip as its image.
     """
 
     def __init__(
@@ -37,10 +39,17 @@ class InMemoryDataset(Dataset):
         has_heatmap: Tensor,
         watermark_labels: Tensor,
         padding: int | None = None,
+        spurious_mask: Tensor | None = None,
     ) -> None:
         self.images, self.labels, self.heatmaps = images, labels, heatmaps
         self.has_heatmap, self.watermark_labels = has_heatmap, watermark_labels
         self.padding = padding
+        if spurious_mask is not None and spurious_mask.shape != images.shape[-2:]:
+            raise ValueError(
+                f"spurious_mask must be [H, W] = {tuple(images.shape[-2:])} like the images, got "
+                f"{tuple(spurious_mask.shape)}"
+            )
+        self.spurious_mask = None if spurious_mask is None else spurious_mask.bool()
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -48,13 +57,21 @@ class InMemoryDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, Tensor]]:
         index = torch.as_tensor(indices, dtype=torch.long)
         images, heatmaps = self.images[index], self.heatmaps[index]
+        if self.spurious_mask is not None:  # a 4th image channel, so it gets the image's crop and flip
+            mask = self.spurious_mask.to(images.dtype).expand(images.shape[0], 1, *images.shape[-2:])
+            images = torch.cat([images, mask], dim=1)
         if self.padding is not None:
             images, heatmaps = pad_crop_flip(images, heatmaps, self.padding)
-        images = images.float() / 255
-        return [
+        masks = images[:, 3].bool() if self.spurious_mask is not None else None
+        images = images[:, :3].float() / 255
+        samples = [
             make_sample(image, label, heatmap, has)
             for image, label, heatmap, has in zip(images, self.labels[index], heatmaps, self.has_heatmap[index])
         ]
+        if masks is not None:
+            for sample, mask in zip(samples, masks):
+                sample["spurious_mask"] = mask
+        return samples
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return self.__getitems__([index])[0]
@@ -68,6 +85,7 @@ class InMemoryDataset(Dataset):
             self.has_heatmap[indices],
             self.watermark_labels[indices],
             padding,
+            self.spurious_mask,
         )
 
 
@@ -102,7 +120,9 @@ class ShortcutShapesDataModule(SplitDataModule):
             with the crop and the flip, as a real watermark would; val and test images are never augmented, so
             the watermark is exactly at :meth:`watermark_mask` there.
 
-    Batches follow the data contract (``image``, ``label``, ``heatmap``, ``has_heatmap``).
+    Batches follow the data contract (``image``, ``label``, ``heatmap``, ``has_heatmap``) and carry its optional
+    ``spurious_mask`` bool [B, S, S] in every split: the watermark's pixels (after the training crop and flip),
+    where a model right for the right reasons should not look.
     ``test_dataloader()`` returns the loaders of ``test_split_names = ("iid", "flipped")`` in that order.
     """
 
@@ -194,7 +214,14 @@ class ShortcutShapesDataModule(SplitDataModule):
 
     def _dataset(self, split: dict[str, Tensor], has_heatmap: Tensor) -> InMemoryDataset:
         heatmaps = split["heatmaps"] * has_heatmap[:, None, None]
-        return InMemoryDataset(split["images"], split["labels"], heatmaps, has_heatmap, split["watermark_labels"])
+        return InMemoryDataset(
+            split["images"],
+            split["labels"],
+            heatmaps,
+            has_heatmap,
+            split["watermark_labels"],
+            spurious_mask=self.watermark_mask(),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Generate the splits (once; about a second for the defaults on one CPU core)."""

@@ -6,7 +6,7 @@
 * :class:`FeatureVizMonitor`: MACO feature visualizations of chosen classes.
 
 Scalars go through ``pl_module.log``; pictures and tables to W&B, TensorBoard or PNG/CSV files
-(:mod:`explain.callbacks.logging`).
+(:mod:`explain.callbacks.media`).
 """
 
 from explain.callbacks.concept_monitor import ConceptMonitor

@@ -3,16 +3,20 @@ where their files go."""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
+from explain.base import model_device
 from explain.callbacks.batches import BatchAdapter
+from explain.callbacks.isolation import isolated
 
 T = TypeVar("T")
 OnError = Literal["raise", "warn"]
@@ -40,7 +44,7 @@ class MonitorCallback(Callback):
         model_attr: dotted name of the LightningModule's attribute holding the network to explain (e.g.
             ``"model"``); None explains the LightningModule itself (its ``forward`` must return logits).
         batch_adapter: ``batch -> dict`` in the data contract (``image``, ``label``, optional ``heatmap``,
-            ``has_heatmap``); None: batches are that dict or ``(image, label)`` pairs.
+            ``has_heatmap``, ``spurious_mask``); None: batches are that dict or ``(image, label)`` pairs.
         seed: seed of the samples the monitor draws from the validation data.
     """
 
@@ -76,25 +80,36 @@ class MonitorCallback(Callback):
         self._out_dir = Path("explanations")
 
     # ---- Lightning hooks shared by the monitors
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # trainer.log_dir is a collective (a broadcast): every rank calls setup, so read it here, once
         self._out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "explanations"
         self.explained_model(pl_module)  # a wrong model_attr fails now, not after an epoch
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._last_epoch < 0 and trainer.is_global_zero:
-            warnings.warn(
+        if self._last_epoch < 0:
+            rank_zero_warn(
                 f"{type(self).__name__} never ran: validation did not run in an epoch that is a multiple of "
-                f"every_n_epochs={self.every_n_epochs} (check limit_val_batches / check_val_every_n_epoch)",
-                UserWarning,
-                stacklevel=2,
+                f"every_n_epochs={self.every_n_epochs} (check limit_val_batches / check_val_every_n_epoch)"
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"last_epoch": self._last_epoch}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_epoch = int(state_dict["last_epoch"])
+
+    @contextlib.contextmanager
+    def explaining(self, pl_module: LightningModule) -> Iterator[tuple[nn.Module, torch.device]]:
+        """``(model, device)``: the network to explain and its device, inside :func:`isolated` (RNGs restored, no
+        ``.grad`` written, outside ``inference_mode``), which every piece of a monitor's work runs in."""
+        model = self.explained_model(pl_module)
+        device = model_device(model, default=pl_module.device)
+        with isolated(model, device):
+            yield model, device
 
     # ---- helpers
     def explained_model(self, pl_module: LightningModule) -> nn.Module:
@@ -139,10 +154,8 @@ class MonitorCallback(Callback):
             if self.on_error == "raise":
                 error.add_note(f"{type(self).__name__}: raised by {what} (on_error='warn' keeps training instead)")
                 raise
-            warnings.warn(
-                f"{type(self).__name__}: {what} failed and is skipped this time: {type(error).__name__}: {error}",
-                UserWarning,
-                stacklevel=2,
+            rank_zero_warn(
+                f"{type(self).__name__}: {what} failed and is skipped this time: {type(error).__name__}: {error}"
             )
             return False, None
 

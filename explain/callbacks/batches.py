@@ -1,7 +1,9 @@
 """Validation batches in the data contract, and the fixed monitor set drawn once from the validation data.
 
 Contract (what every callback of :mod:`explain.callbacks` reads): a dict with ``image`` float [B,C,H,W] and
-``label`` int64 [B], optionally ``heatmap`` float [B,H,W] (a human importance map) and ``has_heatmap`` bool [B].
+``label`` int64 [B], optionally ``heatmap`` float [B,H,W] (a human importance map) and ``has_heatmap`` bool [B],
+and optionally ``spurious_mask`` bool [B,H,W] (pixels a model right for the right reasons should ignore, e.g. a
+watermark). Other keys are ignored.
 Another project's batch gets there through a ``batch_adapter(batch) -> dict``; without one, a batch must be
 that dict or an ``(image, label)`` pair.
 """
@@ -19,15 +21,16 @@ BatchAdapter = Callable[[Any], Mapping[str, Any]]
 
 _ADAPTER_HINT = (
     "pass batch_adapter=<function(batch) -> dict(image=[B,C,H,W] float, label=[B] int64, optional "
-    "heatmap=[B,H,W], has_heatmap=[B] bool)>"
+    "heatmap=[B,H,W], has_heatmap=[B] bool, spurious_mask=[B,H,W] bool)>"
 )
 
 
 def to_contract(batch: Any, adapter: BatchAdapter | None = None) -> dict[str, Tensor]:
     """The batch as the contract dict, checked: ``image``, ``label`` and, when the data has human maps,
-    ``heatmap`` and ``has_heatmap`` (all True when the batch gives a heatmap without it).
+    ``heatmap`` and ``has_heatmap`` (all True when the batch gives a heatmap without it), and ``spurious_mask``
+    when the batch has one.
 
-    A heatmap [B,1,H,W] is accepted and squeezed to [B,H,W].
+    A heatmap or a spurious mask [B,1,H,W] is accepted and squeezed to [B,H,W].
     """
     if adapter is not None:
         data = adapter(batch)
@@ -80,6 +83,16 @@ def to_contract(batch: Any, adapter: BatchAdapter | None = None) -> dict[str, Te
             raise ValueError(f"'has_heatmap' in {source} must be bool [B={image.shape[0]}], got {tuple(has.shape)}")
         out["heatmap"] = heatmap.float()
         out["has_heatmap"] = has.to(image.device)
+    mask = data.get("spurious_mask")
+    if mask is not None:
+        if mask.ndim == 4 and mask.shape[1] == 1:
+            mask = mask[:, 0]
+        if mask.shape != (image.shape[0], *image.shape[-2:]) or mask.dtype != torch.bool:
+            raise ValueError(
+                f"'spurious_mask' in {source} must be bool [B, H, W] = {(image.shape[0], *image.shape[-2:])} like "
+                f"the images (True = a pixel to ignore), got {tuple(mask.shape)} {mask.dtype}"
+            )
+        out["spurious_mask"] = mask
     return out
 
 

@@ -14,12 +14,11 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
+from typing_extensions import override
 
-from explain.base import model_device
 from explain.callbacks.base import MonitorCallback, OnError, check_classes
 from explain.callbacks.batches import BatchAdapter, collect_class_samples, first_dataloader
-from explain.callbacks.isolation import isolated
-from explain.callbacks.logging import log_images, log_table
+from explain.callbacks.media import log_images, log_table
 from explain.callbacks.overlays import figure_to_array
 
 
@@ -75,15 +74,15 @@ class ConceptMonitor(MonitorCallback):
         self._samples: dict[int, dict[str, Tensor]] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(classes=self.classes, at=self.at, n_concepts=self.n_concepts)
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.start_rank_zero_evaluation(trainer):
             return
-        model = self.explained_model(pl_module)
-        device = model_device(model, default=pl_module.device)
-        with isolated(model, device):
+        with self.explaining(pl_module) as (model, device):
             if self._samples is None:
                 dataloader = first_dataloader(trainer.val_dataloaders)
                 self._samples = collect_class_samples(

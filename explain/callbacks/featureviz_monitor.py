@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
+from typing_extensions import override
 
-from explain.base import model_device
 from explain.callbacks.base import MonitorCallback, OnError, check_classes
 from explain.callbacks.batches import BatchAdapter, draw_monitor_set, first_dataloader
-from explain.callbacks.isolation import isolated
-from explain.callbacks.logging import log_images
+from explain.callbacks.media import log_images
 from explain.callbacks.overlays import to_uint8, upscale
 
 
@@ -85,15 +84,15 @@ class FeatureVizMonitor(MonitorCallback):
         self._input_size: tuple[int, int] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(classes=self.classes, image_size=self.image_size, steps=self.steps)
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.start_rank_zero_evaluation(trainer):
             return
-        model = self.explained_model(pl_module)
-        device = model_device(model, default=pl_module.device)
-        with isolated(model, device):
+        with self.explaining(pl_module) as (model, device):
             if self._magnitude is None:
                 ok, _ = self.attempt("the Fourier magnitude of the validation images", self._spectrum, trainer)
                 if not ok:

@@ -39,6 +39,23 @@ def overlay(image: Tensor, heatmap: Tensor, alpha: float = 0.5, cmap: str = "jet
     return (1 - alpha) * display_image(image) + alpha * colorize(heatmap, cmap)
 
 
+#: colour of the outline drawn around the spurious region (white: jet overlays never reach it)
+OUTLINE_COLOUR = (1.0, 1.0, 1.0)
+
+
+def outline_of(mask: Tensor) -> Tensor:
+    """The pixels just outside a bool region [H,W] (its 8-neighbourhood minus itself): bool [H,W]. Drawn there,
+    the outline leaves the region's own pixels (e.g. a watermark) visible."""
+    grown = torch.nn.functional.max_pool2d(mask[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+    return grown & ~mask.bool()
+
+
+def draw_outline(tile: Tensor, mask: Tensor, colour: tuple[float, float, float] = OUTLINE_COLOUR) -> Tensor:
+    """``tile`` RGB [3,H,W] with :func:`outline_of` ``mask`` painted in ``colour`` (a new tensor)."""
+    ring = outline_of(mask.cpu())
+    return torch.where(ring, torch.tensor(colour)[:, None, None], tile)
+
+
 def explanation_panel(
     image: Tensor,
     heatmap: Tensor,
@@ -46,12 +63,16 @@ def explanation_panel(
     alpha: float = 0.5,
     cmap: str = "jet",
     min_size: int = 128,
+    spurious: Tensor | None = None,
 ) -> np.ndarray:
     """``[image | map over image | human map over image]`` side by side (the last one when ``human`` is given),
-    upscaled (nearest, whole pixels) so the short side is at least ``min_size`` pixels: uint8 [H', W', 3]."""
+    with the ``spurious`` region (bool [H,W], e.g. a watermark) outlined in every tile when given, upscaled
+    (nearest, whole pixels) so the short side is at least ``min_size`` pixels: uint8 [H', W', 3]."""
     tiles = [display_image(image), overlay(image, heatmap, alpha, cmap)]
     if human is not None:
         tiles.append(overlay(image, human, alpha, cmap))
+    if spurious is not None:
+        tiles = [draw_outline(tile, spurious) for tile in tiles]
     return upscale(to_uint8(torch.cat(tiles, dim=2)), min_size)
 
 

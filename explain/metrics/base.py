@@ -9,8 +9,9 @@ from torchmetrics import Metric
 #: Every keyword an explanation metric may ask for in ``update``:
 #: ``maps`` [B,H,W] (the explanation), ``images`` [B,C,H,W], ``targets`` [B] (the explained class),
 #: ``human`` [B,H,W] and ``has_heatmap`` [B] (human maps), ``model`` (the explained network),
-#: ``explainer`` (the callable that produced ``maps``), ``ids`` [B] (stable sample indices of a monitor set).
-UPDATE_KEYS = ("maps", "images", "targets", "human", "has_heatmap", "model", "explainer", "ids")
+#: ``explainer`` (the callable that produced ``maps``), ``ids`` [B] (stable sample indices of a monitor set),
+#: ``spurious_mask`` [B,H,W] bool (pixels a model right for the right reasons should ignore).
+UPDATE_KEYS = ("maps", "images", "targets", "human", "has_heatmap", "model", "explainer", "ids", "spurious_mask")
 
 
 class ExplanationMetric(Metric):

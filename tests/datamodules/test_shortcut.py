@@ -9,7 +9,13 @@ from datamodules import ShortcutShapesDataModule
 from datamodules.augmentation import pad_crop_flip
 from datamodules.shapes import SHAPE_NAMES, blur_matrix, blur_radius, blur_sigma, watermark_palette
 
-CONTRACT = {"image": torch.float32, "label": torch.int64, "heatmap": torch.float32, "has_heatmap": torch.bool}
+CONTRACT = {
+    "image": torch.float32,
+    "label": torch.int64,
+    "heatmap": torch.float32,
+    "has_heatmap": torch.bool,
+    "spurious_mask": torch.bool,  # the contract's optional key: the watermark
+}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +190,22 @@ def test_augmentation_keeps_map_on_object():
     # ... and it really is augmented: some maps moved (shift or flip) relative to the stored ones
     moved = sum(not any(torch.equal(h, s) for s in train.heatmaps) for h in batch["heatmap"])
     assert moved > 32
+
+
+def test_spurious_mask_is_the_watermark_and_follows_the_augmentation():
+    dm = ShortcutShapesDataModule(train_size=64, val_size=16, test_size=16, batch_size=64)
+    for loader in (dm.val_dataloader(), *dm.test_dataloader()):  # not augmented: exactly the watermark's pixels
+        masks = next(iter(loader))["spurious_mask"]
+        assert masks.shape == (16, 32, 32) and (masks == dm.watermark_mask()).all()
+    # train: pictures that ARE the watermark mask must still coincide with the mask after crop and flip
+    train = dm.dataset("train")
+    train.images = (dm.watermark_mask() * 255).to(torch.uint8).expand(len(train), 3, -1, -1).contiguous()
+    batch = next(iter(dm.train_dataloader()))
+    assert torch.equal(batch["image"][:, 0] > 0.5, batch["spurious_mask"])
+    moved = sum(not torch.equal(mask, dm.watermark_mask()) for mask in batch["spurious_mask"])
+    assert moved > 32  # shifted or flipped with the image
+    flipped = batch["spurious_mask"][:, :, 16:].flatten(1).any(1)  # in the right half: a horizontal flip
+    assert 0 < int(flipped.sum()) < 64
 
 
 def test_pad_crop_flip_matches_padded_crop_semantics():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import random
 import subprocess
 import sys
@@ -40,9 +41,13 @@ FAST = ["saliency", {"sobol": {"nb_design": 4, "grid_size": 4}}]
 
 # ---------------------------------------------------------------------------- a tiny project
 class Quadrants(Dataset):
-    """The class is the bright quadrant (0..3); the human map marks it; every other image has one."""
+    """The class is the bright quadrant (0..3); the human map marks it on every ``annotate_every``-th image (0:
+    none; ``has_heatmap`` says which). ``spurious=True`` adds the data contract's ``spurious_mask``: a 3x3 corner.
 
-    def __init__(self, n: int, seed: int = 0, size: int = SIZE) -> None:
+    Shared with ``test_callbacks_ddp_worker.py``.
+    """
+
+    def __init__(self, n: int, seed: int = 0, size: int = SIZE, annotate_every: int = 2, spurious: bool = False):
         g = torch.Generator().manual_seed(seed)
         self.images = torch.rand(n, 3, size, size, generator=g) * 0.3
         self.labels = torch.randint(0, 4, (n,), generator=g)
@@ -52,17 +57,24 @@ class Quadrants(Dataset):
             row, col = divmod(label, 2)
             self.images[i, :, row * half : (row + 1) * half, col * half : (col + 1) * half] += 0.6
             self.heatmaps[i, row * half : (row + 1) * half, col * half : (col + 1) * half] = 1.0
+        self.annotate_every = annotate_every
+        self.mask = torch.zeros(size, size, dtype=torch.bool)
+        self.mask[:3, :3] = True
+        self.spurious = spurious
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {
+        sample = {
             "image": self.images[i],
             "label": self.labels[i],
             "heatmap": self.heatmaps[i],
-            "has_heatmap": torch.tensor(i % 2 == 0),
+            "has_heatmap": torch.tensor(self.annotate_every > 0 and i % self.annotate_every == 0),
         }
+        if self.spurious:
+            sample["spurious_mask"] = self.mask
+        return sample
 
 
 def tiny_network(dropout: float = 0.2) -> nn.Sequential:
@@ -92,21 +104,28 @@ class TinyModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", nn.functional.cross_entropy(self(batch["image"]), batch["label"]))
 
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", nn.functional.cross_entropy(self(batch["image"]), batch["label"]))
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class TinyData(L.LightningDataModule):
-    def __init__(self, shuffle: bool = True, n_val: int = 24) -> None:
+    def __init__(self, shuffle: bool = True, n_val: int = 24, **data) -> None:
         super().__init__()
         self.shuffle = shuffle
         self.n_val = n_val
+        self.data = data  # Quadrants options of every split
 
     def train_dataloader(self):
-        return DataLoader(Quadrants(48), batch_size=16, shuffle=self.shuffle)
+        return DataLoader(Quadrants(48, **self.data), batch_size=16, shuffle=self.shuffle)
 
     def val_dataloader(self):
-        return DataLoader(Quadrants(self.n_val, seed=1), batch_size=8)
+        return DataLoader(Quadrants(self.n_val, seed=1, **self.data), batch_size=8)
+
+    def test_dataloader(self):
+        return DataLoader(Quadrants(16, seed=2, **self.data), batch_size=8)
 
 
 class Recorder(Logger):
@@ -646,3 +665,165 @@ def test_wandb_offline_run_holds_metric_keys_images_and_tables(tmp_path, monkeyp
     table = json.loads((run_dir / "files" / tables[-1]["explain/per_image.path"]).read_text())
     assert {"epoch", "id", "explainer", "drift_vs_previous", "drift_vs_first", "overlay"} <= set(table["columns"])
     assert len(table["data"]) == 2 * 6
+
+
+# ---------------------------------------------------------------------------- spurious mass (issue 13)
+def test_spurious_mass_is_logged_when_and_only_when_batches_carry_a_mask(tmp_path):
+    from explain.metrics import SpuriousMass
+
+    recorder, csv_logger = Recorder(), CSVLogger(tmp_path)
+    callback = monitor(explainers=["saliency"], metrics=["deletion"], max_images=None)
+    trainer, module = fit(tmp_path, [callback], epochs=1, logger=[csv_logger, recorder], data=TinyData(spurious=True))
+    # the logged value is SpuriousMass fed by hand with Saliency maps of the validation data (model of epoch 0:
+    # compare after one epoch, whose validation ran after its training)
+    metric = SpuriousMass()
+    for batch in trainer.datamodule.val_dataloader():
+        metric.update(maps=Saliency(module.model)(batch["image"], batch["label"]), spurious_mask=batch["spurious_mask"])
+    (logged,) = recorder.values("explain/saliency/spurious_mass")
+    assert logged == pytest.approx(float(metric.compute()), abs=1e-6) and 0 <= logged <= 1
+    assert recorder.values("explain/spurious_area") == [pytest.approx(9 / SIZE**2)]  # once, not per explainer
+    with open(Path(csv_logger.log_dir) / "explanations" / "explain.per_image.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(0 <= float(row["spurious_mass"]) <= 1 for row in rows)
+    # the same data without the mask: no key, no column
+    plain = Recorder()
+    fit(tmp_path / "plain", [monitor(explainers=["saliency"], metrics=["deletion"])], epochs=1, logger=plain)
+    assert not [key for _, row in plain.rows for key in row if "spurious" in key]
+    assert plain.values("explain/saliency/deletion")
+
+
+def test_spurious_mass_can_be_turned_off_and_a_listed_metric_needs_the_mask(tmp_path):
+    recorder = Recorder()
+    callback = monitor(explainers=["saliency"], metrics=[], spurious_mass=False)
+    fit(tmp_path, [callback], epochs=1, logger=recorder, data=TinyData(spurious=True))
+    assert not [key for _, row in recorder.rows for key in row if "spurious" in key]
+    with pytest.raises(ValueError, match="spurious_mask"):
+        fit(tmp_path / "b", [monitor(explainers=["saliency"], metrics=["spurious"])], epochs=1)
+
+
+def test_test_time_metrics_of_each_test_split(tmp_path):
+    from explain.metrics import SpuriousMass
+
+    recorder = Recorder()
+    callback = monitor(explainers=["saliency"], metrics=["alignment"], max_images=None)
+    trainer, module = fit(tmp_path, [callback], epochs=1, logger=recorder, data=TinyData(spurious=True))
+    trainer.test(module, datamodule=trainer.datamodule, verbose=False)
+    metric, alignment = SpuriousMass(), HumanAlignment()
+    for batch in trainer.datamodule.test_dataloader():
+        maps = Saliency(module.model)(batch["image"], batch["label"])
+        metric.update(maps=maps, spurious_mask=batch["spurious_mask"])
+        alignment.update(maps=maps, human=batch["heatmap"], has_heatmap=batch["has_heatmap"])
+    assert recorder.values("test/explain/saliency/spurious_mass") == [pytest.approx(float(metric.compute()), abs=1e-6)]
+    assert recorder.values("test/explain/saliency/alignment") == [pytest.approx(float(alignment.compute()), abs=1e-6)]
+    assert recorder.values("test/explain/spurious_area") == [pytest.approx(9 / SIZE**2)]
+
+
+def test_overlays_outline_the_spurious_region():
+    image, heatmap = torch.rand(3, 8, 8) * 0.5, torch.rand(8, 8)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[:2, :2] = True
+    plain = explanation_panel(image, heatmap, min_size=8)
+    outlined = explanation_panel(image, heatmap, min_size=8, spurious=mask)
+    ring = torch.zeros(8, 8, dtype=torch.bool)
+    ring[:3, :3] = True
+    ring[:2, :2] = False  # the pixels just outside the region
+    for tile in range(2):  # the image and the map overlay
+        crop = outlined[:, tile * 8 : (tile + 1) * 8]
+        assert (crop[ring.numpy()] == 255).all()  # white outline
+        assert np.array_equal(crop[~ring.numpy()], plain[:, tile * 8 : (tile + 1) * 8][~ring.numpy()])
+
+
+# ---------------------------------------------------------------------------- issue 9: resume, no maps, values
+def test_resume_with_another_schedule_keeps_the_monitor_set_and_the_references(tmp_path):
+    """every_n_epochs 1 for two epochs, resumed with every_n_epochs 2: the epoch-2 evaluation still compares with
+    the first one (the state was loaded), exactly as a run never interrupted."""
+    deterministic = {"module": functools.partial(TinyModule, dropout=0.0), "data": TinyData(shuffle=False)}
+    straight = Recorder()
+    fit(tmp_path / "straight", [monitor(metrics=[])], epochs=3, logger=straight, **deterministic)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "half", [monitor(metrics=[]), checkpoint], epochs=2, **deterministic)
+    resumed, callback = Recorder(), monitor(metrics=[], every_n_epochs=2)
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    fit(tmp_path / "resumed", [callback], epochs=3, logger=resumed, ckpt_path=last, **deterministic)
+    assert callback._evaluations == 3  # 2 loaded + the one of epoch 2
+    for name in ("saliency", "sobol"):
+        key = f"explain/{name}/drift_vs_first"
+        assert resumed.values(key) == pytest.approx(straight.values(key)[-1:], abs=1e-6), key
+
+
+def test_no_human_map_at_all_logs_no_alignment_and_warns_once(tmp_path):
+    recorder = Recorder()
+    callback = monitor(explainers=["saliency"], metrics=["alignment", "deletion"])
+    with pytest.warns(UserWarning, match="no image fed to metric 'alignment' has a human map") as warned:
+        fit(tmp_path, [callback], epochs=2, logger=recorder, data=TinyData(annotate_every=0))
+    assert len([w for w in warned if "has a human map" in str(w.message)]) == 1
+    assert not [key for _, row in recorder.rows for key in row if "alignment" in key]
+    assert len(recorder.values("explain/saliency/deletion")) == 2
+
+
+class Snapshots(Callback):
+    """Saliency maps and predictions of the monitor set at each validation, explained by hand."""
+
+    def __init__(self, callback: ExplanationMonitor, target: str = "label"):
+        self.callback, self.target = callback, target
+        self.maps, self.predictions = [], []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            data = self.callback._monitor
+            with torch.inference_mode(False), torch.no_grad():
+                images = data["image"].clone()
+                predictions = pl_module.model.eval()(images).argmax(1)
+                pl_module.model.train()
+            targets = predictions if self.target == "prediction" else data["label"].clone()
+            with torch.inference_mode(False):
+                self.maps.append(Saliency(pl_module.model)(images, targets))
+            self.predictions.append(predictions)
+
+
+def test_per_image_table_values_are_the_drifts_and_the_human_spearman_of_each_image(tmp_path):
+    csv_logger = CSVLogger(tmp_path)
+    callback = monitor(explainers=["saliency"], metrics=[])
+    snapshots = Snapshots(callback)
+    fit(tmp_path, [callback, snapshots], epochs=3, logger=csv_logger)
+    with open(Path(csv_logger.log_dir) / "explanations" / "explain.per_image.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    data = callback._monitor
+    m0, m1, m2 = snapshots.maps
+    expected = {
+        "drift_vs_previous": per_image_spearman(m2, m1),
+        "drift_vs_first": per_image_spearman(m2, m0),
+        "human_spearman": per_image_spearman(m2, data["heatmap"]),
+    }
+    last = [row for row in rows if row["epoch"] == "2"]
+    assert [int(row["id"]) for row in last] == data["ids"].tolist()
+    assert [int(row["prediction"]) for row in last] == snapshots.predictions[-1].tolist()
+    for i, row in enumerate(last):
+        assert float(row["drift_vs_previous"]) == pytest.approx(float(expected["drift_vs_previous"][i]), abs=1e-4)
+        assert float(row["drift_vs_first"]) == pytest.approx(float(expected["drift_vs_first"][i]), abs=1e-4)
+        if data["has_heatmap"][i]:
+            assert float(row["human_spearman"]) == pytest.approx(float(expected["human_spearman"][i]), abs=1e-4)
+        else:
+            assert math.isnan(float(row["human_spearman"]))
+    assert not torch.allclose(expected["drift_vs_previous"], expected["drift_vs_first"], atol=1e-3)  # can tell
+    first = [row for row in rows if row["epoch"] == "0"]
+    assert all(math.isnan(float(row["drift_vs_first"])) for row in first)  # no reference yet
+
+
+def test_target_prediction_explains_the_predicted_class(tmp_path):
+    """An untrained model (lr 0) is often wrong: explaining its prediction differs from explaining the label."""
+    recorder = Recorder()
+    callback = monitor(explainers=["saliency"], metrics=["alignment"], target="prediction", max_images=None)
+    snapshots = Snapshots(callback, target="prediction")
+    untrained = functools.partial(TinyModule, lr=0.0, dropout=0.0)
+    trainer, module = fit(tmp_path, [callback, snapshots], epochs=1, logger=recorder, module=untrained)
+    model = module.model.eval()
+    by_prediction, by_label = HumanAlignment(), HumanAlignment()
+    for batch in trainer.datamodule.val_dataloader():
+        predictions = model(batch["image"]).argmax(1)
+        assert (predictions != batch["label"]).any()
+        for metric, targets in ((by_prediction, predictions), (by_label, batch["label"])):
+            metric.update(Saliency(model)(batch["image"], targets), batch["heatmap"], batch["has_heatmap"])
+    (logged,) = recorder.values("explain/saliency/alignment")
+    assert logged == pytest.approx(float(by_prediction.compute()), abs=1e-6)
+    assert logged != pytest.approx(float(by_label.compute()), abs=1e-3)

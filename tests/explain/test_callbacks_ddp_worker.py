@@ -9,34 +9,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from explain.callbacks import ExplanationMonitor
 
-
-class Quadrants(Dataset):
-    """Class = the bright quadrant, human map = that quadrant (every image has one)."""
-
-    def __init__(self, n: int, seed: int, size: int = 16) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 3, size, size, generator=g) * 0.3
-        self.labels = torch.randint(0, 4, (n,), generator=g)
-        self.heatmaps = torch.zeros(n, size, size)
-        half = size // 2
-        for i, label in enumerate(self.labels.tolist()):
-            row, col = divmod(label, 2)
-            self.images[i, :, row * half : (row + 1) * half, col * half : (col + 1) * half] += 0.6
-            self.heatmaps[i, row * half : (row + 1) * half, col * half : (col + 1) * half] = 1.0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": self.labels[i], "heatmap": self.heatmaps[i]}
+sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode does not put this folder on the path
+from test_callbacks import Quadrants  # noqa: E402  (the tiny data set of the single-process tests)
 
 
 class Module(L.LightningModule):
@@ -85,7 +68,8 @@ def main(out: str, devices: int, root: str) -> None:
         enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    train, val = DataLoader(Quadrants(16, seed=0), batch_size=8), DataLoader(Quadrants(24, seed=1), batch_size=4)
+    train = DataLoader(Quadrants(16, seed=0, annotate_every=1), batch_size=8)
+    val = DataLoader(Quadrants(24, seed=1, annotate_every=1), batch_size=4)  # every image has a human map
     trainer.fit(Module(), train, val)
     # every rank: how many validation images it explained for the dataset-level metrics (its shard)
     with open(f"{out}.rank{trainer.global_rank}", "w") as handle:

@@ -18,6 +18,7 @@ from explain.metrics.functional.fidelity import (
     random_cell_masks,
     stage_sizes,
 )
+from explain.metrics.functional.spurious import spurious_area, spurious_mass
 from explain.metrics.functional.stability import (
     DISTANCES,
     average_stability,
@@ -50,6 +51,8 @@ __all__ = [
     "resolve_distance",
     "rowwise_spearman",
     "spearman_distance",
+    "spurious_area",
+    "spurious_mass",
     "stage_sizes",
     "top_fraction_dice_iou",
     "top_fraction_mask",

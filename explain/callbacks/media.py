@@ -1,4 +1,5 @@
-"""Where the monitors' pictures and tables go: W&B, TensorBoard, or PNG/CSV files.
+"""Where the monitors' pictures and tables go: W&B, TensorBoard, or PNG/CSV files (a module named so as not
+to shadow the standard library's ``logging``).
 
 * ``WandbLogger``: ``wandb.Image`` lists with captions and ``wandb.Table`` (image cells become
   ``wandb.Image``), logged at the trainer's global step so the step slider scrubs them;
