@@ -212,7 +212,7 @@ class HarmonizedClassifier(LightningModule):
         if alignment is not None:
             self.log(f"train/{self.alignment_loss}_loss", alignment, batch_size=size)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        self._check_finite_loss(task=task, harmonization=harmonization if harmonize else None)
+        self._check_finite_loss(**{"task": task, self.alignment_loss: alignment})
         return loss
 
     # ------------------------------------------------------------ finite checks
