@@ -73,6 +73,7 @@ def intermediate_bounds(
     """The interval pass over the boxes ``[lower, upper]``: output lower bounds [n, K] and the records of the
     intermediate boxes, intersected with the Lipschitz boxes (:mod:`explain.bounds.lipschitz`) when
     ``lipschitz_boxes`` and with full-CROWN boxes when ``full_crown`` (:mod:`explain.bounds.crown`)."""
+    positive_int("row_budget", row_budget)
     limits = None
     if lipschitz_boxes:
         key = (tuple(lower.shape[1:]), lower.dtype, lower.device)
