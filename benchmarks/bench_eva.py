@@ -1,27 +1,32 @@
-"""EVA speed and bound tightness, measured side by side in one process.
+"""EVA speed, bound tightness and faithfulness, measured side by side in one process.
 
-(a) Speed: time per image of EVA (CROWN, 8x8 grid, default eps: one shared relaxation per image, 65 region
+(a) Speed: time per image of EVA (full CROWN, 8x8 grid, default eps: one shared relaxation per image, 65 region
     bounds from it) over the time per image of Sobol at its defaults (grid 8, N 32: 2080 forward rows per
     image), both on the default 1-Lipschitz CNN (``align.models.lip_vgg``, ``--classes`` outputs, exported to
     plain layers with ``export_plain`` as both run at inference; EVA exports a deel-torchlip model itself) at
     32x32. One warm-up call each, then the median of ``--repeats`` interleaved rounds. Target: ratio <= 0.5.
-    Also shown: Sobol on the unexported deel-torchlip model (what a user passing the training module gets),
-    EVA with one CROWN propagation per (image, region) box (``relaxation="per_box"``) and EVA with IBP.
-(b) Tightness: the adversarial-overlap upper bounds over the full L-inf ball (IBP and CROWN, each with plain
-    interval boxes and with Lipschitz boxes; the Lipschitz certificate; best) against the largest margin PGD
-    finds in the same ball (a lower bound of the true value), as the mean gap ``bound - PGD`` and its ratio
-    to IBP's, at eps = 1/255 and the default 8/255. Models: ``lip_vgg`` and ``small_cnn`` (ReLU, BatchNorm,
-    max pooling) trained for ``--train-seconds`` each on ``datamodules.ShortcutShapesDataModule`` (8
-    classes), so margins are those of a fitted model.
-(c) Faithfulness on a shortcut: ``small_cnn`` trained for ``--train-seconds`` on shortcut data where the
-    watermark always names the class and nothing is augmented (``shortcut_prob=1, augment=False``: the
-    model reads the watermark, see its accuracy on the ``flipped`` split). On ``--images`` val images: the
-    rank of the watermark cell among the 64 grid cells by mean map value (1 = most important; a faithful
-    map puts it first), the Deletion AUC with the mean colour as baseline (lower is better), and Spearman
-    with the human map (the object: high means "looks at the object", which this model does not do).
+    Also shown: EVA with CROWN-IBP (the cheap method), with one full-CROWN propagation per (image, region) box
+    (``relaxation="per_box"``) and with IBP, and Sobol on the unexported deel-torchlip model.
+(b) Tightness: the adversarial-overlap upper bound over the full L-inf ball by every method (IBP, CROWN-IBP,
+    full CROWN, the Lipschitz certificate on 1-Lipschitz networks, best) against the largest margin PGD finds in
+    the same ball (a lower bound of the true value): the gap ``bound - PGD`` (mean over ``--images`` val
+    images) and the seconds per image, at eps = 1/255, 4/255 and 8/255. Models, each trained for
+    ``--train-seconds`` on ``datamodules.ShortcutShapesDataModule`` (4 classes, 32 px), none for certification:
+    ``relu_cnn`` (4 conv + linear, plain ReLU: the issue's network kind), ``bn_cnn`` (``small_cnn``: BatchNorm,
+    max pooling), ``lip_vgg`` and ``lip_resnet`` (1-Lipschitz, via ``export_plain``). Every bound is checked
+    to be >= PGD.
+(c) Faithfulness on a shortcut: ``relu_cnn`` trained for ``--train-seconds`` on shortcut data where the
+    watermark always names the class and nothing is augmented (``shortcut_prob=1, augment=False``: the model
+    reads the watermark, see its accuracy on the ``flipped`` split). On ``--images`` val images: the rank of the
+    watermark cell among the 64 grid cells by mean map value (1 = most important; a faithful map puts it
+    first), the Deletion AUC with the mean colour as baseline (lower is better), and Spearman with the human map
+    (the object: high means "looks at the object", which this model does not do), for EVA with full CROWN
+    (shared relaxation and per box) and CROWN-IBP, against Saliency, Sobol and a random map.
 
-    python benchmarks/bench_eva.py [--images 4] [--repeats 3] [--classes 10] [--threads N] [--train-seconds 60]
-        [--skip a b c]
+    python benchmarks/bench_eva.py [--images 8] [--repeats 3] [--classes 10] [--threads N] [--train-seconds 60 | --train-steps N]
+        [--skip a b c] [--models relu_cnn bn_cnn lip_vgg lip_resnet] [--eps 1 4 8]
+
+On a GPU (the lead's runs) pass ``--device cuda``: the models, images and bounds move there.
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from align.models import export_plain, lip_vgg, small_cnn
+from align.models import export_plain, lip_resnet, lip_vgg, small_cnn
 from datamodules.shortcut import ShortcutShapesDataModule
 from explain import EVA, Saliency, Sobol
-from explain.attributions.eva import DEFAULT_EPS, adversarial_overlap_bound
+from explain.attributions.eva import DEFAULT_EPS
+from explain.bounds import build_graph, margin_upper_bounds
 from explain.metrics.functional.alignment import per_image_spearman
 from explain.metrics.functional.fidelity import auc, deletion_curve
 
@@ -66,7 +72,7 @@ def max_margin(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, restarts: int = 8, steps: int = 40) -> Tensor:
     """Largest ``max_{c != y} f_c - f_y`` found in the L-inf ball by sign-gradient ascent (random starts)."""
-    best = torch.full((len(x),), -float("inf"))
+    best = torch.full((len(x),), -float("inf"), device=x.device)
     for restart in range(restarts):
         delta = torch.zeros_like(x) if restart == 0 else (torch.rand_like(x) * 2 - 1) * eps
         for step in range(steps):
@@ -80,19 +86,23 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, restarts: int = 8, s
     return best
 
 
-def train(model: nn.Module, data: ShortcutShapesDataModule, seconds: float, lipschitz: bool) -> float:
-    """Fit ``model`` for ``seconds`` (Adam; tau-cross-entropy for the Lipschitz net); returns val accuracy."""
+def train(model: nn.Module, data: ShortcutShapesDataModule, seconds: float, lipschitz: bool,
+          steps: int | None = None) -> float:
+    """Fit ``model`` for ``steps`` optimizer steps if given, else ``seconds`` (Adam; tau-cross-entropy for the
+    Lipschitz net); returns val accuracy."""
     loss_fn = torchlip.TauCrossEntropyLoss(tau=16.0) if lipschitz else nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3 if lipschitz else 1e-3)
     model.train()
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    start, done = time.perf_counter(), 0
+    finished = lambda: done >= steps if steps is not None else time.perf_counter() - start >= seconds  # noqa: E731
+    while not finished():
         for batch in data.train_dataloader():
             loss = loss_fn(model(batch["image"]), batch["label"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            if time.perf_counter() - start >= seconds:
+            done += 1
+            if finished():
                 break
     model.eval()
     correct = total = 0
@@ -109,13 +119,14 @@ def speed(args: argparse.Namespace) -> None:
     plain = export_plain(model)
     images = torch.rand(args.images, 3, 32, 32)
     targets = torch.randint(0, args.classes, (args.images,))
-    eva, eva_ibp = EVA(plain, bound="crown"), EVA(plain, bound="ibp")
+    eva, eva_ibp, eva_cheap = EVA(plain, bound="crown"), EVA(plain, bound="ibp"), EVA(plain, bound="crown-ibp")
     eva_per_box = EVA(plain, bound="crown", relaxation="per_box")
     sobol = Sobol(plain)
     sobol_lip = Sobol(model)
     times = median_times(
         {
             "eva_crown": lambda: eva(images, targets),
+            "eva_crown_ibp": lambda: eva_cheap(images, targets),
             "eva_per_box": lambda: eva_per_box(images, targets),
             "eva_ibp": lambda: eva_ibp(images, targets),
             "sobol": lambda: sobol(images, targets),
@@ -126,6 +137,7 @@ def speed(args: argparse.Namespace) -> None:
     per_image = {name: value / args.images for name, value in times.items()}
     print(f"(a) speed, lip_vgg({args.classes}) at 32x32, {args.images} images, {torch.get_num_threads()} threads")
     print(f"    EVA crown (8x8 grid, eps={DEFAULT_EPS:.4f}, shared relaxation): {per_image['eva_crown']:.3f} s/image")
+    print(f"    EVA crown-ibp (shared relaxation)         : {per_image['eva_crown_ibp']:.3f} s/image")
     print(f"    EVA crown, one propagation per box        : {per_image['eva_per_box']:.3f} s/image")
     print(f"    EVA ibp (per box)                         : {per_image['eva_ibp']:.3f} s/image")
     print(f"    Sobol (grid 8, N 32, 2080 rows/image)     : {per_image['sobol']:.3f} s/image")
@@ -135,35 +147,60 @@ def speed(args: argparse.Namespace) -> None:
     print(f"    ratio EVA(ibp)   / Sobol = {per_image['eva_ibp'] / per_image['sobol']:.3f}")
 
 
+def relu_cnn(num_classes: int = 4) -> nn.Sequential:
+    """A plain ReLU CNN, 4 conv + linear at 32 px (auto_LiRPA's ``cnn_4layer`` kind)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(64 * 4 * 4, num_classes),
+    )
+
+
+MODELS = {
+    "relu_cnn": (relu_cnn, False),
+    "bn_cnn": (lambda k: small_cnn(k, widths=(8, 16, 32), depth=1), False),
+    "lip_vgg": (lip_vgg, True),
+    "lip_resnet": (lip_resnet, True),
+}
+
+
 def tightness(args: argparse.Namespace) -> None:
-    data = ShortcutShapesDataModule(num_classes=8, image_size=32, train_size=2000, val_size=200, batch_size=64)
+    data = ShortcutShapesDataModule(num_classes=4, image_size=32, train_size=2000, val_size=200, batch_size=64)
     data.setup("fit")
     batch = next(iter(data.val_dataloader()))
-    images, labels = batch["image"][: args.images], batch["label"][: args.images]
-    print(f"(b) tightness: mean over {args.images} val images of (bound - PGD); PGD = largest margin found")
-    for name, builder, lipschitz in (("lip_vgg", lip_vgg, True), ("small_cnn", small_cnn, False)):
+    images, labels = batch["image"][: args.images].to(args.device), batch["label"][: args.images].to(args.device)
+    print(f"(b) tightness: mean over {len(images)} val images of (bound - PGD); PGD = largest margin found; "
+          f"wall and CPU (all threads: independent of other load) s/image of each bound; "
+          f"{torch.get_num_threads()} threads, {args.device}")
+    for name in args.models:
+        builder, lipschitz = MODELS[name]
         torch.manual_seed(0)
-        model = builder(8)
-        accuracy = train(model, data, args.train_seconds, lipschitz) if args.train_seconds > 0 else float("nan")
-        model = export_plain(model) if lipschitz else model.eval()
+        model = builder(4)
+        accuracy = train(model, data, args.train_seconds, lipschitz, args.train_steps)
+        model = (export_plain(model) if lipschitz else model.eval()).to(args.device)
         with torch.no_grad():
             clean = max_margin(model, images, labels)
-        print(f"    {name}: trained {args.train_seconds:.0f}s, val accuracy {accuracy:.2f}, "
+        print(f"    {name}: trained {_training(args)}, val accuracy {accuracy:.2f}, "
               f"mean clean margin max_c f_c - f_y = {clean.mean():.4f}")
-        # (name, method, Lipschitz boxes)
-        methods = [("ibp", "ibp", False), ("crown", "crown", False), ("ibp+lipbox", "ibp", True),
-                   ("crown+lipbox", "crown", True)]
-        methods += [("lipschitz", "lipschitz", True), ("best", "best", True)] if lipschitz else [("best", "best", True)]
-        for eps in (1 / 255, DEFAULT_EPS):
+        methods = ["ibp", "crown-ibp", "crown"] + (["lipschitz", "best"] if lipschitz else ["best"])
+        graph = build_graph(model)  # built once, its Lipschitz constants computed by a warm-up call (not timed)
+        margin_upper_bounds(graph, images[:1], images[:1], labels[:1], "ibp")
+        for eps in [e / 255 for e in args.eps]:
             attack = pgd(model, images, labels, eps)
-            gaps = {}
-            for label, method, boxes in methods:
-                bound = adversarial_overlap_bound(model, images, labels, eps, method=method, batch_size=16,
-                                                  lipschitz_boxes=boxes)
-                assert (attack <= bound + 1e-4).all(), f"unsound {label} bound on {name}"
-                gaps[label] = (bound - attack).mean().item()
-            text = ", ".join(f"{m} {gaps[m]:.4g} (x{gaps[m] / gaps['ibp']:.3g})" for m, _, _ in methods)
-            print(f"      eps={eps * 255:.0f}/255: PGD {attack.mean():.4f}; gap (ratio to IBP): {text}")
+            cells = []
+            for method in methods:
+                start, cpu = time.perf_counter(), time.process_time()
+                with torch.no_grad():
+                    bound = torch.cat([
+                        margin_upper_bounds(graph, x - eps, x + eps, y, method).amax(1)
+                        for x, y in zip(images.split(4), labels.split(4))
+                    ])
+                seconds = (time.perf_counter() - start) / len(images)
+                cpu = (time.process_time() - cpu) / len(images)
+                assert (attack <= bound + 1e-4).all(), f"unsound {method} bound on {name}"
+                cells.append(f"{method} {(bound - attack).mean().item():.4g} ({seconds:.2f} s, {cpu:.2f} cpu-s)")
+            print(f"      eps={eps * 255:.0f}/255: PGD {attack.mean():.4f}; gap (wall s/image, CPU s/image): "
+                  f"{', '.join(cells)}")
 
 
 def watermark_rank(maps: Tensor, watermark: Tensor, grid: int = 8) -> Tensor:
@@ -177,43 +214,54 @@ def faithfulness(args: argparse.Namespace) -> None:
     data = ShortcutShapesDataModule(shortcut_prob=1.0, augment=False, train_size=2000, val_size=200, batch_size=64)
     data.setup("fit")
     torch.manual_seed(0)
-    model = small_cnn(data.num_classes)
-    train(model, data, args.train_seconds, lipschitz=False)
+    model = relu_cnn(data.num_classes)
+    train(model, data, args.train_seconds, lipschitz=False, steps=args.train_steps)
     flipped = data.test_dataloader()[1]
     with torch.no_grad():
         hits = [(model(b["image"]).argmax(1) == b["label"]).float() for b in flipped]
     batch = next(iter(data.val_dataloader()))
-    count = max(args.images, 8)
-    images, labels, human = batch["image"][:count], batch["label"][:count], batch["heatmap"][:count]
-    print(f"(c) faithfulness: small_cnn trained {args.train_seconds:.0f}s on watermark-coded classes, accuracy on "
+    count = args.images
+    model = model.to(args.device)
+    images, labels, human = (batch[key][:count].to(args.device) for key in ("image", "label", "heatmap"))
+    print(f"(c) faithfulness: relu_cnn trained {_training(args)} on watermark-coded classes, accuracy on "
           f"the flipped split {torch.cat(hits).mean():.2f} (low: it reads the watermark); {count} val images")
     explainers = {
         "Saliency": Saliency(model),
         "Sobol": Sobol(model),
         "EVA crown (shared)": EVA(model, eps=1 / 255),
         "EVA crown (per box)": EVA(model, eps=1 / 255, relaxation="per_box"),
-        "random": lambda x, y: torch.rand(x.shape[0], *x.shape[-2:], generator=torch.Generator().manual_seed(0)),
+        "EVA crown-ibp (shared)": EVA(model, eps=1 / 255, bound="crown-ibp"),
+        "EVA crown-ibp (per box)": EVA(model, eps=1 / 255, bound="crown-ibp", relaxation="per_box"),
+        "random": lambda x, y: torch.rand(x.shape[0], *x.shape[-2:], generator=torch.Generator().manual_seed(0)).to(x),
     }
-    print(f"    {'map':22s} {'s/image':>8s} {'watermark rank':>15s} {'deletion AUC':>13s} {'spearman':>9s}")
+    print(f"    {'map':24s} {'s/image':>8s} {'watermark rank':>15s} {'deletion AUC':>13s} {'spearman':>9s}")
     for name, explainer in explainers.items():
         start = time.perf_counter()
         maps = explainer(images, labels)
         seconds = (time.perf_counter() - start) / count
-        rank = watermark_rank(maps, data.watermark_mask()).float().mean()
+        rank = watermark_rank(maps, data.watermark_mask().to(maps.device)).float().mean()
         mean_colour = images.mean((2, 3), keepdim=True)
         deletion = auc(deletion_curve(model, images, labels, maps, steps=16, baseline=mean_colour))
         rho = per_image_spearman(maps, human).mean()
-        print(f"    {name:22s} {seconds:8.3f} {rank:15.1f} {deletion.mean():13.3f} {rho:9.3f}")
+        print(f"    {name:24s} {seconds:8.3f} {rank:15.1f} {deletion.mean():13.3f} {rho:9.3f}")
+
+
+def _training(args: argparse.Namespace) -> str:
+    return f"{args.train_steps} steps" if args.train_steps is not None else f"{args.train_seconds:.0f}s"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--classes", type=int, default=10, help="outputs of the timed lip_vgg")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--train-seconds", type=float, default=60.0, help="training per model for (b); 0: random")
+    parser.add_argument("--train-seconds", type=float, default=60.0, help="training per model for (b), (c); 0: random")
+    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps instead of --train-seconds")
     parser.add_argument("--skip", choices=["a", "b", "c"], nargs="*", default=[])
+    parser.add_argument("--models", choices=list(MODELS), nargs="*", default=list(MODELS), help="for (b)")
+    parser.add_argument("--eps", type=float, nargs="*", default=[1, 4, 8], help="radii of (b), in 1/255")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -99,14 +99,16 @@ class Explainer(ABC):
         """Short name used as a logging key (``explain/<name>/<metric>``)."""
         return type(self).__name__.lower()
 
-    def __call__(self, images: Tensor, targets: Tensor | int) -> Tensor:
+    def __call__(self, images: Tensor, targets: Tensor | int, **options) -> Tensor:
+        """Maps [B,H,W]; ``options`` are this call's options, passed on to :meth:`explain` (e.g. EVA's
+        ``regions``)."""
         images, targets = check_images_targets(images, targets)
         out_device = images.device
         device = model_device(self.model, default=images.device)
         with grad_enabled(), eval_mode(self.model):
             images = images.detach().to(device).clone()
             targets = targets.detach().to(device).clone()
-            maps = self.explain(images, targets)
+            maps = self.explain(images, targets, **options)
         if maps.shape != (images.shape[0], *images.shape[-2:]):
             raise RuntimeError(
                 f"{type(self).__name__}.explain returned shape {tuple(maps.shape)}, "

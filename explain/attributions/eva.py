@@ -12,17 +12,22 @@ is upper-bounded by verified perturbation analysis (:mod:`explain.bounds`) over 
 
 Regions are the cells of a ``grid_size`` x ``grid_size`` grid, or any integer label map (superpixels).
 
+Bounds. The default is full CROWN (:mod:`explain.bounds.crown`): every nonlinear layer's input box comes from
+a backward pass to the input, so the bounds stay within a fraction of a logit of a PGD attack on networks not
+trained for certification, where CROWN with interval intermediate boxes (``bound="crown-ibp"``, the cheap
+method) is vacuous (``benchmarks/bench_eva.py``). Only bounds that tight tell regions apart.
+
 Relaxation shared by the regions (default). Every ``B_u`` is a subset of ``B``, so the intermediate boxes of
 ``B`` enclose every value reachable from ``B_u``, the linear relaxations built on them hold there too, and
 CROWN's linear upper bound ``f_c - f_y <= <A_c, x> + b_c`` computed once on ``B`` holds on every ``B_u``. Its
 maximum over ``B_u`` differs from its maximum over ``B`` only by the terms of the fixed pixels, so one bound
 propagation per image gives all the region bounds (sound, and about 65 times cheaper than one propagation
 per box at the 8 x 8 grid). The alternative, ``relaxation="per_box"``, propagates every (image, region) box
-on its own (the literal definition; ``batch_size`` boxes at a time). Measured on models trained on the
-shortcut-shapes data (``benchmarks/bench_eva.py``), the shared relaxation is also the more faithful one: on
-deep networks the per-box bounds are dominated by how far the interval boxes grow, which follows the image's
-structure rather than what the model uses (a model that reads only a watermark got per-box maps that ranked
-the watermark below average, and a Deletion score worse than a random map).
+on its own, intermediate boxes included (the literal definition; ``batch_size`` boxes at a time).
+``benchmarks/bench_eva.py`` (c) compares the two on a model that reads only a watermark: with CROWN-IBP the
+per-box bounds were dominated by how far the interval boxes grow, which follows the image's structure rather
+than what the model uses (the watermark ranked below average); with full CROWN both rank it first or second
+of 64 cells (2 images; the per-box maps cost about 65 times the shared ones).
 """
 
 from __future__ import annotations
@@ -31,11 +36,16 @@ import torch
 from torch import Tensor, nn
 
 from explain.base import Explainer, check_images_targets, eval_mode, grad_enabled, model_device
-from explain.bounds import METHODS, BoundGraph, build_graph, check_graph, margin_spec, margin_upper_bounds
-from explain.bounds.crown import crown_backward
-from explain.bounds.ibp import ibp_spec_upper
-from explain.bounds.margin import intermediate_bounds
+from explain.bounds import METHODS, BoundGraph, build_graph, check_graph
+from explain.bounds.crown import ROW_BUDGET
+from explain.bounds.margin import margin_upper_bounds_of_balls, shared_crown_margins
 from explain.registry import register_explainer
+from explain.validation import in_interval, one_of, positive_int
+
+__all__ = [
+    "DEFAULT_EPS", "EVA", "RELAXATIONS", "adversarial_overlap_bound", "eva_maps", "grid_regions",
+    "margin_upper_bounds_of_balls", "shared_crown_margins",  # bounds code, importable here as before
+]
 
 RELAXATIONS = ("shared", "per_box")
 
@@ -47,25 +57,15 @@ DEFAULT_EPS = 8 / 255
 def grid_regions(height: int, width: int, grid_size: int, device: torch.device | None = None) -> Tensor:
     """Region ids [H, W] of a ``grid_size`` x ``grid_size`` grid (row-major; the nearest-neighbour upsampling
     of the grid, as Sobol's masks, so H and W need not be multiples of ``grid_size``)."""
-    if not isinstance(grid_size, int) or grid_size < 1:
-        raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
+    positive_int("grid_size", grid_size)
     rows = torch.arange(height, device=device) * grid_size // height
     cols = torch.arange(width, device=device) * grid_size // width
     return rows[:, None] * grid_size + cols[None, :]
 
 
-def _check_eps(eps: float) -> float:
-    if isinstance(eps, Tensor):
-        eps = eps.item()
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a nonnegative number (the L-inf radius), got {eps!r}")
-    return float(eps)
-
-
-def _check_method(method: str, name: str = "method") -> str:
-    if method not in METHODS:
-        raise ValueError(f"{name} must be one of {METHODS}, got {method!r}")
-    return method
+def _check_eps(eps: float | Tensor) -> float:
+    """The L-inf radius: a nonnegative number (a 0-dim tensor is read as its value)."""
+    return in_interval("eps", eps.item() if isinstance(eps, Tensor) else eps, 0)
 
 
 def _check_input_range(images: Tensor, input_range: tuple[float, float] | None) -> None:
@@ -81,76 +81,6 @@ def _check_input_range(images: Tensor, input_range: tuple[float, float] | None) 
         )
 
 
-def _ball(
-    images: Tensor, fixed: Tensor | None, eps: float, input_range: tuple[float, float] | None
-) -> tuple[Tensor, Tensor]:
-    """The box around ``images[i]``: radius ``eps`` where ``fixed[i]`` [H, W] is False (all channels; None:
-    nowhere fixed), the point where it is True, intersected with ``input_range`` if given."""
-    radius = eps if fixed is None else eps * (~fixed).unsqueeze(1).to(images.dtype)
-    lower, upper = images - radius, images + radius
-    if input_range is not None:
-        lower, upper = lower.clamp(min=input_range[0]), upper.clamp(max=input_range[1])
-    return lower, upper
-
-
-def margin_upper_bounds_of_balls(
-    graph: BoundGraph,
-    images: Tensor,
-    targets: Tensor,
-    fixed: Tensor,
-    eps: float,
-    methods: tuple[str, ...] = ("crown",),
-    input_range: tuple[float, float] | None = None,
-    crown_classes: int | None = None,
-    lipschitz_boxes: bool = True,
-) -> Tensor:
-    """Margin upper bounds [n, K-1] of n boxes (:func:`_ball`), the smallest of ``methods``."""
-    lower, upper = _ball(images, fixed, eps, input_range)
-    bounds = [margin_upper_bounds(graph, lower, upper, targets, method, crown_classes, lipschitz_boxes)
-              for method in methods]
-    return torch.stack(bounds).amin(0)
-
-
-def shared_crown_margins(
-    graph: BoundGraph,
-    images: Tensor,
-    targets: Tensor,
-    inverses: Tensor,
-    eps: float,
-    input_range: tuple[float, float] | None = None,
-    crown_classes: int | None = None,
-    lipschitz_boxes: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """CROWN margin bounds of the full balls [b, K-1] and of the region boxes [b, R, K-1] from one bound
-    propagation per image (module docstring). ``inverses`` [b, H, W]: region index of every pixel, in
-    ``[0, R)``; a region index that an image does not use gets the full ball's bound.
-
-    With ``A`` and ``b`` CROWN's linear bound on the full ball (centre ``c``, half-widths ``r``), the bound
-    of the box that fixes region ``u`` at ``x`` is ``sum_p g_p + b - sum_{p in u} (g_p - <A_p, x_p>)`` with
-    ``g_p = <A_p, c_p> + <|A_p|, r_p>`` (sums over the channels of pixel ``p``).
-    """
-    lower, upper = _ball(images, None, eps, input_range)
-    out_lower, records = intermediate_bounds(graph, lower, upper, lipschitz_boxes)
-    spec = margin_spec(targets, out_lower.shape[1]).to(images.dtype)
-    chosen = None
-    if crown_classes is not None and crown_classes < spec.shape[1]:
-        ibp = ibp_spec_upper(graph.root, spec, records)
-        chosen = ibp.topk(crown_classes, dim=1).indices
-        spec = spec.gather(1, chosen.unsqueeze(-1).expand(-1, -1, spec.shape[-1]))
-    A, bias = crown_backward(graph.root, spec, records)
-    centre, radius = ((lower + upper) / 2).unsqueeze(1), ((upper - lower) / 2).unsqueeze(1)
-    free = (A * centre + A.abs() * radius).sum(2)  # [b, m, H, W]
-    drop = (free - (A * images.unsqueeze(1)).sum(2)).flatten(2)
-    full = free.flatten(2).sum(-1) + bias
-    count = int(inverses.max()) + 1
-    index = inverses.flatten(1).unsqueeze(1).expand_as(drop)
-    regions = full.unsqueeze(-1) - drop.new_zeros(*drop.shape[:2], count).scatter_add_(2, index, drop)
-    if chosen is not None:  # the other classes keep the full ball's IBP bound, valid on every sub-box
-        full = ibp.scatter(1, chosen, full)
-        regions = ibp.unsqueeze(-1).repeat(1, 1, count).scatter(1, chosen.unsqueeze(-1).expand_as(regions), regions)
-    return full, regions.transpose(1, 2)
-
-
 def adversarial_overlap_bound(
     model: nn.Module,
     images: Tensor,
@@ -164,6 +94,7 @@ def adversarial_overlap_bound(
     batch_size: int | None = None,
     crown_classes: int | None = None,
     lipschitz_boxes: bool = True,
+    row_budget: int = ROW_BUDGET,
 ) -> Tensor:
     """Upper bound [B] of ``max_{||delta||_inf <= eps, delta = 0 on fixed} max_{c != y} f_c(x+delta) - f_y(x+delta)``.
 
@@ -173,9 +104,10 @@ def adversarial_overlap_bound(
         images: [B, C, H, W]; targets: [B] class indices (or an int).
         eps: L-inf radius, in the units of ``images``.
         fixed: optional bool [B, H, W] (or [H, W] for all images): cells that are not perturbed (any channel).
-        method: ``crown`` (CROWN with IBP intermediate bounds), ``ibp``, ``lipschitz`` (1-Lipschitz body under
-            a last linear layer: ``lipschitz_body=True`` or the model's ``lipschitz_body`` attribute), or
-            ``best`` (per class, the smallest of the available bounds).
+        method: ``crown`` (full CROWN: every nonlinear layer's input box from a backward pass to the input),
+            ``crown-ibp`` (CROWN on interval intermediate boxes: cheaper, far looser on networks not trained for
+            it), ``ibp``, ``lipschitz`` (1-Lipschitz body under a last linear layer: ``lipschitz_body=True`` or the
+            model's ``lipschitz_body`` attribute), or ``best`` (per class, the smallest of the available bounds).
         input_range: optional (low, high): intersect the ball with the valid input range. Default None: the
             plain L-inf ball, as in the definition of the adversarial overlap.
         batch_size: boxes per bound computation (all at once when None).
@@ -183,9 +115,15 @@ def adversarial_overlap_bound(
             box, the others keeping their IBP bound (see :func:`explain.bounds.margin_upper_bounds`).
         lipschitz_boxes: intersect the intermediate boxes with Lipschitz boxes computed from the weights
             (:mod:`explain.bounds.lipschitz`; sound for any network, far tighter on 1-Lipschitz ones).
+        row_budget: memory of full CROWN's intermediate passes (elements per chunk of backward rows).
+
+    Raises:
+        ValueError: a bad option, target or ``fixed`` mask, or images outside ``input_range``.
+        UnsupportedLayerError: a layer without bound rules (named with its module path).
     """
     images, targets = check_images_targets(images, targets)
-    eps, method = _check_eps(eps), _check_method(method)
+    eps, method = _check_eps(eps), one_of("method", method, METHODS)
+    batch_size = positive_int("batch_size", batch_size, allow_none=True)
     _check_input_range(images, input_range)
     batch, _, height, width = images.shape
     if fixed is None:
@@ -199,6 +137,8 @@ def adversarial_overlap_bound(
         raise ValueError(f"fixed has {fixed.shape[0]} masks for {batch} images")
     out_device = images.device
     device = model_device(model, default=images.device)
+    options = dict(methods=(method,), input_range=input_range, crown_classes=crown_classes,
+                   lipschitz_boxes=lipschitz_boxes, row_budget=row_budget)
     with grad_enabled(), eval_mode(model):
         images, targets = images.detach().to(device).clone(), targets.to(device).clone()
         fixed = fixed.to(device)
@@ -207,7 +147,7 @@ def adversarial_overlap_bound(
         chunk = batch if batch_size is None else batch_size
         bounds = torch.cat([
             margin_upper_bounds_of_balls(graph, images[i : i + chunk], targets[i : i + chunk], fixed[i : i + chunk],
-                                         eps, (method,), input_range, crown_classes, lipschitz_boxes).amax(1)
+                                         eps, **options).amax(1)
             for i in range(0, batch, chunk)
         ])
     return bounds.detach().to(out_device)
@@ -219,38 +159,43 @@ def eva_maps(
     targets: Tensor,
     regions: Tensor,
     eps: float,
+    *,
     method: str = "crown",
     input_range: tuple[float, float] | None = None,
     batch_size: int | None = None,
     crown_classes: int | None = None,
     relaxation: str = "shared",
     lipschitz_boxes: bool = True,
+    row_budget: int = ROW_BUDGET,
 ) -> Tensor:
     """EVA maps [B, H, W]: each pixel gets ``AO(x, B) - AO(x, B_u)`` of its region ``u``.
 
     ``regions`` [B, H, W] integer region ids (any values; a region is the set of pixels sharing an id).
-    ``relaxation="shared"``: CROWN (``method`` crown, and the CROWN part of best) propagates the full ball of
-    each image once, ``batch_size`` images at a time, and bounds every region box from it (module docstring).
-    IBP and the Lipschitz bound, and CROWN with ``relaxation="per_box"``, bound every box on its own: the full
-    balls and every region of every image form one list of boxes, bounded ``batch_size`` at a time (boxes of
-    several images share a chunk).
+    ``relaxation="shared"``: CROWN (``method`` crown or crown-ibp, and the CROWN part of best) propagates the
+    full ball of each image once, ``batch_size`` images at a time, and bounds every region box from it (module
+    docstring). IBP and the Lipschitz bound, and CROWN with ``relaxation="per_box"``, bound every box on its own:
+    the full balls and every region of every image form one list of boxes, bounded ``batch_size`` at a time
+    (boxes of several images share a chunk).
     """
-    if relaxation not in RELAXATIONS:
-        raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
+    eps, method = _check_eps(eps), one_of("method", method, METHODS)
+    relaxation = one_of("relaxation", relaxation, RELAXATIONS)
+    batch_size = positive_int("batch_size", batch_size, allow_none=True)
     batch, device = images.shape[0], images.device
     inverses = torch.stack([torch.unique(labels, return_inverse=True)[1] for labels in regions])
     counts = (inverses.flatten(1).amax(1) + 1).tolist()
     chunk = batch if batch_size is None else batch_size
-    shared = relaxation == "shared" and method in ("crown", "best")
+    shared = relaxation == "shared" and method in ("crown", "crown-ibp", "best")
+    options = dict(input_range=input_range, crown_classes=crown_classes, lipschitz_boxes=lipschitz_boxes,
+                   row_budget=row_budget)
     margins = []  # [B, K-1] of the full balls, then [count_b, K-1] of the regions of each image
     if shared:
         parts = [shared_crown_margins(graph, images[i : i + chunk], targets[i : i + chunk], inverses[i : i + chunk],
-                                      eps, input_range, crown_classes, lipschitz_boxes)
+                                      eps, full_crown=method != "crown-ibp", **options)
                  for i in range(0, batch, chunk)]
         per_region = [of_image for part in parts for of_image in part[1]]
         margins.append(torch.cat([*[part[0] for part in parts], *[r[:c] for r, c in zip(per_region, counts)]]))
-    if method == "crown":
-        per_box = () if shared else ("crown",)
+    if method in ("crown", "crown-ibp"):
+        per_box = () if shared else (method,)
     elif method == "best" and shared:  # the per-box bounds that "best" takes along with the shared CROWN
         per_box = ("ibp", "lipschitz") if graph.lipschitz_body else ("ibp",)
     else:
@@ -265,8 +210,8 @@ def eva_maps(
         for start in range(0, len(image_index), chunk):
             index, region = image_index[start : start + chunk], region_index[start : start + chunk]
             fixed = inverses[index] == region.view(-1, 1, 1)  # the masks are built chunk by chunk
-            boxes.append(margin_upper_bounds_of_balls(graph, images[index], targets[index], fixed, eps, per_box,
-                                                      input_range, crown_classes, lipschitz_boxes))
+            boxes.append(margin_upper_bounds_of_balls(graph, images[index], targets[index], fixed, eps,
+                                                      methods=per_box, **options))
         margins.append(torch.cat(boxes))
     overlap = torch.stack(margins).amin(0).amax(1)
     full, per_region = overlap[:batch], overlap[batch:].split(counts)
@@ -279,12 +224,13 @@ class EVA(Explainer):
 
     ``regions``: None for the ``grid_size`` grid, or an integer label map [H, W] or [B, H, W] (superpixels)
     used for every call; a call may also pass its own: ``explainer(images, targets, regions=labels)``.
-    ``bound``: ``crown`` | ``ibp`` | ``lipschitz`` | ``best`` (see :func:`adversarial_overlap_bound`).
-    ``eps`` is in the units of the images (8/255 suits images in [0, 1]; scale it with any normalisation done
-    outside the model). ``relaxation``: ``"shared"`` (one CROWN propagation per image, valid for all its
-    regions) or ``"per_box"`` (one per (image, region) box); see the module docstring. ``batch_size``: images
-    (shared) or boxes (per box) bounded at once; each carries K-1 backward rows through the network.
-    ``lipschitz_boxes``: intersect the intermediate boxes with Lipschitz boxes (:mod:`explain.bounds.lipschitz`).
+    ``bound``: ``crown`` (full CROWN) | ``crown-ibp`` | ``ibp`` | ``lipschitz`` | ``best`` (see
+    :func:`adversarial_overlap_bound`). ``eps`` is in the units of the images (8/255 suits images in [0, 1];
+    scale it with any normalisation done outside the model). ``relaxation``: ``"shared"`` (one CROWN
+    propagation per image, valid for all its regions) or ``"per_box"`` (one per (image, region) box); see the
+    module docstring. ``batch_size``: images (shared) or boxes (per box) bounded at once; each carries K-1
+    backward rows through the network. ``lipschitz_boxes``: intersect the intermediate boxes with Lipschitz
+    boxes (:mod:`explain.bounds.lipschitz`). ``row_budget``: memory of full CROWN's intermediate passes.
 
     ``crown_classes``: for many classes (ImageNet), run CROWN only for this many classes of largest IBP bound
     (the others keep their IBP bound; still sound).
@@ -293,6 +239,11 @@ class EVA(Explainer):
     ``bound="lipschitz"`` every region of equal size gets the same score. On a 1-Lipschitz network it is also
     the tightest bound by far, so ``bound="best"`` then gives (nearly) that same flat map: ``best`` serves the
     overlap bound (:func:`adversarial_overlap_bound`), ``crown`` the maps.
+
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6), nn.ReLU(), nn.Linear(6, 3))
+    >>> EVA(model, eps=0.01, grid_size=4)(torch.rand(2, 3, 8, 8), torch.tensor([0, 2])).shape
+    torch.Size([2, 8, 8])
     """
 
     def __init__(
@@ -309,24 +260,19 @@ class EVA(Explainer):
         lipschitz_boxes: bool = True,
         batch_size: int = 16,
         seed: int | None = 0,
+        row_budget: int = ROW_BUDGET,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
-        if relaxation not in RELAXATIONS:
-            raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
-        self.relaxation = relaxation
+        self.relaxation = one_of("relaxation", relaxation, RELAXATIONS)
         self.lipschitz_boxes = bool(lipschitz_boxes)
         self.eps = _check_eps(eps)
-        if not isinstance(grid_size, int) or grid_size < 1:
-            raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
-        self.grid_size = grid_size
+        self.grid_size = positive_int("grid_size", grid_size)
         self.regions = None if regions is None else self._check_regions(regions)
-        self.bound = _check_method(bound, name="bound")
+        self.bound = one_of("bound", bound, METHODS)
         self.input_range = input_range
         self.lipschitz_body = lipschitz_body
-        if crown_classes is not None and (not isinstance(crown_classes, int) or crown_classes < 1):
-            raise ValueError(f"crown_classes must be a positive int or None, got {crown_classes!r}")
-        self.crown_classes = crown_classes
-        self._call_regions: Tensor | None = None
+        self.crown_classes = positive_int("crown_classes", crown_classes, allow_none=True)
+        self.row_budget = positive_int("row_budget", row_budget)
         self._graph: tuple[tuple, BoundGraph] | None = None
 
     @staticmethod
@@ -338,16 +284,9 @@ class EVA(Explainer):
             raise ValueError(f"regions must be [H, W] or [B, H, W], got shape {tuple(regions.shape)}")
         return regions.long()
 
-    def __call__(self, images: Tensor, targets: Tensor | int, regions: Tensor | None = None) -> Tensor:
-        self._call_regions = None if regions is None else self._check_regions(regions)
-        try:
-            return super().__call__(images, targets)
-        finally:
-            self._call_regions = None
-
-    def _regions_for(self, images: Tensor) -> Tensor:
+    def _regions_for(self, images: Tensor, regions: Tensor | None) -> Tensor:
         batch, _, height, width = images.shape
-        regions = self._call_regions if self._call_regions is not None else self.regions
+        regions = self.regions if regions is None else self._check_regions(regions)
         if regions is None:
             regions = grid_regions(height, width, self.grid_size, images.device)
         if regions.shape[-2:] != (height, width) or (regions.ndim == 3 and regions.shape[0] != batch):
@@ -367,12 +306,15 @@ class EVA(Explainer):
             self._graph = (key, build_graph(self.model, lipschitz_body=self.lipschitz_body))
         return self._graph[1]
 
-    def explain(self, images: Tensor, targets: Tensor) -> Tensor:
+    def explain(self, images: Tensor, targets: Tensor, regions: Tensor | None = None) -> Tensor:
+        """Maps [B, H, W]; ``regions``: this call's label map (default: the one given at construction, or the
+        grid)."""
         _check_input_range(images, self.input_range)
         graph = self._bound_graph()
         check_graph(graph, self.model, images)
-        return eva_maps(graph, images, targets, self._regions_for(images), self.eps, self.bound,
-                        self.input_range, self.batch_size, self.crown_classes, self.relaxation, self.lipschitz_boxes)
+        return eva_maps(graph, images, targets, self._regions_for(images, regions), eps=self.eps, method=self.bound,
+                        input_range=self.input_range, batch_size=self.batch_size, crown_classes=self.crown_classes,
+                        relaxation=self.relaxation, lipschitz_boxes=self.lipschitz_boxes, row_budget=self.row_budget)
 
     def __repr__(self) -> str:
         return (f"EVA(model={type(self.model).__name__}, eps={self.eps:.4g}, grid_size={self.grid_size}, "

@@ -11,9 +11,12 @@ MaxMin (``cat(relu(x), relu(-x))``) is two ReLUs of ``x`` and ``-x``.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from deel.torchlip.modules import GroupSort
+from deel.torchlip.modules import MaxMin as LipMaxMin
+from torch import Tensor, nn
 
-from explain.bounds.node import Node
+from explain.bounds.convert import converts, exact_type, lipschitz_factor, unsupported
+from explain.bounds.node import Gain, Node, Records
 from explain.bounds.relaxations import relu_relaxation
 
 
@@ -30,6 +33,11 @@ def relaxed_backward(A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, T
     return A_in, offset
 
 
+def crosses_zero(lower: Tensor, upper: Tensor) -> Tensor:
+    """The unstable neurons of a ReLU: ``lower < 0 < upper`` (elsewhere the relaxation is exact)."""
+    return (lower < 0) & (upper > 0)
+
+
 class ReLU(Node):
     def interval(self, lower, upper, records):
         records[id(self)] = (lower, upper)
@@ -38,6 +46,13 @@ class ReLU(Node):
     def backward(self, A, bias, records):
         A_in, offset = relaxed_backward(A, *records[id(self)])
         return A_in, bias + offset
+
+    def unstable(self, lower, upper):
+        return crosses_zero(lower, upper)
+
+    def gain(self, gain, x, constants):
+        constants[id(self)] = Gain(gain.whole, gain.coord)
+        return Gain(gain.whole, gain.coord), self.interval(x, x, Records())[0]
 
 
 class PairSort(Node):
@@ -53,13 +68,20 @@ class PairSort(Node):
             raise ValueError(f"GroupSort2 at '{self.path}' needs an even number of channels, got {channels}")
         return x.view(*x.shape[:dim], channels // 2, 2, *x.shape[dim + 1 :])
 
-    def interval(self, lower, upper, records, difference: tuple[Tensor, Tensor] | None = None):
+    def difference_box(self, lower: Tensor, upper: Tensor, difference: tuple[Tensor, Tensor] | None = None
+                       ) -> tuple[Tensor, Tensor]:
+        """Box of the pair differences ``a - b``: ``[l_a - u_b, u_a - l_b]``, intersected with ``difference``."""
         lower, upper = self._pairs(lower, 1), self._pairs(upper, 1)
-        la, lb, ua, ub = lower[:, :, 0], lower[:, :, 1], upper[:, :, 0], upper[:, :, 1]
-        low_d, up_d = la - ub, ua - lb
+        low_d, up_d = lower[:, :, 0] - upper[:, :, 1], upper[:, :, 0] - lower[:, :, 1]
         if difference is not None:
             low_d, up_d = torch.maximum(low_d, difference[0]), torch.minimum(up_d, difference[1])
             up_d = torch.maximum(up_d, low_d)  # guard against float rounding crossing the two estimates
+        return low_d, up_d
+
+    def interval(self, lower, upper, records, difference: tuple[Tensor, Tensor] | None = None):
+        low_d, up_d = self.difference_box(lower, upper, difference)
+        lower, upper = self._pairs(lower, 1), self._pairs(upper, 1)
+        la, lb, ua, ub = lower[:, :, 0], lower[:, :, 1], upper[:, :, 0], upper[:, :, 1]
         records[id(self)] = (low_d, up_d)
         relu_low, relu_up = low_d.clamp(min=0), up_d.clamp(min=0)
         # both enclosures are sound; keep their intersection
@@ -79,6 +101,24 @@ class PairSort(Node):
         torch.add(A_min, slope, out=A_in[:, :, :, 0])
         torch.sub(A_max, slope, out=A_in[:, :, :, 1])
         return A_in.flatten(2, 3), bias + offset
+
+    def tighten(self, lower, upper, difference, records):
+        """Full CROWN on the pair differences, the only box the relaxation reads."""
+        low_d, up_d = self.difference_box(lower, upper, difference)
+
+        def on_input(A: Tensor) -> Tensor:  # a row on the differences -> the same row on (a, b)
+            return torch.stack([A, -A], dim=3).flatten(2, 3)
+
+        difference = records.crown.tighten(low_d, up_d, crosses_zero(low_d, up_d), on_input)
+        return lower, upper, difference
+
+    def gain(self, gain, x, constants):
+        """Sorting a pair permutes it: per coordinate the larger constant of its pair, times ``scale``."""
+        constants[id(self)] = gain
+        coord = gain.coord
+        if coord.ndim >= 2 and coord.shape[1] > 1:
+            coord = self._pairs(coord, 1).amax(dim=2, keepdim=True).expand(-1, -1, 2, *coord.shape[2:]).flatten(1, 2)
+        return Gain(gain.whole * self.scale, coord * self.scale), self.interval(x, x, Records())[0]
 
 
 class MaxMin(Node):
@@ -100,3 +140,32 @@ class MaxMin(Node):
         slope_pos, offset_pos = relaxed_backward(A_pos, lower, upper)
         slope_neg, offset_neg = relaxed_backward(A_neg, -upper, -lower)
         return slope_pos - slope_neg, bias + offset_pos + offset_neg
+
+    def unstable(self, lower, upper):
+        return crosses_zero(lower, upper)
+
+    def gain(self, gain, x, constants):
+        constants[id(self)] = Gain(gain.whole, gain.coord)
+        coord = torch.cat([gain.coord, gain.coord], dim=1) if gain.coord.ndim >= 2 else gain.coord
+        return Gain(gain.whole * self.scale, coord * self.scale), self.interval(x, x, Records())[0]
+
+
+# ------------------------------------------------------------------------------------------- builders
+@converts(nn.ReLU)
+def _relu(module: nn.ReLU, path: str) -> ReLU:
+    exact_type(module, path, nn.ReLU)
+    return ReLU(path)
+
+
+@converts(GroupSort)
+def _group_sort(module: GroupSort, path: str) -> PairSort:
+    if module.group_size != 2:
+        raise unsupported(module, path, f"only group size 2 (GroupSort2), got {module.group_size}")
+    return PairSort(path, scale=lipschitz_factor(module, path))
+
+
+@converts(LipMaxMin)
+def _max_min(module: LipMaxMin, path: str) -> MaxMin:
+    if module._dim not in (None, 1):
+        raise unsupported(module, path, f"MaxMin only along dim 1, got dim={module._dim}")
+    return MaxMin(path, scale=lipschitz_factor(module, path))

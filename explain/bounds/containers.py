@@ -6,11 +6,19 @@ import torch
 from torch import Tensor
 
 from explain.bounds.activations import PairSort
-from explain.bounds.node import Node
+from explain.bounds.node import Gain, Node
 
 
 class Chain(Node):
-    """Nodes applied one after the other."""
+    """Nodes applied one after the other.
+
+    The interval pass intersects the box reaching each nonlinear node with its Lipschitz box
+    (``records.limits``) and, in full CROWN (``records.crown``), with the node's :meth:`~Node.tighten` box; a
+    GroupSort2 also gets the box of its pair differences through the differenced weights of the affine node
+    before it (``interval_with_pairs``).
+    """
+
+    container = True
 
     def __init__(self, nodes: list[Node], path: str) -> None:
         super().__init__(path)
@@ -18,9 +26,10 @@ class Chain(Node):
 
     def interval(self, lower, upper, records):
         difference = None
+        crown = records.crown
         for index, node in enumerate(self.nodes):
             following = self.nodes[index + 1] if index + 1 < len(self.nodes) else None
-            if not node.affine:
+            if not node.affine and not node.container:
                 if records.inputs is not None:
                     records.inputs[id(node)] = lower
                 limit = records.limits.get(id(node))
@@ -28,6 +37,8 @@ class Chain(Node):
                     lower, upper = _intersect((lower, upper), limit[:2])
                     if limit[2] is not None:
                         difference = limit[2] if difference is None else _intersect(difference, limit[2])
+                if crown is not None:
+                    lower, upper, difference = node.tighten(lower, upper, difference, records)
             if isinstance(node, PairSort):
                 lower, upper = node.interval(lower, upper, records, difference=difference)
                 difference = None
@@ -35,12 +46,19 @@ class Chain(Node):
                 lower, upper, difference = node.interval_with_pairs(lower, upper, records)
             else:
                 lower, upper = node.interval(lower, upper, records)
+            if crown is not None and not node.container:
+                crown.follow(node, lower)
         return lower, upper
 
     def backward(self, A, bias, records):
         for node in reversed(self.nodes):
             A, bias = node.backward(A, bias, records)
         return A, bias
+
+    def gain(self, gain, x, constants):
+        for child in self.nodes:
+            gain, x = child.gain(gain, x, constants)
+        return gain, x
 
 
 def _intersect(box: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -58,6 +76,8 @@ class Residual(Node):
     IBP adds the two boxes; CROWN sends ``w_s A`` and ``w_b A`` down both paths and adds what comes back.
     """
 
+    container = True
+
     def __init__(
         self, shortcut: Chain, branch: Chain, shortcut_weight: float, branch_weight: float, post: Chain, path: str
     ) -> None:
@@ -68,15 +88,37 @@ class Residual(Node):
         self.shortcut_weight, self.branch_weight = shortcut_weight, branch_weight
 
     def interval(self, lower, upper, records):
+        crown = records.crown
+        start = crown.state() if crown is not None else None
         short_lower, short_upper = self.shortcut.interval(lower, upper, records)
+        if crown is not None:
+            crown.restore(start)
         branch_lower, branch_upper = self.branch.interval(lower, upper, records)
         lower = self.shortcut_weight * short_lower + self.branch_weight * branch_lower
         upper = self.shortcut_weight * short_upper + self.branch_weight * branch_upper
-        return self.post.interval(lower, upper, records)
+        if crown is not None:
+            crown.restore(start)
+            crown.follow_with(lambda A, bias: self._merge_backward(A, bias, records), None)
+        lower, upper = self.post.interval(lower, upper, records)
+        if crown is not None:  # the outer chain continues from the residual's input through the whole block
+            crown.restore(start)
+            crown.follow(self, lower)
+        return lower, upper
 
-    def backward(self, A, bias, records):
-        A, bias = self.post.backward(A, bias, records)
+    def _merge_backward(self, A: Tensor, bias: Tensor, records) -> tuple[Tensor, Tensor]:
         zero = torch.zeros_like(bias)
         A_short, bias_short = self.shortcut.backward(A * self.shortcut_weight, zero, records)
         A_branch, bias_branch = self.branch.backward(A * self.branch_weight, zero, records)
         return A_short + A_branch, bias + bias_short + bias_branch
+
+    def backward(self, A, bias, records):
+        return self._merge_backward(*self.post.backward(A, bias, records), records)
+
+    def gain(self, gain, x, constants):
+        short, x_short = self.shortcut.gain(gain, x, constants)
+        branch, x_branch = self.branch.gain(gain, x, constants)
+        merged = Gain(
+            self.shortcut_weight * short.whole + self.branch_weight * branch.whole,
+            self.shortcut_weight * short.coord + self.branch_weight * branch.coord,
+        )
+        return self.post.gain(merged, self.shortcut_weight * x_short + self.branch_weight * x_branch, constants)

@@ -1,29 +1,122 @@
-"""CROWN backward linear relaxation (Zhang et al. 2018), with IBP intermediate bounds (CROWN-IBP).
+"""CROWN backward linear relaxation (Zhang et al. 2018), with full-CROWN or IBP intermediate bounds.
 
 The specification ``spec @ f(x)`` is pulled back through the network from the output to the input: affine
-layers exactly, nonlinear ones through a linear relaxation that holds on their input box. The boxes of the
-intermediate layers come from the interval pass (Zhang et al. 2020, "Towards Stable and Efficient Training of
-Verifiably Robust Neural Networks": CROWN-IBP), intersected with Lipschitz boxes when asked
-(:mod:`explain.bounds.lipschitz`); full CROWN would need one backward pass per intermediate neuron. The
-result, a linear function of the input, is maximised in closed form over the input box.
+layers exactly, nonlinear ones through a linear relaxation that holds on their input box; the result, a linear
+function of the input, is maximised in closed form over the input box. The relaxations need the boxes of the
+nonlinear layers' inputs:
+
+* **Full CROWN** (auto_LiRPA's ``method="CROWN"``): layer by layer, each nonlinear layer's input box comes from a
+  backward pass from that layer to the network input, through the relaxations built on the boxes found so far
+  (:class:`BackwardToInput`), intersected with the interval box (and the Lipschitz box when asked). Only the
+  coordinates whose relaxation is not already exact on the interval box get a pass (the unstable ReLU
+  neurons, the pair differences of GroupSort2 that may change sign, the undecided max-pooling windows; L2-norm
+  pooling reads all), their rows batched, both signs in one pass, in chunks of bounded memory.
+* **CROWN-IBP** (Zhang et al. 2020): the interval boxes; one backward pass per specification, far looser on
+  networks not trained for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-from explain.bounds.containers import Chain
-from explain.bounds.node import Records, concretize_upper
+from explain.bounds.node import Node, Records, concretize_upper
+
+Backward = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+#: default number of elements of the largest backward coefficient tensor of one chunk of rows (64 MiB in float32)
+ROW_BUDGET = 2**24
 
 
-def crown_backward(root: Chain, spec: Tensor, records: Records) -> tuple[Tensor, Tensor]:
+def crown_backward(root: Node, spec: Tensor, records: Records) -> tuple[Tensor, Tensor]:
     """``(A, bias)``, A [n, r, *input], bias [n, r]: ``spec @ f(x) <= <A, x> + bias`` for every ``x`` whose
     intermediate values lie in the recorded boxes (spec [n, r, K])."""
     bias = torch.zeros(spec.shape[:2], dtype=spec.dtype, device=spec.device)
     return root.backward(spec, bias, records)
 
 
-def crown_spec_upper(root: Chain, spec: Tensor, records: Records, lower: Tensor, upper: Tensor) -> Tensor:
+def crown_spec_upper(root: Node, spec: Tensor, records: Records, lower: Tensor, upper: Tensor) -> Tensor:
     """Upper bounds [n, r] of ``spec @ f(x)`` (spec [n, r, K]) over the box ``[lower, upper]``."""
     return concretize_upper(*crown_backward(root, spec, records), lower, upper)
+
+
+def _identity(A: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    return A, bias
+
+
+class BackwardToInput:
+    """Full CROWN's state along the interval pass (``records.crown``): ``to_input`` maps a linear function
+    ``<A, z> + bias`` of the value ``z`` reached so far to an upper bound linear in the network input, through the
+    nodes passed (each with the relaxation of the box it got). Containers save and restore it with
+    :meth:`state` / :meth:`restore` around their children."""
+
+    def __init__(self, records: Records, lower: Tensor, upper: Tensor, row_budget: int = ROW_BUDGET) -> None:
+        self.records, self.lower, self.upper = records, lower, upper
+        self.row_budget = row_budget
+        self.to_input: Backward = _identity
+        #: mixing affine layers passed since the input, None after a nonlinear one (then IBP is not exact)
+        self.mixing: int | None = 0
+        self.largest = lower[0].numel()  # the largest value per box along any path so far
+
+    def state(self) -> tuple[Backward, int | None]:
+        return self.to_input, self.mixing
+
+    def restore(self, state: tuple[Backward, int | None]) -> None:
+        self.to_input, self.mixing = state
+
+    def follow(self, node: Node, out: Tensor) -> None:
+        """Extend ``to_input`` by ``node``'s backward step (``out``: a bound of its output, for its size)."""
+        previous, records = self.to_input, self.records
+        self.to_input = lambda A, bias: previous(*node.backward(A, bias, records))
+        self.largest = max(self.largest, out[0].numel())
+        if node.container or not node.affine:
+            self.mixing = None
+        elif not node.coordinatewise and self.mixing is not None:
+            self.mixing += 1
+
+    def follow_with(self, backward: Backward, mixing: int | None) -> None:
+        """Continue from a value whose backward step to the current point is ``backward`` (a residual sum)."""
+        previous = self.to_input
+        self.to_input = lambda A, bias: previous(*backward(A, bias))
+        self.mixing = mixing
+
+    def tighten(
+        self, lower: Tensor, upper: Tensor, needed: Tensor, on_input: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The box ``[lower, upper]`` of the current value (or of a linear function of it: ``on_input`` maps a
+        row on it to a row on the current value) intersected with CROWN bounds of the ``needed`` coordinates.
+
+        Skipped while the value is at most one mixing affine layer (and coordinatewise ones) from the input:
+        there the interval box is already exact.
+        """
+        if self.mixing is not None and self.mixing <= 1:
+            return lower, upper
+        n, shape = lower.shape[0], lower.shape[1:]
+        flat_needed = needed.reshape(n, -1)
+        counts = flat_needed.sum(1)
+        rows = int(counts.max()) if n else 0
+        if rows == 0:
+            return lower, upper
+        # per box, the needed coordinates first (padding rows: coordinates that are not needed, results unused)
+        order = flat_needed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :rows]
+        valid = torch.arange(rows, device=lower.device) < counts.unsqueeze(1)
+        new_lower, new_upper = lower.reshape(n, -1).clone(), upper.reshape(n, -1).clone()
+        chunk = max(1, self.row_budget // (2 * n * max(self.largest, flat_needed.shape[1])))
+        for start in range(0, rows, chunk):
+            index, keep = order[:, start : start + chunk], valid[:, start : start + chunk]
+            k = index.shape[1]
+            signs = torch.cat([torch.ones(n, k, 1), -torch.ones(n, k, 1)], dim=1).to(lower)
+            spec = lower.new_zeros(n, 2 * k, flat_needed.shape[1])
+            spec.scatter_(2, index.repeat(1, 2).unsqueeze(-1), signs)  # +e_j: upper bound, -e_j: lower bound
+            spec = spec.view(n, 2 * k, *shape)
+            if on_input is not None:
+                spec = on_input(spec)
+            bound = concretize_upper(*self.to_input(spec, lower.new_zeros(n, 2 * k)), self.lower, self.upper)
+            up, low = bound[:, :k], -bound[:, k:]
+            old_low, old_up = new_lower.gather(1, index), new_upper.gather(1, index)
+            new_lower.scatter_(1, index, torch.where(keep, torch.maximum(old_low, low), old_low))
+            new_upper.scatter_(1, index, torch.where(keep, torch.minimum(old_up, up), old_up))
+        new_upper = torch.maximum(new_upper, new_lower)  # against float rounding crossing the two enclosures
+        return new_lower.view_as(lower), new_upper.view_as(upper)

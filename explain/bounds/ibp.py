@@ -11,19 +11,30 @@ import torch
 from torch import Tensor
 
 from explain.bounds.containers import Chain
+from explain.bounds.crown import ROW_BUDGET, BackwardToInput
 from explain.bounds.node import Records, concretize_upper
 
 
 def interval_bounds(
-    root: Chain, lower: Tensor, upper: Tensor, limits: dict[int, tuple] | None = None
+    root: Chain,
+    lower: Tensor,
+    upper: Tensor,
+    limits: dict[int, tuple] | None = None,
+    *,
+    full_crown: bool = False,
+    row_budget: int = ROW_BUDGET,
 ) -> tuple[Tensor, Tensor, Records]:
     """Output box of ``root`` for the input box ``[lower, upper]``, and the records the backward pass needs.
 
     ``limits``: boxes that the input boxes of nonlinear nodes are intersected with (:class:`Records`).
+    ``full_crown``: also intersect them with full-CROWN boxes (:class:`~explain.bounds.crown.BackwardToInput`,
+    ``row_budget`` elements per chunk of backward rows).
     """
     if lower.shape != upper.shape:
         raise ValueError(f"lower and upper must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}")
     records = Records(limits)
+    if full_crown:
+        records.crown = BackwardToInput(records, lower, upper, row_budget)
     out_lower, out_upper = root.interval(lower, upper, records)
     records[id(root)] = (out_lower, out_upper)  # the output box
     return out_lower, out_upper, records

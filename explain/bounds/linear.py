@@ -12,9 +12,12 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from deel.torchlip.modules import InvertibleDownSampling, InvertibleUpSampling, ScaledAdaptiveAvgPool2d, ScaledAvgPool2d
+from torch import Tensor, nn
 
-from explain.bounds.node import Node
+from explain.bounds.convert import converts, detach, exact_type, same_forward, unsupported
+from explain.bounds.node import Gain, Node, Records
+from explain.bounds.norms import MARGIN, conv_operator_norm, positive_map_norm
 
 
 def _centre_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,6 +91,34 @@ class _Weighted(Node):
                 (diff_centre - diff_radius, diff_centre + diff_radius))
 
 
+    def distinct_taps(self, x: Tensor) -> bool:
+        """True when no weight lands twice on one input coordinate in a row of the map."""
+        return True
+
+    def operator_norm(self, x: Tensor) -> float:
+        """An upper bound of the layer's L2 operator norm on inputs shaped like ``x``."""
+        return torch.linalg.matrix_norm(self.weight.double(), ord=2).item() * (1 + MARGIN)
+
+    def gain(self, gain, x, constants):
+        """``L_j = ||w_j||_2 L`` per output row (``||w_j||_1 L`` where a padding mode maps several taps of a
+        kernel to one pixel), ``L ||W||_2`` for the whole output, and the same per pair difference."""
+        out = self.interval(x, x, Records())[0]
+        weight = self.weight.double()
+        if self.distinct_taps(x):
+            row_norm = lambda w: w.flatten(1).norm(dim=1)  # noqa: E731
+        else:
+            row_norm = lambda w: w.flatten(1).abs().sum(1)  # noqa: E731
+        rows = _channel_view(row_norm(weight) * gain.whole, out.ndim).to(x.dtype)
+        pair = None
+        if weight.shape[0] % 2 == 0 and self.can_pair(x):
+            pair = _channel_view(row_norm(weight[0::2] - weight[1::2]) * gain.whole, out.ndim).to(x.dtype)
+        return Gain(self.operator_norm(x) * gain.whole, rows, pair).capped(), out
+
+
+def _channel_view(values: Tensor, ndim: int) -> Tensor:
+    return values.view(1, -1, *([1] * (ndim - 2)))
+
+
 class Linear(_Weighted):
     """``y = x W^T + b`` on the last dimension."""
 
@@ -124,13 +155,24 @@ class Conv2d(_Weighted):
     def can_pair(self, lower):
         return super().can_pair(lower) and self.groups == 1
 
+    def distinct_taps(self, x):
+        """A row of the map is the kernel, cropped at zero-padded borders; other padding modes may map several
+        taps to one pixel (reflect, replicate; circular on inputs smaller than the kernel's span)."""
+        spans = [self.dilation[i] * (self.weight.shape[2 + i] - 1) + 1 for i in range(2)]
+        return self.padding_mode == "zeros" or (
+            self.padding_mode == "circular" and all(size >= span for size, span in zip(x.shape[-2:], spans)))
+
+    def operator_norm(self, x):
+        return conv_operator_norm(self, tuple(x.shape[-2:]))
+
     def backward(self, A, bias, records):
         in_shape = records[id(self)][0].shape[1:]
         if self.bias is not None:
             bias = bias + _sum_bias(A, self.bias)
         if not self.fast_transpose:
             return transpose_by_autograd(lambda x: self.apply(x, self.weight), A, in_shape), bias
-        flat = A.flatten(0, 1)
+        # channels-last: conv_transpose2d on many rows runs 2-5x faster on CPU (measured with oneDNN)
+        flat = A.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         kernel = self.weight.shape[-2:]
         output_padding = [
             in_shape[i + 1]
@@ -140,13 +182,14 @@ class Conv2d(_Weighted):
         out = F.conv_transpose2d(
             flat, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
-        return out.view(*A.shape[:2], *in_shape), bias
+        return out.reshape(*A.shape[:2], *in_shape), bias
 
 
 class ChannelAffine(Node):
     """``y = scale_c x + shift_c`` along dim 1 (BatchNorm in eval: ``scale = gamma / sqrt(var + eps)``)."""
 
     affine = True
+    coordinatewise = True
 
     def __init__(self, scale: Tensor, shift: Tensor, path: str) -> None:
         super().__init__(path)
@@ -166,16 +209,24 @@ class ChannelAffine(Node):
         bias = bias + _sum_bias(A, self.shift)
         return A * self._view(self.scale, A.ndim - 1), bias
 
+    def gain(self, gain, x, constants):
+        out = self.interval(x, x, Records())[0]
+        scale = _channel_view(self.scale.abs(), out.ndim).to(x.dtype)
+        return Gain(scale.max().item() * gain.whole, scale * gain.coord).capped(), out
+
 
 class PositiveLinear(Node):
     """A linear map with nonnegative coefficients and no offset, given by its forward ``fn``."""
 
     affine = True
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], path: str, transpose: Callable | None = None) -> None:
+    def __init__(
+        self, fn: Callable[[Tensor], Tensor], path: str, transpose: Callable | None = None, coordinatewise: bool = False
+    ) -> None:
         super().__init__(path)
         self.fn = fn
         self.transpose = transpose
+        self.coordinatewise = coordinatewise  # each output is one input (identity, reshapes, pixel shuffles)
 
     def interval(self, lower, upper, records):
         records[id(self)] = (lower, upper)
@@ -186,3 +237,90 @@ class PositiveLinear(Node):
         if self.transpose is not None:
             return self.transpose(A, in_shape), bias
         return transpose_by_autograd(self.fn, A, in_shape), bias
+
+    def gain(self, gain, x, constants):
+        out = self.interval(x, x, Records())[0]
+        norm, row_max = positive_map_norm(self.fn, x)
+        return Gain(norm * gain.whole, gain.coord.max() * row_max).capped(), out
+
+
+# ------------------------------------------------------------------------------------------- builders
+@converts(nn.Linear)
+def _linear(module: nn.Linear, path: str) -> Linear:
+    if not same_forward(module, nn.Linear):
+        raise unsupported(module, path)
+    return Linear(module.weight.detach(), detach(module.bias), path)
+
+
+@converts(nn.Conv2d)
+def _conv(module: nn.Conv2d, path: str) -> Conv2d:
+    # deel-torchlip's PadConv2d is a Conv2d whose forward only adds a (here: identity) padding
+    identity_padded = hasattr(module, "old_padding_mode") and module.old_padding_mode.lower() != "symmetric"
+    if not (same_forward(module, nn.Conv2d) or identity_padded):
+        raise unsupported(module, path, "a Conv2d subclass with its own forward")
+    return Conv2d(module, module.weight.detach(), detach(module.bias), path)
+
+
+@converts(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batch_norm(module: nn.modules.batchnorm._BatchNorm, path: str) -> ChannelAffine:
+    exact_type(module, path, nn.BatchNorm1d, nn.BatchNorm2d)
+    if module.running_mean is None or module.running_var is None:
+        raise unsupported(module, path, "BatchNorm without running statistics uses batch statistics in eval")
+    scale = torch.rsqrt(module.running_var.detach() + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight.detach()
+    shift = -module.running_mean.detach() * scale
+    if module.bias is not None:
+        shift = shift + module.bias.detach()
+    return ChannelAffine(scale, shift, path)
+
+
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+
+
+@converts(*_IDENTITIES)
+def _identity(module: nn.Module, path: str) -> PositiveLinear:
+    exact_type(module, path, *_IDENTITIES)  # a subclass could compute anything
+    return PositiveLinear(lambda x: x, path, transpose=lambda A, shape: A, coordinatewise=True)
+
+
+@converts(nn.Flatten, nn.Unflatten)
+def _reshape(module: nn.Module, path: str) -> PositiveLinear:
+    if not same_forward(module, _base(module)):
+        raise unsupported(module, path)
+    if isinstance(module, nn.Flatten) and module.start_dim == 0:  # would flatten the batch of boxes
+        raise unsupported(module, path, "Flatten must keep the batch dimension (start_dim >= 1)")
+    return PositiveLinear(module, path, transpose=_reshape_transpose, coordinatewise=True)
+
+
+def _base(module: nn.Module) -> type:
+    return nn.Flatten if isinstance(module, nn.Flatten) else nn.Unflatten
+
+
+@converts(nn.PixelUnshuffle, InvertibleDownSampling, nn.PixelShuffle, InvertibleUpSampling)
+def _shuffle(module: nn.Module, path: str) -> PositiveLinear:
+    exact_type(module, path, nn.PixelUnshuffle, InvertibleDownSampling, nn.PixelShuffle, InvertibleUpSampling)
+    if type(module) in (nn.PixelUnshuffle, InvertibleDownSampling):
+        factor, adjoint = module.downscale_factor, F.pixel_shuffle
+    else:
+        factor, adjoint = module.upscale_factor, F.pixel_unshuffle
+    return PositiveLinear(module, path, transpose=lambda A, shape: _flat_apply(adjoint, A, factor), coordinatewise=True)
+
+
+_AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, ScaledAvgPool2d,
+                  ScaledAdaptiveAvgPool2d)
+
+
+@converts(*_AVERAGE_POOLS)
+def _average_pool(module: nn.Module, path: str) -> PositiveLinear:
+    exact_type(module, path, *_AVERAGE_POOLS)
+    return PositiveLinear(module, path)
+
+
+def _reshape_transpose(A: Tensor, in_shape: torch.Size) -> Tensor:
+    return A.reshape(*A.shape[:2], *in_shape)
+
+
+def _flat_apply(fn, A: Tensor, factor: int) -> Tensor:
+    out = fn(A.flatten(0, 1), factor)
+    return out.view(*A.shape[:2], *out.shape[1:])

@@ -1,38 +1,66 @@
-"""The contract every operation of a bounded network follows (one class per operation kind).
+"""The contract every operation of a bounded network follows: one class per operation kind, owning all its rules
+(as auto_LiRPA's ``operators/``).
 
-A network is turned into a tree of :class:`Node` (see :mod:`explain.bounds.graph`). Two passes go through it:
+A network is turned into a tree of :class:`Node` (see :mod:`explain.bounds.graph`). The rules of a node:
 
 * ``interval(lower, upper, records)``: interval bound propagation (IBP, Gowal et al. 2018). Maps the box of
   the node's input to a box of its output, and stores in ``records[id(node)]`` what the backward pass needs
   (the input box, or for pairwise sorts the box of the pair differences). The box reaching a nonlinear node
   is first intersected with ``records.limits[id(node)]`` when there is one (a second sound enclosure of the
-  same values, from :mod:`explain.bounds.lipschitz`).
+  same values, from :mod:`explain.bounds.lipschitz`), and, in full CROWN, with the box of a backward pass to the
+  input (``records.crown``, :class:`explain.bounds.crown.BackwardToInput`).
 * ``backward(A, bias, records)``: one step of CROWN's backward linear relaxation (Zhang et al. 2018). The
   quantity to bound from above is ``<A, z_out> + bias`` with ``A`` [n, r, *out_shape] (n boxes, r linear
   functions each) and ``bias`` [n, r]; the node returns ``(A', bias')`` with
   ``<A, z_out> + bias <= <A', z_in> + bias'`` for every ``z_in`` in the recorded input box.
+* ``tighten(lower, upper, difference, records)`` (nonlinear nodes): the input box tightened by full CROWN, for
+  the coordinates whose relaxation is not already exact on the box.
+* ``gain(gain, x, constants)``: the Lipschitz constants of the node's output from those of its input
+  (:mod:`explain.bounds.lipschitz`).
 
 Every step is sound: a box or linear bound that holds for all inputs of the box (up to float rounding).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
 
 class Records(dict):
-    """``id(node) -> tensors`` that the interval pass leaves for the backward pass, and two optional maps
+    """``id(node) -> tensors`` that the interval pass leaves for the backward pass, and three optional fields
     read by :class:`~explain.bounds.containers.Chain`: ``limits`` (``id(node) -> (lower, upper, difference)``,
     boxes that the input box of a nonlinear node is intersected with; ``difference`` bounds the pair
-    differences of a GroupSort2, or is None) and ``inputs`` (when not None, filled with the input of every
-    nonlinear node: used on zero-width boxes to get the values at a point)."""
+    differences of a GroupSort2, or is None), ``inputs`` (when not None, filled with the input of every
+    nonlinear node: used on zero-width boxes to get the values at a point) and ``crown`` (when not None, the
+    full-CROWN state that tightens every nonlinear node's input box by a backward pass to the input)."""
 
-    def __init__(self, limits: dict[int, tuple] | None = None, inputs: dict[int, Tensor] | None = None) -> None:
+    def __init__(self, limits: dict[int, tuple] | None = None, inputs: dict[int, Tensor] | None = None,
+                 crown: Any = None) -> None:
         super().__init__()
         self.limits = {} if limits is None else limits
         self.inputs = inputs
+        self.crown = crown
+
+
+@dataclass
+class Gain:
+    """Lipschitz constants (L2, from the network input) of a node's output: ``whole`` for the output vector,
+    ``coord`` for each coordinate (a tensor broadcastable to the output, e.g. [1, C, 1, 1], or 0-dim), and
+    ``pair`` for each difference of channels ``(2j, 2j+1)`` (read by a following GroupSort2; None if unknown)."""
+
+    whole: float
+    coord: Tensor
+    pair: Tensor | None = None
+
+    def capped(self) -> Gain:
+        """The same gain with each coordinate's constant at most the whole vector's."""
+        return Gain(self.whole, self.coord.clamp(max=self.whole), self.pair)
 
 
 class Node(ABC):
@@ -40,6 +68,10 @@ class Node(ABC):
 
     #: True when the operation is affine: the IBP margin bound folds trailing affine nodes into the spec.
     affine: bool = False
+    #: True when each output coordinate is one input coordinate times a constant (IBP is then exact)
+    coordinatewise: bool = False
+    #: True for nodes made of other nodes (they run the full-CROWN bookkeeping of their children themselves)
+    container: bool = False
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -51,6 +83,21 @@ class Node(ABC):
     @abstractmethod
     def backward(self, A: Tensor, bias: Tensor, records: Records) -> tuple[Tensor, Tensor]:
         """The linear bound ``A @ out + bias`` rewritten on the input (CROWN's backward step)."""
+
+    def tighten(self, lower: Tensor, upper: Tensor, difference: tuple[Tensor, Tensor] | None,
+                records: Records) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """Full CROWN: the input box intersected with CROWN bounds of the coordinates :meth:`unstable` marks."""
+        lower, upper = records.crown.tighten(lower, upper, self.unstable(lower, upper))
+        return lower, upper, difference
+
+    def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """Input coordinates whose relaxation a tighter box would improve (all of them by default)."""
+        return torch.ones_like(lower, dtype=torch.bool)
+
+    def gain(self, gain: Gain, x: Tensor, constants: dict[int, Gain]) -> tuple[Gain, Tensor]:
+        """The Lipschitz gain of the output from that of the input, and the output on the sample input ``x``
+        [1, ...]. Nonlinear nodes record their input gain in ``constants``. Default: unknown (infinite)."""
+        return Gain(math.inf, torch.tensor(math.inf, dtype=x.dtype)), self.interval(x, x, Records())[0]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"

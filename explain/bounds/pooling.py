@@ -9,11 +9,15 @@ concave tangent above).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from deel.torchlip.modules import ScaledAdaptativeL2NormPool2d, ScaledL2NormPool2d
+from torch import Tensor, nn
 
-from explain.bounds.node import Node
+from explain.bounds.convert import converts, exact_type, lipschitz_factor, pair, unsupported
+from explain.bounds.node import Gain, Node, Records
 from explain.bounds.relaxations import l2_norm_relaxation, window_expand, window_sum
 
 
@@ -44,6 +48,13 @@ class L2NormPool(Node):
         offset = (A.clamp(min=0) * upper_offset.unsqueeze(1)).flatten(2).sum(-1)
         return A_in, bias + offset
 
+    def gain(self, gain, x, constants):
+        """Disjoint windows: ``| ||a|| - ||b|| | <= ||a - b||`` per window; a coordinate sums ``window`` inputs."""
+        constants[id(self)] = Gain(gain.whole, gain.coord)
+        window = math.prod(self.kernel) if self.kernel is not None else x.shape[-2] * x.shape[-1]
+        coord = gain.coord * math.sqrt(window) * self.scale
+        return Gain(gain.whole * self.scale, coord).capped(), self.interval(x, x, Records())[0]
+
 
 class MaxPool(Node):
     """``nn.MaxPool2d`` (any kernel, stride, padding, dilation; windows may overlap; not ``ceil_mode``).
@@ -62,6 +73,32 @@ class MaxPool(Node):
         pool = lambda x: F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation)  # noqa: E731
         return pool(lower), pool(upper)
 
+    def _dominated(self, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Window entries of the bounds, the index of the largest lower bound per window and whether it
+        dominates every other upper bound (then the window's max is that entry: the relaxation is exact)."""
+        low, up = self._windows(lower), self._windows(upper)
+        top_lower, index = low.max(dim=2, keepdim=True)
+        others = up.scatter(2, index, -float("inf")).amax(dim=2, keepdim=True)
+        return low, up, index, (top_lower >= others).squeeze(2)
+
+    def unstable(self, lower, upper):
+        """The entries of the windows whose max is not decided by the box."""
+        low, _, _, dominated = self._dominated(lower, upper)
+        cover = (~dominated).to(lower.dtype).unsqueeze(2).expand(-1, -1, low.shape[2], -1)
+        pad_h, pad_w = self.padding
+        size = (lower.shape[-2] + 2 * pad_h, lower.shape[-1] + 2 * pad_w)
+        folded = F.fold(cover.flatten(1, 2), size, self.kernel, self.dilation, 0, self.stride)
+        return folded[..., pad_h : size[0] - pad_h, pad_w : size[1] - pad_w] > 0
+
+    def gain(self, gain, x, constants):
+        """A max of L-Lipschitz values is L-Lipschitz; the whole output counts each input in at most
+        ``coverage`` windows."""
+        constants[id(self)] = Gain(gain.whole, gain.coord)
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        coverage = kh * kw if self.dilation != (1, 1) else math.ceil(kh / sh) * math.ceil(kw / sw)
+        whole = gain.whole * math.sqrt(coverage)
+        return Gain(whole, gain.coord).capped(), self.interval(x, x, Records())[0]
+
     def _windows(self, x: Tensor) -> Tensor:
         """[N, C, H, W] -> [N, C, k*k, L] window entries (padding counts as -inf, as in max pooling)."""
         pad_h, pad_w = self.padding
@@ -71,14 +108,11 @@ class MaxPool(Node):
 
     def backward(self, A, bias, records):
         lower, upper = records[id(self)]
-        low, up = self._windows(lower), self._windows(upper)
-        top_lower, index = low.max(dim=2, keepdim=True)
-        others = up.scatter(2, index, -float("inf")).amax(dim=2, keepdim=True)
-        dominated = (top_lower >= others).squeeze(2)  # [N, C, L]
+        low, up, index, dominated = self._dominated(lower, upper)  # dominated: [N, C, L]
         flat = A.flatten(3)  # [n, r, C, L]
         positive = flat.clamp(min=0)
         coefficient = flat - positive + positive * dominated.unsqueeze(1)
-        ceiling = torch.where(dominated, torch.zeros_like(top_lower.squeeze(2)), up.amax(dim=2))
+        ceiling = torch.where(dominated, torch.zeros_like(dominated, dtype=up.dtype), up.amax(dim=2))
         offset = (positive * ceiling.unsqueeze(1)).flatten(2).sum(-1)
         n, r, channels, length = flat.shape
         entries = flat.new_zeros(n, r, channels, low.shape[2], length)
@@ -88,3 +122,38 @@ class MaxPool(Node):
         A_in = F.fold(entries.view(n * r, -1, length), size, self.kernel, self.dilation, 0, self.stride)
         A_in = A_in[..., pad_h : size[0] - pad_h, pad_w : size[1] - pad_w]
         return A_in.reshape(n, r, *lower.shape[1:]), bias + offset
+
+
+# ------------------------------------------------------------------------------------------- builders
+@converts(nn.MaxPool2d)
+def _max_pool(module: nn.MaxPool2d, path: str) -> MaxPool:
+    exact_type(module, path, nn.MaxPool2d)
+    if module.ceil_mode:
+        raise unsupported(module, path, "ceil_mode=True")
+    return MaxPool(path, *(pair(v) for v in (module.kernel_size, module.stride, module.padding, module.dilation)))
+
+
+@converts(nn.LPPool2d, ScaledAdaptativeL2NormPool2d)
+def _l2_pool(module: nn.Module, path: str) -> L2NormPool:
+    """L2-norm pooling. Subclasses with their own forward (e.g. a NaN-safe square root) are accepted when a
+    probe input shows they compute the same values."""
+    if isinstance(module, ScaledAdaptativeL2NormPool2d):
+        node = L2NormPool(path, None, scale=lipschitz_factor(module, path))
+    else:
+        if module.norm_type != 2:
+            raise unsupported(module, path, f"only the L2 norm (norm_type=2), got {module.norm_type}")
+        kernel = pair(module.kernel_size)
+        stride = kernel if module.stride is None else pair(module.stride)
+        if stride != kernel or module.ceil_mode:
+            raise unsupported(module, path, "L2-norm pooling needs stride = kernel_size and ceil_mode=False")
+        scale = lipschitz_factor(module, path) if isinstance(module, ScaledL2NormPool2d) else 1.0
+        node = L2NormPool(path, kernel, scale=scale)
+    if type(module) not in (nn.LPPool2d, ScaledL2NormPool2d, ScaledAdaptativeL2NormPool2d):
+        kernel = node.kernel or (2, 3)
+        probe = torch.randn(2, 3, 2 * kernel[0] + 1, 3 * kernel[1], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = node.interval(probe, probe, Records())[0]
+            got = module(probe)
+        if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+            raise unsupported(module, path, "its forward does not compute the L2-norm pooling of its base class")
+    return node

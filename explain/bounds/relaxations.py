@@ -57,8 +57,8 @@ def l2_norm_relaxation(
       (slope 0 where ``x0 = 0`` in the whole window: ``y >= 0``).
     * Upper: each ``x_i^2`` lies under its chord on ``[l_i, u_i]``, ``x_i^2 <= (l_i + u_i) x_i - l_i u_i``, so
       ``y <= sqrt(Q(x))`` with ``Q`` linear; ``sqrt`` is concave, so it lies under its tangent at
-      ``q0 = Q(centre) = sum (l_i^2 + u_i^2) / 2``: ``y <= sqrt(q0) + (Q(x) - q0) / (2 sqrt(q0))``. Exact at
-      every vertex of the box. Where ``q0 = 0`` the window is (numerically) the point 0: constant interval bound.
+      ``q0 = Q(centre) = sum (l_i^2 + u_i^2) / 2``: ``y <= sqrt(q0) + (Q(x) - q0) / (2 sqrt(q0))``. The chords
+      are exact at every vertex of the box, the tangent where ``Q(x) = q0``. Where ``q0 = 0`` the window is (numerically) the point 0: constant interval bound.
 
     Returns per-input-cell slopes ``(s_l, s_u)`` [N, C, H, W] and per-window offsets ``t_u`` [N, C, Ho, Wo].
     """

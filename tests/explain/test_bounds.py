@@ -18,6 +18,7 @@ from explain.bounds import UnsupportedLayerError, build_graph, margin_spec, marg
 from explain.bounds.linear import Conv2d
 from explain.bounds.lipschitz import conv_operator_norm, input_gains
 from explain.bounds.crown import crown_backward
+from explain.bounds.ibp import ibp_spec_upper
 from explain.bounds.margin import intermediate_bounds
 from explain.bounds.node import Records, concretize_upper
 from explain.bounds.relaxations import l2_norm_relaxation, relu_relaxation
@@ -240,7 +241,7 @@ def test_lipschitz_boxes_tighten_a_deep_lipschitz_network_and_stay_sound():
     x, y = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2])
     lower, upper = x - 0.002, x + 0.002
     attack = pgd(net, lower, upper, y, starts=4, steps=10)
-    for method in ("ibp", "crown"):
+    for method in ("ibp", "crown-ibp"):  # (full CROWN is within 1e-4 of PGD here with or without them)
         plain = margin_upper_bounds(graph, lower, upper, y, method, lipschitz_boxes=False)
         tight = margin_upper_bounds(graph, lower, upper, y, method)
         assert (attack <= tight + 1e-5).all()
@@ -340,19 +341,25 @@ def test_lipschitz_bound_formula_and_best_is_the_smallest():
         assert (best <= margin_upper_bounds(graph, lower, upper, y, method) + 1e-6).all()
 
 
-def test_crown_on_the_top_classes_only_keeps_ibp_for_the_others():
+@pytest.mark.parametrize("method", ["crown-ibp", "crown"])
+def test_crown_on_the_top_classes_only_keeps_ibp_for_the_others(method):
     net = make_network("batchnorm")
     x, y = _data(n=3)
     lower, upper = _box(x, 0.05, torch.zeros(3, *SHAPE[1:], dtype=torch.bool))
     graph = build_graph(net)
     ibp = margin_upper_bounds(graph, lower, upper, y, "ibp")
-    crown = margin_upper_bounds(graph, lower, upper, y, "crown")
-    partial = margin_upper_bounds(graph, lower, upper, y, "crown", crown_classes=1)
+    if method == "crown":  # the others keep IBP on the same (full-CROWN) intermediate boxes: tighter than IBP
+        records = intermediate_bounds(graph, lower, upper)[1]
+        tightened = ibp_spec_upper(graph.root, margin_spec(y, NUM_CLASSES), records)
+        assert (tightened <= ibp + 1e-6).all() and (tightened < ibp - 1e-3).any()
+        ibp = tightened
+    crown = margin_upper_bounds(graph, lower, upper, y, method)
+    partial = margin_upper_bounds(graph, lower, upper, y, method, crown_classes=1)
     chosen = ibp.argmax(1, keepdim=True)
     torch.testing.assert_close(partial.gather(1, chosen), crown.gather(1, chosen))
     others = torch.ones_like(ibp, dtype=torch.bool).scatter_(1, chosen, False)
     torch.testing.assert_close(partial[others], ibp[others])
-    torch.testing.assert_close(margin_upper_bounds(graph, lower, upper, y, "crown", crown_classes=3), crown)
+    torch.testing.assert_close(margin_upper_bounds(graph, lower, upper, y, method, crown_classes=3), crown)
     assert (pgd(net, lower, upper, y) <= partial + 1e-5).all()
 
 
@@ -467,3 +474,157 @@ def test_torchlip_export_leaves_the_callers_model_untouched():
     assert net.training and all(m.training for m in net.modules())
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, before[key])
+
+
+# ----------------------------------------------------------------------------------------- full CROWN
+@pytest.mark.parametrize("name", NETWORKS)
+def test_full_crown_is_sound_at_several_radii_and_on_region_boxes(name):
+    """Full CROWN, CROWN-IBP and IBP against PGD at three radii, on the full box and on boxes that fix half of the
+    image (EVA's region boxes), with the shared relaxation's region bounds checked too."""
+    torch.manual_seed(0)
+    net = make_network(name)
+    graph = build_graph(net)
+    x, y = _data(n=2, seed=4)
+    inverses = grid_regions(*SHAPE[1:], 2).expand(2, *SHAPE[1:])
+    for eps in (0.01, 0.1):
+        full, shared = shared_crown_margins(graph, x, y, inverses, eps)
+        for region in (None, 1):
+            fixed = torch.zeros(2, *SHAPE[1:], dtype=torch.bool) if region is None else inverses == region
+            lower, upper = _box(x, eps, fixed)
+            attack = pgd(net, lower, upper, y, starts=4, steps=10)
+            for method in ("crown", "crown-ibp", "ibp"):
+                bound = margin_upper_bounds(graph, lower, upper, y, method)
+                assert (attack <= bound + 1e-5).all(), f"{name}/{method}/eps={eps}/region={region}"
+            if region is not None:
+                assert (attack <= shared[:, region] + 1e-5).all(), f"{name}/shared/eps={eps}/region={region}"
+
+
+def test_full_crown_is_tighter_than_crown_ibp_on_every_network():
+    x, y = _data(n=3, seed=5)
+    for name in NETWORKS:
+        torch.manual_seed(0)
+        graph = build_graph(make_network(name))
+        for eps in (0.01, 0.1):
+            lower, upper = x - eps, x + eps
+            full = margin_upper_bounds(graph, lower, upper, y, "crown")
+            cheap = margin_upper_bounds(graph, lower, upper, y, "crown-ibp")
+            assert (full <= cheap + 1e-5).all(), f"{name} eps={eps}: {full} vs {cheap}"
+
+
+def _stable_after_full_crown_network(x: torch.Tensor, eps: float) -> nn.Sequential:
+    """Linear-ReLU-Linear-ReLU-Linear whose first ReLU is active on the whole box and whose second ReLU is active
+    too, but only by a margin that the interval box cannot see (its box crosses 0): the network is affine on the
+    box, so a bound that finds every neuron stable is exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    with torch.no_grad():
+        flat = x.flatten(1)
+        first = flat @ net[1].weight.T
+        reach = eps * net[1].weight.abs().sum(1)
+        net[1].bias.copy_(-(first - reach).amin(0) + 0.1)  # every first-layer neuron active on every box
+        product = net[3].weight @ net[1].weight  # the second layer is affine in x: exact range via |W2 W1|
+        second = (flat @ product.T + net[1].bias @ net[3].weight.T)
+        exact_low = second - eps * product.abs().sum(1)
+        net[3].bias.copy_(-exact_low.amin(0) + 1e-3)  # active by 1e-3 on the exact range
+    return net.eval()
+
+
+def test_full_crown_is_exact_when_no_neuron_is_unstable():
+    x, y = _data(n=3, seed=6)
+    eps = 0.05
+    net = _stable_after_full_crown_network(x, eps)
+    graph = build_graph(net)
+    # the network is W x + b on the box: its margins' maxima in closed form
+    W = net[5].weight @ net[3].weight @ net[1].weight
+    b = net[5].weight @ (net[3].weight @ net[1].bias + net[3].bias) + net[5].bias
+    spec = margin_spec(y, NUM_CLASSES)
+    rows = spec @ W  # [n, K-1, 192]
+    exact = (rows @ x.flatten(1).unsqueeze(-1)).squeeze(-1) + spec @ b + eps * rows.abs().sum(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(margins(net, x + eps * rows.sign().view(3, 3, *SHAPE)[:, 0], y)[:, 0], exact[:, 0],
+                                   rtol=1e-4, atol=1e-4)  # the maximiser of class 0's margin attains it
+    full = margin_upper_bounds(graph, x - eps, x + eps, y, "crown", lipschitz_boxes=False)
+    torch.testing.assert_close(full, exact, rtol=1e-4, atol=1e-4)
+    # the interval boxes see the second layer as unstable, so CROWN-IBP cannot be exact
+    cheap = margin_upper_bounds(graph, x - eps, x + eps, y, "crown-ibp", lipschitz_boxes=False)
+    assert (cheap > exact + 1e-2).any()
+
+
+# ----------------------------------------------------------------------------------------- every relaxation
+def _nonlinear_nodes():
+    from explain.bounds.activations import MaxMin, PairSort, ReLU
+    from explain.bounds.pooling import L2NormPool, MaxPool
+
+    return {
+        "relu": (ReLU("relu"), (2, 4, 5, 5)),
+        "pairsort": (PairSort("pairsort", scale=0.8), (2, 4, 5, 5)),
+        "pairsort_flat": (PairSort("pairsort"), (2, 6)),
+        "maxmin": (MaxMin("maxmin", scale=1.3), (2, 3, 5, 5)),
+        "maxpool_overlapping": (MaxPool("maxpool", (3, 3), (2, 2), (1, 1), (1, 1)), (2, 3, 7, 7)),
+        "maxpool_dilated": (MaxPool("maxpool", (2, 2), (1, 1), (0, 0), (2, 2)), (2, 3, 6, 6)),
+        "l2_pool": (L2NormPool("l2", (2, 2), scale=0.9), (2, 3, 6, 6)),
+        "l2_pool_global": (L2NormPool("l2", None), (2, 3, 4, 4)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_nonlinear_nodes()))
+def test_every_relaxation_sandwiches_its_function_on_its_box(name):
+    """The backward step of each nonlinear node, ``<A, op(z)> + b <= <A', z> + b'`` on the recorded box, for
+    coefficients of both signs (positive ones read the upper line, negative ones the lower line), at random
+    points and at the box's vertices. Boxes are narrow, wide, and straddle or avoid the kinks."""
+    node, shape = _nonlinear_nodes()[name]
+    generator = torch.Generator().manual_seed(0)
+    centre = torch.randn(shape, generator=generator)
+    width = torch.rand(shape, generator=generator) * torch.tensor([0.05, 2.0]).repeat(shape[0] // 2).view(-1, *[1] * (len(shape) - 1))
+    lower, upper = centre - width, centre + width
+    records = Records()
+    node.interval(lower, upper, records)
+    out_shape = node.interval(lower, lower, Records())[0].shape
+    A = torch.randn(shape[0], 5, *out_shape[1:], generator=generator)
+    A_in, bias = node.backward(A, torch.zeros(shape[0], 5), records)
+    points = [lower, upper] + [lower + (upper - lower) * torch.rand(shape, generator=generator) for _ in range(30)]
+    points += [torch.where(torch.rand(shape, generator=generator) < 0.5, lower, upper) for _ in range(30)]
+    for z in points:
+        out = node.interval(z, z, Records())[0]
+        value = (A * out.unsqueeze(1)).flatten(2).sum(-1)
+        relaxed = (A_in * z.unsqueeze(1)).flatten(2).sum(-1) + bias
+        assert (value <= relaxed + 1e-5).all(), f"{name}: {(value - relaxed).max()}"
+
+
+def test_relu_relaxation_is_the_crown_one():
+    """auto_LiRPA's CROWN choice: upper line through (l, 0) and (u, u); lower slope 1 if u >= -l else 0; exact
+    on stable neurons."""
+    lower = torch.tensor([-2.0, -1.0, 0.5, -3.0, -1.0])
+    upper = torch.tensor([1.0, 3.0, 2.0, -0.5, 1.0])
+    lower_slope, upper_slope, upper_offset = relu_relaxation(lower, upper)
+    torch.testing.assert_close(lower_slope, torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0]))
+    torch.testing.assert_close(upper_slope, torch.tensor([1 / 3, 3 / 4, 1.0, 0.0, 0.5]))
+    torch.testing.assert_close(upper_offset, torch.tensor([2 / 3, 3 / 4, 0.0, 0.0, 0.5]))
+
+
+def test_every_method_is_exact_on_a_monotone_network():
+    """Nonnegative weights everywhere and a head whose class 0 is constant: each margin ``f_c - f_0`` increases
+    in every input, so its maximum over the box is at the upper corner, where every upper relaxation (the ReLU
+    chord, the max-pooling ceiling) touches its function. A sound bound equals that value; an upper line lowered
+    anywhere (e.g. the ReLU offset scaled by 0.7) falls below it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1), nn.Conv2d(4, 4, 1), nn.ReLU(),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(16, NUM_CLASSES),
+    ).eval()
+    with torch.no_grad():
+        for layer in (net[0], net[3], net[7]):
+            layer.weight.abs_()
+        net[0].bias.uniform_(-1.5, 0.0)  # unstable first-layer neurons
+        net[3].bias.uniform_(-1.0, 0.0)
+        net[7].weight[0] = 0.0
+        net[7].bias[0] = 0.0
+    graph = build_graph(net)
+    x, _ = _data(n=3, seed=7)
+    y = torch.zeros(3, dtype=torch.long)
+    for eps in (0.02, 0.2):
+        with torch.no_grad():
+            corner = margins(net, x + eps, y)
+        for method in ("crown", "crown-ibp", "ibp"):
+            bound = margin_upper_bounds(graph, x - eps, x + eps, y, method)
+            torch.testing.assert_close(bound, corner, rtol=1e-4, atol=1e-4, msg=f"{method} eps={eps}")
