@@ -218,7 +218,7 @@ class HarmonizedClassifier(LightningModule):
     # ------------------------------------------------------------ finite checks
     def _check_finite_loss(self, **terms: Tensor | None) -> None:
         """Stop training with an error naming the step and each non-finite loss term (``task``,
-        ``harmonization``, ...): an optimizer step on a NaN loss would turn every weight into NaN, and the run
+        ``harmonization`` or ``rrr``): an optimizer step on a NaN loss would turn every weight into NaN, and the run
         would go on to exit 0 with a "best" checkpoint."""
         given = {name: value.detach() for name, value in terms.items() if value is not None}
         if bool(torch.isfinite(torch.stack(list(given.values()))).all()):  # one device sync per step

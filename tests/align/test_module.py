@@ -249,3 +249,18 @@ def test_hyperparameters_keep_the_cli_config_but_not_python_objects():
         _given_hyperparameters.reset(token)
     assert from_cli.hparams["backbone"] == backbone_config
     assert from_cli.hparams["optimizer"] == optimizer_config and "lr_scheduler" in from_cli.hparams
+
+
+def test_a_non_finite_rrr_term_is_named_rrr():
+    class Sqrt(nn.Module):  # finite outputs, an infinite input gradient where a pixel is 0
+        def forward(self, x):
+            return x.abs().sqrt()
+
+    backbone = nn.Sequential(Sqrt(), nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+    model = HarmonizedClassifier(backbone, alignment_loss="rrr", harmonization_weight=1.0)
+    data = batch()
+    data["heatmap"].zero_()  # every pixel is one to ignore
+    data["image"][0, 0, 0, 0] = 0.0
+    with pytest.raises(FloatingPointError, match=r"step 0: rrr loss = (nan|inf)") as error:
+        step(model, data)
+    assert "task" not in str(error.value).split("step 0:")[1].split(";")[0]  # the task loss is finite
