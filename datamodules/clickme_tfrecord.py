@@ -156,8 +156,9 @@ def decode_many(datas: Sequence[bytes], mode: ImageReadMode, wheres: Sequence[st
 class ClickMePreprocessing:
     """Decoded uint8 image [3,H,W] and raw map [H,W] (or None) -> the sample dict of the data contract.
 
-    Without ``transform`` the image is resized to ``image_size`` and the map is brought to ``image_size`` directly
-    from its blurred 64x64 version, exactly as the reference parser does. With a paired ``transform`` (training
+    Without ``transform`` the image is resized to ``image_size`` (bilinear, no antialiasing, as
+    ``tf.image.resize``) and the map is brought to ``image_size`` directly from its blurred 64x64 version, exactly
+    as the reference parser does. With a paired ``transform`` (training
     augmentation) the map is prepared at the image's resolution first, then cropped/flipped with the image.
     """
 
@@ -165,9 +166,9 @@ class ClickMePreprocessing:
         self.image_size, self.transform = image_size, transform
 
     def __call__(self, image: Tensor, heatmap: Tensor | None, label: int) -> dict[str, Tensor]:
-        if self.transform is None:
+        if self.transform is None:  # the reference parser: to float, then tf.image.resize bilinear (no antialias)
             size = [self.image_size, self.image_size]
-            image = F.to_dtype(F.resize(image, size, antialias=True), torch.float32, scale=True)
+            image = F.resize(F.to_dtype(image, torch.float32, scale=True), size, antialias=False)
             human = clickme_heatmap(heatmap, tuple(size)) if heatmap is not None else image.new_zeros(size)
         else:
             human = clickme_heatmap(heatmap, tuple(image.shape[-2:])) if heatmap is not None else None
