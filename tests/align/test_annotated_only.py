@@ -6,7 +6,6 @@ import warnings
 
 import lightning as L
 import pytest
-import timm
 import torch
 from torch import nn
 
@@ -82,6 +81,7 @@ def test_lipschitz_network_annotated_only_equals_full_batch(task_loss, monkeypat
 
 
 def test_layernorm_vit_annotated_only_equals_full_batch():
+    timm = pytest.importorskip("timm")  # the zoo's dependency
     torch.manual_seed(0)
     backbone = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, num_classes=4, depth=2)
     for block in backbone.blocks:  # the fused attention kernels have no double backward
