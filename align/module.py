@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -34,6 +35,22 @@ from explain.attributions.saliency import reduce_channels
 from explain.metrics import HumanAlignment
 from explain.metrics.functional.alignment import CLICKME_CEILING
 from explain.validation import in_interval, one_of
+
+
+#: layers whose training-mode output couples the images of a batch (batch statistics)
+BATCH_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+)
+
+
+def batch_coupled(model: nn.Module) -> bool:
+    """True when a BatchNorm layer of ``model`` normalises with batch statistics (training mode, or no running
+    statistics): its outputs then depend on the other images of the batch, and splitting a batch changes them."""
+    return any(
+        isinstance(layer, BATCH_NORMS) and (layer.training or not layer.track_running_stats)
+        for layer in model.modules()
+    )
 
 
 class HarmonizedClassifier(LightningModule):
@@ -74,6 +91,11 @@ class HarmonizedClassifier(LightningModule):
             ``*/rrr_loss``; :class:`align.losses.rrr.RRRLoss`).
         rrr_threshold: with ``"rrr"`` and no ``spurious_mask`` in the batch, the pixels whose human map is below
             this value are where the model should not look.
+        split_annotated: in a training batch where only some images have a human map, take the double backprop
+            on those only and a plain forward on the others (exact, see :meth:`harmonized_forward`; networks
+            with BatchNorm in training mode always use the whole batch). False: always the whole batch.
+        channels_last: keep the backbone's weights and the images in ``torch.channels_last`` memory format
+            (faster convolutions with ``bf16-mixed`` on tensor-core GPUs).
     """
 
     def __init__(
@@ -93,6 +115,8 @@ class HarmonizedClassifier(LightningModule):
         alignment_ceiling: float = CLICKME_CEILING,
         alignment_loss: Literal["harmonization", "rrr"] = "harmonization",
         rrr_threshold: float = 0.1,
+        split_annotated: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -110,7 +134,8 @@ class HarmonizedClassifier(LightningModule):
         # datamodule whose hyperparameters of the same name differ.
         ignore = [] if _given_hyperparameters.get() is not None else ["backbone", "optimizer", "lr_scheduler"]
         self.save_hyperparameters(ignore=ignore + (["num_classes"] if num_classes is None else []))
-        self.backbone = backbone
+        self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
+        self.split_annotated, self.channels_last = bool(split_annotated), bool(channels_last)
         self.num_classes = self._infer_num_classes(backbone, num_classes)
         self.lipschitz = bool(getattr(backbone, "lipschitz_body", False))
         self.task_loss = TaskLoss(task_loss, **(task_loss_options or {}))
@@ -194,11 +219,47 @@ class HarmonizedClassifier(LightningModule):
             return self.rrr(self.backbone, images, human, has_heatmap, spurious, create_graph=create_graph)
         if human is None or not bool(has_heatmap.any()):
             return self.backbone(images), None
-        logits, gradient = input_gradient(self.backbone, images, labels, create_graph=create_graph)
+        if create_graph:
+            return self.harmonized_forward(images, labels, human, has_heatmap)
+        logits, gradient = input_gradient(self.backbone, images, labels, create_graph=False)
         return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
+
+    def harmonized_forward(
+        self, images: Tensor, labels: Tensor, human: Tensor, has_heatmap: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Logits [B,K] in batch order and the harmonization loss, with the double backprop only where it is needed.
+
+        Only the images with a human map need the input gradient with ``create_graph=True``; the others need a
+        plain forward. Splitting the batch is exact when the images do not interact inside the network (the
+        1-Lipschitz zoo, LayerNorm ViTs, BatchNorm in eval mode). The loss keeps the reference's normalisation:
+        :func:`~align.losses.harmonization.harmonization_loss` averages over the WHOLE batch (images without a map
+        count as zeros), so the mean over the ``A`` annotated images is scaled by ``A / B``.
+
+        BatchNorm in training mode couples the images through the batch statistics: there the whole batch goes
+        through one forward with the double backprop, exactly as the reference (its statistics, and so every
+        logit and gradient, are those of the full batch); see :func:`batch_coupled`.
+        """
+        annotated = has_heatmap.reshape(-1).to(torch.bool)
+        if bool(annotated.all()) or not self.split_annotated or batch_coupled(self.backbone):
+            logits, gradient = input_gradient(self.backbone, images, labels, create_graph=True)
+            return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
+        with_map = annotated.nonzero().flatten()
+        without_map = (~annotated).nonzero().flatten()
+        # parametrized weights (the Lipschitz zoo's orthogonal/spectral layers) computed once for both passes
+        with parametrize.cached():
+            logits_map, gradient = input_gradient(self.backbone, images[with_map], labels[with_map], create_graph=True)
+            logits_plain = self.backbone(images[without_map])
+        logits = logits_map.new_empty(images.shape[0], logits_map.shape[1])
+        logits = logits.index_copy(0, with_map, logits_map).index_copy(0, without_map, logits_plain.to(logits_map))
+        harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human[with_map])
+        return logits, harmonization * (with_map.numel() / images.shape[0])
+
+    def _images(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, human, has_heatmap = self._unpack(batch)
+        images = self._images(images)
         size = images.shape[0]
         if self.harmonization_weight > 0:
             logits, alignment = self._alignment_term(batch, images, labels, human, has_heatmap)
@@ -246,6 +307,7 @@ class HarmonizedClassifier(LightningModule):
         logged as ``<prefix>/<name>``; ``attribute`` names the MetricCollection that accumulates them."""
         metrics = self.get_submodule(attribute)
         images, labels, human, has_heatmap = self._unpack(batch)
+        images = self._images(images)
         size = images.shape[0]
         with_maps = human is not None and bool(has_heatmap.any())
         if with_maps:  # Lightning evaluates under inference_mode: input_gradient re-enables grad on a clone

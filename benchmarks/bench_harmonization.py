@@ -1,12 +1,16 @@
-"""Cost of the harmonization term: one training step WITH it over one WITHOUT it.
+"""Cost of the harmonization term: one training step WITH it over one WITHOUT it, in one process, CPU.
 
-Same model (the default 1-Lipschitz CNN, ``align.models.lip_vgg``), same batch (64 images 32x32 with human maps),
-CPU, one process. A step is forward, loss, backward and an optimizer step, exactly as ``HarmonizedClassifier``
-does it (without Lightning's loop around it). Warm-up, then the median of repeated steps, the two sides
-alternating step by step. Target: ratio <= 2.5
-(the double backprop costs about 2x).
+A step is forward, loss, backward and an optimizer step, exactly as ``HarmonizedClassifier.training_step`` computes
+its loss (``harmonized_forward`` + task loss; without Lightning's loop around it). Warm-up, then the median of
+repeated steps, the two sides alternating step by step (machine drift hits both alike). Cases:
 
-    python benchmarks/bench_harmonization.py [--repeats 30] [--batch-size 64] [--model lip_vgg|small_cnn]
+* ``all``: ``lip_vgg``, 32 px, batch 64, every image annotated (target <= 2.5: the double backprop costs ~2x);
+* ``mix``: ``lip_vgg``, 32 px, batch 64, 20% annotated (13 of 64, the reference mix): the double backprop runs on
+  the annotated images only (target <= 1.35); ``--no-split`` measures the full-batch computation instead;
+* ``resnet18``: torchvision ResNet-18 (BatchNorm), 64 px, batch 16, all annotated (target <= 2.5);
+* ``vit``: ``timm`` ``vit_tiny_patch16_224`` at 32 px, patch 4, 20% annotated (LayerNorm: the split is exact).
+
+    python benchmarks/bench_harmonization.py [--case all|mix|resnet18|vit|every] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -14,21 +18,53 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
+import timm
 import torch
 
-from align.losses import HarmonizationLoss, TaskLoss, input_saliency
-from align.models import lip_vgg, small_cnn
+from align import HarmonizedClassifier
+from align.models import lip_vgg, resnet18
 
 
-def make_step(model, optimizer, task_loss, harmonization, weight: float):
-    def step(images, labels, human, has_heatmap):
+@dataclass
+class Case:
+    model: str
+    image_size: int
+    batch_size: int
+    annotated: float
+    task_loss: str
+    target: float
+
+
+CASES = {
+    "all": Case("lip_vgg", 32, 64, 1.0, "tau_ce", 2.5),
+    "mix": Case("lip_vgg", 32, 64, 0.2, "tau_ce", 1.35),
+    "resnet18": Case("resnet18", 64, 16, 1.0, "ce", 2.5),
+    "vit": Case("vit", 32, 64, 0.2, "ce", 1.35),
+}
+
+
+def backbone(name: str, num_classes: int = 4) -> torch.nn.Module:
+    if name == "lip_vgg":
+        return lip_vgg(num_classes)
+    if name == "resnet18":
+        return resnet18(num_classes)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=num_classes)
+    for block in model.blocks:  # the fused attention kernels have no double backward
+        block.attn.fused_attn = False
+    return model
+
+
+def make_step(module: HarmonizedClassifier, optimizer: torch.optim.Optimizer, harmonize: bool):
+    def step(batch: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
-        if weight > 0:
-            logits, saliency = input_saliency(model, images, labels, reduce="mean", create_graph=True)
-            loss = task_loss(logits, labels) + weight * harmonization(saliency, human, has_heatmap)
+        images, labels = batch["image"], batch["label"]
+        if harmonize:
+            logits, harmonization = module.harmonized_forward(images, labels, batch["heatmap"], batch["has_heatmap"])
+            loss = module.task_loss(logits, labels) + module.harmonization_weight * harmonization
         else:
-            loss = task_loss(model(images), labels)
+            loss = module.task_loss(module.backbone(images), labels)
         loss.backward()
         optimizer.step()
 
@@ -36,50 +72,57 @@ def make_step(model, optimizer, task_loss, harmonization, weight: float):
 
 
 def interleaved_medians(steps: dict, batch, warmup: int, repeats: int) -> dict[str, float]:
-    """Median step time of each side, the sides alternating step by step (machine drift hits both alike)."""
+    """Median step time of each side, the sides alternating step by step."""
     for step in steps.values():
         for _ in range(warmup):
-            step(*batch)
+            step(batch)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             start = time.perf_counter()
-            step(*batch)
+            step(batch)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def run(name: str, case: Case, repeats: int, warmup: int, split: bool) -> float:
+    torch.manual_seed(0)
+    b, size = case.batch_size, case.image_size
+    annotated = torch.zeros(b, dtype=torch.bool)
+    annotated[: round(case.annotated * b)] = True
+    batch = {
+        "image": torch.rand(b, 3, size, size),
+        "label": torch.randint(0, 4, (b,)),
+        "heatmap": torch.rand(b, size, size) * annotated[:, None, None],
+        "has_heatmap": annotated,
+    }
+    steps = {}
+    for side, harmonize in (("without", False), ("with", True)):
+        torch.manual_seed(0)
+        module = HarmonizedClassifier(backbone(case.model), task_loss=case.task_loss, split_annotated=split).train()
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+        steps[side] = make_step(module, optimizer, harmonize)
+    times = interleaved_medians(steps, batch, warmup, repeats)
+    ratio = times["with"] / times["without"]
+    how = "annotated only" if split else "full batch"
+    print(
+        f"{name:9s} {case.model:8s} {size:3d} px batch {b:3d} annotated {int(annotated.sum()):3d} ({how:14s}) | "
+        f"without {times['without'] * 1e3:7.1f} ms | with {times['with'] * 1e3:7.1f} ms | "
+        f"ratio {ratio:.2f} (target <= {case.target})"
+    )
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--case", choices=(*CASES, "every"), default="every")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--model", choices=("lip_vgg", "small_cnn"), default="lip_vgg")
-    parser.add_argument("--task-loss", default="tau_ce")
+    parser.add_argument("--no-split", action="store_true", help="always the full-batch double backprop")
     args = parser.parse_args()
-
-    torch.manual_seed(0)
-    size = args.image_size
-    images = torch.rand(args.batch_size, 3, size, size)
-    labels = torch.randint(0, 4, (args.batch_size,))
-    human = torch.rand(args.batch_size, size, size)
-    has_heatmap = torch.ones(args.batch_size, dtype=torch.bool)
-    batch = (images, labels, human, has_heatmap)
-
-    steps = {}
-    for name, weight in (("without", 0.0), ("with", 1.0)):
-        torch.manual_seed(0)
-        model = (lip_vgg if args.model == "lip_vgg" else small_cnn)(num_classes=4).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        steps[name] = make_step(model, optimizer, TaskLoss(args.task_loss), HarmonizationLoss(5), weight)
-    times = interleaved_medians(steps, batch, args.warmup, args.repeats)
-
-    ratio = times["with"] / times["without"]
-    print(f"model={args.model} batch={args.batch_size} image={size}x{size} threads={torch.get_num_threads()}")
-    print(f"training step without harmonization: {times['without'] * 1e3:8.1f} ms (median of {args.repeats})")
-    print(f"training step with harmonization:    {times['with'] * 1e3:8.1f} ms (median of {args.repeats})")
-    print(f"ratio with / without: {ratio:.2f} (target <= 2.5)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} alternating steps")
+    for name in CASES if args.case == "every" else [args.case]:
+        run(name, CASES[name], args.repeats, args.warmup, not args.no_split)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ there is no human map), ``has_heatmap`` bool [B]. Image and map always get the s
 from datamodules.augmentation import PairedTransform, eval_transform, train_transform
 from datamodules.clickme_folder import ClickMeFolderDataModule
 from datamodules.clickme_heatmap import clickme_heatmap
-from datamodules.clickme_tfrecord import ClickMeTFRecordDataModule
+from datamodules.clickme_tfrecord import ClickMeTFRecordDataModule, ClickMeTFRecordDataset
+from datamodules.mix_sampler import MixedBatchSampler
 from datamodules.shortcut import ShortcutShapesDataModule
 
 __all__ = [
     "ClickMeFolderDataModule",
     "ClickMeTFRecordDataModule",
+    "ClickMeTFRecordDataset",
+    "MixedBatchSampler",
     "PairedTransform",
     "ShortcutShapesDataModule",
     "clickme_heatmap",

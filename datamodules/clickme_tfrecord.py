@@ -1,46 +1,56 @@
-"""``ClickMeTFRecordDataModule``: the ClickMe shards serre-lab distributes, read with ``tfrecord`` (no TensorFlow).
+"""``ClickMeTFRecordDataModule``: the ClickMe shards serre-lab distributes, with random access, for DDP at scale.
 
 Each record holds ``image`` (JPEG bytes, 256x256x3), ``heatmap`` (JPEG bytes, 256x256x1, uint8) and ``label``
-(int64, ImageNet class). The map gets the reference preprocessing
-(:func:`datamodules.clickme_heatmap.clickme_heatmap`).
+(int64, ImageNet class), as a ``tf.train.Example`` parsed with the ``tfrecord`` package (no TensorFlow). The map gets
+the reference preprocessing (:func:`datamodules.clickme_heatmap.clickme_heatmap`).
 
-Sharding. The dataset is an ``IterableDataset`` read by ``world_size`` ranks x ``num_workers`` DataLoader
-workers, i.e. ``n`` consumers; consumer ``c = rank * num_workers + worker``. With at least ``n`` shards, shard
-``s`` is read by consumer ``s % n`` alone. With fewer shards than consumers, every consumer reads every shard
-but keeps only record ``i`` of shard ``s`` when ``(s + i) % n == c``: each record is still served exactly once
-per epoch, at the cost of each file being scanned ``n`` times (only the kept records are decoded). Under DDP the
-ranks may then get a few batches more or less than each other (shards of unequal length, or a shard count that
-is not a multiple of ``n``); give every rank the same number of records, or set ``trainer.limit_train_batches``,
-or Lightning's collective calls wait on the rank that stops first.
+Random access, not streams. Every shard gets an index of its record offsets (:mod:`datamodules.tfrecord_index`:
+the ``tfrecord2idx`` format, built on first use with both checksums of every record checked, cached beside the
+shard or in ``index_dir``, rebuilt when the shard changes). :class:`ClickMeRecords` is then a map-style dataset:
+record ``i`` is read at its (shard, offset). Training batches come from
+:class:`~datamodules.mix_sampler.MixedBatchSampler`: exactly ``round(annotated_ratio * batch_size)`` ClickMe
+records per batch, the rest from ``unannotated_dir``, with Lightning's ``DistributedSampler`` splitting the records
+over the ranks (same number of batches on every rank, each record once per epoch, a seeded shuffle per epoch; see
+that module for the remainder). Validation and test loaders are plain map-style loaders (Lightning adds its
+``DistributedSampler`` under DDP).
 
-Errors name the shard file and the record's index in it (counting from 0): corrupt framing, a record that is not
-a ``tf.train.Example``, a missing feature, an unreadable JPEG, a label out of range.
+Decoding. By default each DataLoader worker decodes its samples with ``torchvision.io.decode_jpeg``. With
+``decode_device="cuda"`` the training loader ships the raw JPEG bytes and :meth:`on_after_batch_transfer` decodes a
+whole batch at once on the GPU (nvjpeg), then applies the same preprocessing there; ``decode_device="cpu"`` runs that
+batched path on the CPU (same code, for machines without a GPU and for tests).
+
+Errors name the shard file and the record's index in it (counting from 0): an empty shard, a checksum mismatch, a
+length larger than the file, a record that is not a ``tf.train.Example``, a missing feature, an unreadable JPEG, a
+label out of range.
 """
 
 from __future__ import annotations
 
 import glob
-import itertools
 import os
-import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-import torch.distributed as dist
 from google.protobuf.message import DecodeError
 from tfrecord import example_pb2
-from tfrecord.reader import tfrecord_iterator
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from datamodules.augmentation import PairedTransform, make_sample, train_transform
-from datamodules.clickme_folder import load_image
 from datamodules.clickme_heatmap import clickme_heatmap
+from datamodules.mix_sampler import MixedBatchSampler, annotated_per_batch
+from datamodules.tfrecord_index import read_record, shard_index
+from explain.validation import in_interval, non_negative_int, one_of, positive_int
+
+FEATURES = ("image", "heatmap", "label")
+JPEG_MAGIC = b"\xff\xd8"
 
 
 def expand_shards(shards: str | Sequence[str], argument: str = "shards") -> list[str]:
@@ -58,188 +68,240 @@ def expand_shards(shards: str | Sequence[str], argument: str = "shards") -> list
     return paths
 
 
-class ClickMeTFRecordDataset(IterableDataset):
-    """Stream of ClickMe samples from TFRecord shards, split across ranks and DataLoader workers.
+class ClickMeRecords(Dataset):
+    """Map-style dataset of the raw ClickMe records of some shards: ``records[i]`` is a dict with ``image_jpeg``
+    and ``heatmap_jpeg`` (bytes), ``label`` (int) and ``where`` (``"<shard>: record <k>"``).
 
     Args:
-        shards: shard file paths.
-        image_size: side of the square output images.
+        shards: shard file paths; every one is indexed (:func:`datamodules.tfrecord_index.shard_index`).
         num_classes: labels must be in ``[0, num_classes)``.
-        transform: paired training augmentation, or None to resize to ``image_size`` (the map is then brought
-            to ``image_size`` directly from its blurred 64x64 version, exactly as the reference does).
-        shuffle_buffer: >0 shuffles the shard order of each consumer and the records through a buffer of that
-            many (undecoded) records, with a new order every epoch (drawn from torch's RNG, so it follows
-            ``seed_everything``).
-        unannotated: optional (path, label) list of images without human maps, mixed in so that the annotated
-            records make ``annotated_ratio`` of the stream (the epoch ends with the annotated records).
-        rank, world_size: this process's place among the DDP ranks (set by the datamodule).
+        index_dir: where to cache the indexes; None: beside each shard, or the user cache when that is read-only.
     """
 
-    FEATURES = ("image", "heatmap", "label")
+    def __init__(self, shards: Sequence[str], num_classes: int, index_dir: str | None = None) -> None:
+        self.shards = [str(shard) for shard in shards]
+        if not self.shards:
+            raise ValueError("no shard given")
+        self.num_classes = positive_int("num_classes", num_classes)
+        indexes = [shard_index(shard, index_dir) for shard in self.shards]
+        self.lengths = [len(index) for index in indexes]
+        #: one row per record: shard number, record number in the shard, offset, framed length
+        self.locations = np.concatenate(
+            [
+                np.column_stack([np.full(len(index), s), np.arange(len(index)), index])
+                for s, index in enumerate(indexes)
+            ]
+        ).astype(np.int64)
 
-    def __init__(
-        self,
-        shards: Sequence[str],
-        image_size: int,
-        num_classes: int,
-        transform: PairedTransform | None = None,
-        shuffle_buffer: int = 0,
-        unannotated: Sequence[tuple[str, int]] | None = None,
-        annotated_ratio: float = 1.0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        super().__init__()
-        if not 0.0 < annotated_ratio <= 1.0:
-            raise ValueError(f"annotated_ratio must be in (0, 1], got {annotated_ratio}")
-        self.shards, self.image_size, self.num_classes = list(shards), image_size, num_classes
-        self.transform, self.shuffle_buffer = transform, shuffle_buffer
-        self.unannotated, self.annotated_ratio = list(unannotated or []), annotated_ratio
-        self.rank, self.world_size = rank, world_size
+    def __len__(self) -> int:
+        return len(self.locations)
 
-    def consumer(self) -> tuple[int, int]:
-        """``(consumer index, number of consumers)`` of the calling process/worker."""
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * num_workers + worker, self.world_size * num_workers
+    def where(self, i: int) -> str:
+        shard, record = self.locations[i, :2]
+        return f"{self.shards[shard]}: record {record}"
 
-    def records(
-        self, consumer: int, num_consumers: int, rng: random.Random | None = None
-    ) -> Iterator[tuple[str, int, bytes]]:
-        """``(shard, record index, raw record)`` of every record this consumer serves (module docstring)."""
-        whole_shards = len(self.shards) >= num_consumers
-        mine = [(s, path) for s, path in enumerate(self.shards) if not whole_shards or s % num_consumers == consumer]
-        if rng is not None:
-            rng.shuffle(mine)
-        for s, path in mine:
-            index = -1
-            try:
-                for index, record in enumerate(tfrecord_iterator(path)):
-                    if whole_shards or (s + index) % num_consumers == consumer:
-                        yield path, index, bytes(record)
-            except RuntimeError as error:  # tfrecord's framing errors: truncated file, bad length
-                raise RuntimeError(f"{path}: record {index + 1}: corrupt TFRecord framing ({error})") from error
-
-    def decode(self, path: str, index: int, record: bytes) -> dict[str, Tensor]:
-        """One raw record -> the sample dict; errors name the shard and the record index."""
-        where = f"{path}: record {index}"
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        shard, record, offset, length = (int(v) for v in self.locations[i])
+        where = f"{self.shards[shard]}: record {record}"
         example = example_pb2.Example()
         try:
-            example.ParseFromString(record)
+            example.ParseFromString(read_record(self.shards[shard], record, offset, length))
         except DecodeError as error:
             raise ValueError(f"{where}: not a tf.train.Example ({error})") from error
         features = example.features.feature
-        missing = [key for key in self.FEATURES if key not in features]
+        missing = [key for key in FEATURES if key not in features]
         if missing:
             raise ValueError(f"{where}: missing feature(s) {missing} (has {sorted(features)})")
-        image_bytes, heatmap_bytes = features["image"].bytes_list.value, features["heatmap"].bytes_list.value
+        image, heatmap = features["image"].bytes_list.value, features["heatmap"].bytes_list.value
         labels = features["label"].int64_list.value
-        if len(image_bytes) != 1 or len(heatmap_bytes) != 1 or len(labels) != 1:
+        if len(image) != 1 or len(heatmap) != 1 or len(labels) != 1:
             raise ValueError(f"{where}: 'image' and 'heatmap' must hold one bytes value and 'label' one int64")
-        label = labels[0]
-        if not 0 <= label < self.num_classes:
-            raise ValueError(f"{where}: label {label} is out of range [0, {self.num_classes})")
-        image = _decode_jpeg(image_bytes[0], ImageReadMode.RGB, f"{where}: feature 'image'")
-        heatmap = _decode_jpeg(heatmap_bytes[0], ImageReadMode.GRAY, f"{where}: feature 'heatmap'")[0]
-        if self.transform is None:
-            size = [self.image_size, self.image_size]
-            image = F.to_dtype(F.resize(image, size, antialias=True), torch.float32, scale=True)
-            heatmap = clickme_heatmap(heatmap, (self.image_size, self.image_size))
-        else:
-            image, heatmap = self.transform(image, clickme_heatmap(heatmap, tuple(image.shape[-2:])))
-        return make_sample(image, label, heatmap, True)
-
-    def load_unannotated(self, path: str, label: int) -> dict[str, Tensor]:
-        """An image without human map: zeros, ``has_heatmap`` False."""
-        image = load_image(Path(path), "unannotated image")
-        heatmap = torch.zeros(image.shape[-2:])
-        if self.transform is None:
-            image = F.to_dtype(F.resize(image, [self.image_size] * 2, antialias=True), torch.float32, scale=True)
-            heatmap = torch.zeros(self.image_size, self.image_size)
-        else:
-            image, heatmap = self.transform(image, heatmap)
-        return make_sample(image, label, heatmap, False)
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        consumer, num_consumers = self.consumer()
-        # a fresh seed per epoch and per worker: DataLoader reseeds torch in each worker from a new base seed
-        rng = random.Random(int(torch.empty((), dtype=torch.int64).random_())) if self.shuffle_buffer > 0 else None
-        records = self.records(consumer, num_consumers, rng)
-        if rng is not None:
-            records = _shuffled(records, self.shuffle_buffer, rng)
-        annotated = (self.decode(*record) for record in records)
-        if not self.unannotated:
-            yield from annotated
-            return
-        others = self.unannotated[consumer::num_consumers]
-        if not others:
-            raise ValueError(
-                f"{len(self.unannotated)} unannotated images cannot be shared among {num_consumers} consumers "
-                "(ranks x workers): add images or use fewer workers"
-            )
-        yield from _mix(annotated, self._cycle(others, rng), self.annotated_ratio)
-
-    def _cycle(self, items: list[tuple[str, int]], rng: random.Random | None) -> Iterator[dict[str, Tensor]]:
-        while True:
-            order = list(items)
-            if rng is not None:
-                rng.shuffle(order)
-            for path, label in order:
-                yield self.load_unannotated(path, label)
+        if not 0 <= labels[0] < self.num_classes:
+            raise ValueError(f"{where}: label {labels[0]} is out of range [0, {self.num_classes})")
+        return {"image_jpeg": image[0], "heatmap_jpeg": heatmap[0], "label": int(labels[0]), "where": where}
 
 
-def _decode_jpeg(data: bytes, mode: ImageReadMode, where: str) -> Tensor:
+def _as_bytes_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_one(data: bytes, mode: ImageReadMode, where: str) -> Tensor:
+    """JPEG (or, for unannotated files, any format torchvision reads) bytes -> uint8 [C, H, W] on the CPU."""
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+        if data[:2] == JPEG_MAGIC:
+            return decode_jpeg(_as_bytes_tensor(data), mode=mode)
+        return decode_image(_as_bytes_tensor(data), mode=mode)
     except RuntimeError as error:
-        raise ValueError(f"{where} is not a readable JPEG ({error})") from error
+        raise ValueError(f"{where} is not a readable image ({error})") from error
 
 
-def _shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
-    """Shuffle a stream through a buffer (as ``tf.data.Dataset.shuffle``): each item leaves at a random time."""
-    buffer = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        slot = rng.randrange(buffer_size)
-        yield buffer[slot]
-        buffer[slot] = item
-    rng.shuffle(buffer)
-    yield from buffer
+def decode_many(datas: Sequence[bytes], mode: ImageReadMode, wheres: Sequence[str], device: torch.device) -> list[Tensor]:
+    """Decode a batch: the JPEGs in one ``decode_jpeg`` call on ``device`` (nvjpeg on CUDA), other formats one by one
+    on the CPU. A failing batch is decoded one by one to name the culprit."""
+    jpegs = [k for k, data in enumerate(datas) if data[:2] == JPEG_MAGIC]
+    out: list[Tensor | None] = [None] * len(datas)
+    if jpegs:
+        try:
+            decoded = decode_jpeg([_as_bytes_tensor(datas[k]) for k in jpegs], mode=mode, device=device)
+        except RuntimeError:
+            decoded = [decode_one(datas[k], mode, wheres[k]).to(device) for k in jpegs]  # raises, naming it
+        for k, image in zip(jpegs, decoded):
+            out[k] = image
+    for k, data in enumerate(datas):
+        if out[k] is None:
+            out[k] = decode_one(data, mode, wheres[k]).to(device)
+    return out  # type: ignore[return-value]
 
 
-def _mix(annotated: Iterator, unannotated: Iterator, ratio: float) -> Iterator:
-    """Interleave two streams so that ``annotated`` makes ``ratio`` of the output at every prefix (within one
-    item): slot ``t`` takes an annotated item while ``count <= ratio * t``. Ends with ``annotated``."""
-    count = 0
-    for t in itertools.count():
-        if count <= ratio * t + 1e-9:
-            item = next(annotated, None)
-            if item is None:
-                return
-            count += 1
-            yield item
+class ClickMePreprocessing:
+    """Decoded uint8 image [3,H,W] and raw map [H,W] (or None) -> the sample dict of the data contract.
+
+    Without ``transform`` the image is resized to ``image_size`` (bilinear, no antialiasing, as
+    ``tf.image.resize``) and the map is brought to ``image_size`` directly from its blurred 64x64 version, exactly
+    as the reference parser does. With a paired ``transform`` (training
+    augmentation) the map is prepared at the image's resolution first, then cropped/flipped with the image.
+    """
+
+    def __init__(self, image_size: int, transform: PairedTransform | None = None) -> None:
+        self.image_size, self.transform = image_size, transform
+
+    def __call__(self, image: Tensor, heatmap: Tensor | None, label: int) -> dict[str, Tensor]:
+        if self.transform is None:  # bilinear without antialiasing, as the reference's tf.image.resize; resized
+            size = [self.image_size, self.image_size]  # in uint8 (40% faster, within 0.5/255 of resizing floats)
+            image = F.to_dtype(F.resize(image, size, antialias=False), torch.float32, scale=True)
+            human = clickme_heatmap(heatmap, tuple(size)) if heatmap is not None else image.new_zeros(size)
         else:
-            yield next(unannotated)
+            human = clickme_heatmap(heatmap, tuple(image.shape[-2:])) if heatmap is not None else None
+            image, human = self.transform(image, human if human is not None else image.new_zeros(image.shape[-2:]))
+        return make_sample(image, label, human, heatmap is not None)
+
+
+class ClickMeSamples(Dataset):
+    """ClickMe records (indices ``0..N-1``) and optional unannotated images (indices ``N..N+M-1``).
+
+    ``len()`` is ``N``: an epoch is one pass over the ClickMe records, and Lightning's ``DistributedSampler`` (which
+    spans ``range(len(dataset))``) splits only them; :class:`~datamodules.mix_sampler.MixedBatchSampler` addresses
+    the unannotated images above ``N``.
+
+    Args:
+        records: the ClickMe records.
+        preprocessing: decoded image/map -> sample dict.
+        unannotated: ``(path, label)`` of images without human map.
+        decode: True: items are decoded sample dicts (in the DataLoader workers); False: raw items (``image_jpeg``,
+            ``heatmap_jpeg`` (empty for no map), ``label``, ``where``) for :func:`decode_batch`.
+    """
+
+    def __init__(
+        self,
+        records: ClickMeRecords,
+        preprocessing: ClickMePreprocessing,
+        unannotated: Sequence[tuple[str, int]] = (),
+        decode: bool = True,
+    ) -> None:
+        self.records, self.preprocessing = records, preprocessing
+        self.unannotated, self.decode = list(unannotated), decode
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def raw(self, i: int) -> dict[str, Any]:
+        if i < len(self.records):
+            return self.records[i]
+        path, label = self.unannotated[i - len(self.records)]
+        where = f"unannotated image {path}"
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise ValueError(f"{where}: cannot read it ({error})") from error
+        return {"image_jpeg": data, "heatmap_jpeg": b"", "label": label, "where": where}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.raw(i)
+        if not self.decode:
+            return item
+        where = item["where"]
+        image = decode_one(item["image_jpeg"], ImageReadMode.RGB, f"{where}: feature 'image'")
+        heatmap = None
+        if item["heatmap_jpeg"]:
+            heatmap = decode_one(item["heatmap_jpeg"], ImageReadMode.GRAY, f"{where}: feature 'heatmap'")[0]
+        return self.preprocessing(image, heatmap, item["label"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The ClickMe records in order (the unannotated images are reached by index only)."""
+        return (self[i] for i in range(len(self)))
+
+
+class ClickMeTFRecordDataset(ClickMeSamples):
+    """The decoded ClickMe records of some shards, in one line: ``ClickMeTFRecordDataset(shards, 224, 1000)[i]``.
+
+    Args:
+        shards: shard paths (or a glob, see :func:`expand_shards`).
+        image_size: side of the square output images.
+        num_classes: labels must be in ``[0, num_classes)``.
+        transform: paired training augmentation, or None for the reference preprocessing at ``image_size``.
+        index_dir: where to cache the shard indexes (:class:`ClickMeRecords`).
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        image_size: int,
+        num_classes: int,
+        transform: PairedTransform | None = None,
+        index_dir: str | None = None,
+    ) -> None:
+        records = ClickMeRecords(expand_shards(shards), num_classes, index_dir)
+        super().__init__(records, ClickMePreprocessing(positive_int("image_size", image_size), transform))
+
+
+def decode_batch(batch: dict[str, Any], preprocessing: ClickMePreprocessing, device: torch.device) -> dict[str, Tensor]:
+    """A collated batch of raw items (lists ``image_jpeg``, ``heatmap_jpeg``, ``where``; ``label`` [B]) -> the batch
+    dict of the data contract, decoded in one ``decode_jpeg`` call per kind on ``device``."""
+    wheres = list(batch["where"])
+    images = decode_many(batch["image_jpeg"], ImageReadMode.RGB, [f"{w}: feature 'image'" for w in wheres], device)
+    with_map = [k for k, data in enumerate(batch["heatmap_jpeg"]) if data]
+    maps = decode_many(
+        [batch["heatmap_jpeg"][k] for k in with_map],
+        ImageReadMode.GRAY,
+        [f"{wheres[k]}: feature 'heatmap'" for k in with_map],
+        device,
+    )
+    heatmaps: list[Tensor | None] = [None] * len(images)
+    for k, heatmap in zip(with_map, maps):
+        heatmaps[k] = heatmap[0]
+    labels = torch.as_tensor(batch["label"]).tolist()
+    samples = [preprocessing(image, heatmap, label) for image, heatmap, label in zip(images, heatmaps, labels)]
+    return {key: torch.stack([sample[key] for sample in samples]).to(device) for key in samples[0]}
 
 
 class ClickMeTFRecordDataModule(L.LightningDataModule):
-    """ClickMe TFRecord shards (module docstring), optionally mixed with unannotated images for training.
+    """ClickMe TFRecord shards (module docstring), mixed with unannotated images for training.
 
     Args:
         train_shards, val_shards, test_shards: a glob (``"clickme/train-*.tfrecords"``), a path, or a list.
         image_size: side of the square output images (224 in the reference).
+        batch_size: items per batch and per process.
+        num_workers: DataLoader workers per process.
         num_classes: labels must be in ``[0, num_classes)`` (1000: ImageNet).
-        unannotated_dir: optional folder of images WITHOUT human maps, one sub-folder per class
-            (torchvision ``ImageFolder`` layout: classes are the sorted sub-folder names, so an ImageNet train
-            folder of WordNet ids gets the usual ImageNet indices, as in ClickMe). They are mixed into the
-            TRAINING stream only, so that ClickMe records make ``annotated_ratio`` of it (reference: 0.2, i.e.
-            20% ClickMe, 80% ImageNet); an epoch is one pass over the ClickMe shards.
+        unannotated_dir: optional folder of images WITHOUT human maps, one sub-folder per class (torchvision
+            ``ImageFolder`` layout: classes are the sorted sub-folder names, so an ImageNet train folder of WordNet
+            ids gets the usual ImageNet indices, as in ClickMe). Training batches then hold exactly
+            ``round(annotated_ratio * batch_size)`` ClickMe records, the rest from this folder (reference: 0.2, i.e.
+            20% ClickMe, 80% ImageNet); an epoch is one pass over the ClickMe training records. Without it,
+            batches are all ClickMe and ``annotated_ratio`` is not used.
         augment: training augmentation (``RandomResizedCrop(image_size, scale=(0.25, 1))`` + horizontal flip,
             image and map alike; the map is prepared at the image's resolution first). Without it, and always
             for val/test, the image is resized to ``image_size`` and the map follows the reference exactly.
-        shuffle_buffer: records held to shuffle the training stream (and the shard order); 0 disables.
+        drop_last: what becomes of each rank's last incomplete group of ClickMe records
+            (:class:`~datamodules.mix_sampler.MixedBatchSampler`): False completes it with records from the start
+            of the epoch's order (a few served twice), True drops it (a few skipped, others each epoch).
+        seed: seed of the shuffle on one process (under DDP Lightning's sampler uses the ``seed_everything`` seed);
+            None: the ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
+        index_dir: where to cache the shard indexes; None: beside the shards, or ``~/.cache/harmonization/tfindex``
+            when their folder is read-only.
+        decode_device: None decodes in the DataLoader workers; ``"cuda"`` (or ``"cpu"``) decodes each training
+            batch at once on that device in :meth:`on_after_batch_transfer` (nvjpeg on CUDA). Val/test batches
+            are always decoded in the workers (the explanation monitors read them sample by sample).
     """
 
     test_split_names: tuple[str, ...] = ("test",)
@@ -256,26 +318,48 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         unannotated_dir: str | None = None,
         annotated_ratio: float = 0.2,
         augment: bool = True,
-        shuffle_buffer: int = 1024,
+        drop_last: bool = False,
+        seed: int | None = None,
+        index_dir: str | None = None,
+        decode_device: str | None = None,
     ) -> None:
         super().__init__()
-        if not 0.0 < annotated_ratio <= 1.0:
-            raise ValueError(f"annotated_ratio must be in (0, 1], got {annotated_ratio}")
+        in_interval("annotated_ratio", annotated_ratio, 0, 1, low_open=True)
+        positive_int("image_size", image_size)
+        positive_int("batch_size", batch_size)
+        non_negative_int("num_workers", num_workers)
+        positive_int("num_classes", num_classes)
+        non_negative_int("seed", seed, allow_none=True)
+        if decode_device is not None:
+            one_of("decode_device", str(decode_device).split(":")[0], ("cpu", "cuda"))
+        if unannotated_dir is not None:
+            annotated_per_batch(batch_size, annotated_ratio)  # fails early on a ratio that rounds to 0
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.test_shards = train_shards, val_shards, test_shards
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.num_classes, self.augment, self.shuffle_buffer = num_classes, augment, shuffle_buffer
+        self.num_classes, self.augment, self.drop_last = num_classes, augment, drop_last
         self.unannotated_dir, self.annotated_ratio = unannotated_dir, annotated_ratio
+        self.seed, self.index_dir, self.decode_device = seed, index_dir, decode_device
         self.class_names: list[str] | None = None
         self._unannotated: list[tuple[str, int]] | None = None
+        self._records: dict[str, ClickMeRecords] = {}
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.global_rank, trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+    # ------------------------------------------------------------------ data
+    def prepare_data(self) -> None:
+        """Build (or check) the index of every shard once per node, before the ranks read them."""
+        for shards, argument in self._shard_sets():
+            for shard in expand_shards(shards, argument):
+                shard_index(shard, self.index_dir)
+
+    def _shard_sets(self) -> list[tuple[str | list[str], str]]:
+        sets = [(self.train_shards, "train_shards"), (self.val_shards, "val_shards")]
+        return sets + ([(self.test_shards, "test_shards")] if self.test_shards is not None else [])
+
+    def records(self, shards: str | list[str], argument: str) -> ClickMeRecords:
+        """The indexed records of a shard set (built once per set)."""
+        if argument not in self._records:
+            self._records[argument] = ClickMeRecords(expand_shards(shards, argument), self.num_classes, self.index_dir)
+        return self._records[argument]
 
     def unannotated_samples(self) -> list[tuple[str, int]]:
         """``(path, label)`` of every image of ``unannotated_dir`` (listed once)."""
@@ -293,32 +377,43 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
             self._unannotated = list(folder.samples)
         return self._unannotated
 
-    def _loader(self, shards: str | list[str], argument: str, train: bool = False) -> DataLoader:
-        rank, world_size = self._rank()
-        dataset = ClickMeTFRecordDataset(
-            expand_shards(shards, argument),
-            self.image_size,
-            self.num_classes,
-            transform=train_transform(self.image_size) if train and self.augment else None,
-            shuffle_buffer=self.shuffle_buffer if train else 0,
-            unannotated=self.unannotated_samples() if train and self.unannotated_dir else None,
-            annotated_ratio=self.annotated_ratio if train else 1.0,
-            rank=rank,
-            world_size=world_size,
-        )
+    def _seed(self) -> int:
+        return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def _loader(self, dataset: Dataset, **options: Any) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **options,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_shards, "train_shards", train=True)
+        records = self.records(self.train_shards, "train_shards")
+        unannotated = self.unannotated_samples() if self.unannotated_dir else []
+        transform = train_transform(self.image_size) if self.augment else None
+        preprocessing = ClickMePreprocessing(self.image_size, transform)
+        dataset = ClickMeSamples(records, preprocessing, unannotated, decode=self.decode_device is None)
+        self._train_preprocessing = preprocessing
+        # a BatchSampler subclass with a `sampler` argument: Lightning re-creates it with its DistributedSampler
+        batch_sampler = MixedBatchSampler(
+            None,
+            self.batch_size,
+            drop_last=self.drop_last,
+            annotated_ratio=self.annotated_ratio if unannotated else 1.0,
+            num_annotated=len(records),
+            num_unannotated=len(unannotated),
+            seed=self._seed(),
+        )
+        return self._loader(dataset, batch_sampler=batch_sampler)
+
+    def _eval_loader(self, shards: str | list[str], argument: str) -> DataLoader:
+        dataset = ClickMeSamples(self.records(shards, argument), ClickMePreprocessing(self.image_size))
+        return self._loader(dataset, batch_size=self.batch_size, shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_shards, "val_shards")
+        return self._eval_loader(self.val_shards, "val_shards")
 
     @property
     def has_test_split(self) -> bool:
@@ -328,5 +423,15 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if self.test_shards is None:
             raise ValueError("test_shards is not set: pass test_shards (a glob or a list) to test")
-        return self._loader(self.test_shards, "test_shards")
+        return self._eval_loader(self.test_shards, "test_shards")
 
+    # ---------------------------------------------------------- device side
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Decode a raw training batch on ``decode_device`` (when set)."""
+        if isinstance(batch, dict) and "image_jpeg" in batch:
+            device = torch.device(self.decode_device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise RuntimeError("decode_device='cuda' but no GPU is available: use decode_device=None or 'cpu'")
+            target = batch["label"].device
+            batch = {key: value.to(target) for key, value in decode_batch(batch, self._train_preprocessing, device).items()}
+        return batch
