@@ -52,3 +52,14 @@ def test_explanation_monitor_defaults_run_on_timm_models(tmp_path, name):
     assert logged and all(torch.isfinite(trainer.callback_metrics[key]) for key in logged)
     for explainer in ("saliency", "sobol"):  # the default explainers and metrics, on every image of the set
         assert {f"explain/{explainer}/alignment", f"explain/{explainer}/deletion"} <= logged
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay():
+    from align.optim import weight_decay_groups
+
+    model = tiny("vit")
+    decay, no_decay = ({id(p) for p in group["params"]} for group in weight_decay_groups(model, 1e-5))
+    # the reference's exclusions: embeddings (position and patch) and the class token
+    assert {id(model.pos_embed), id(model.cls_token), id(model.patch_embed.proj.weight)} <= no_decay
+    assert id(model.blocks[0].attn.qkv.weight) in decay and id(model.blocks[0].attn.qkv.bias) in decay
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
