@@ -211,3 +211,20 @@ def test_orthogonal_conv_is_orthogonal_and_exports_to_a_plain_conv():
     assert type(plain) is nn.Conv2d and plain.padding_mode == "circular"
     x = torch.rand(2, 8, *size)
     torch.testing.assert_close(plain(x), conv(x))
+
+
+def test_eva_bounds_and_craft_concepts_work_on_the_zoo(trained):
+    from explain import EVA, Craft
+    from explain.bounds import build_graph, check_graph
+    from explain.concepts import split_model
+
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    graph = build_graph(trained)  # through export_plain's layers: plain Conv2d (circular or zero padding), ...
+    check_graph(graph, trained, x)  # the bound graph computes the model's function
+    maps = EVA(trained, eps=4 / 255, grid_size=2)(x, y)
+    assert maps.shape == (2, 16, 16) and torch.isfinite(maps).all()
+    g, h = split_model(trained, sign_split=True)
+    with torch.no_grad():
+        torch.testing.assert_close(h(g(x)), trained(x))
+    craft = Craft(g, h, n_concepts=2, nmf={"max_iter": 20}).fit(torch.rand(4, 3, 16, 16), class_id=0)
+    assert craft.W.shape[0] == 2 and torch.isfinite(craft.importance(torch.rand(4, 3, 16, 16))).all()
