@@ -122,12 +122,13 @@ def main() -> None:
     parser.add_argument("--count-224", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", default="", help="run the variants whose name contains this text")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], help="image sizes to run")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     rows, models, timings = {}, {}, {}
     for name, (factory, size, classes) in variants().items():
-        if args.only not in name:
+        if args.only not in name or size not in args.sizes:
             continue
         try:
             model = factory().to(device)

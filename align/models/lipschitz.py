@@ -11,7 +11,8 @@ gradient (GNP, Anil et al. 2019; Boissin et al. 2025), so a deep stack still tra
   0.43 of it, after one unshuffle (12 channels) 0.87;
 * orthogonal convolutions of any kernel size: orthogonium's Adaptive Orthogonal Convolution (``conv="aoc"``,
   Boissin et al. 2025, explicit kernels from block-orthogonal BCOP/RKO factors), or its skew-orthogonal
-  ``"soc"``, or deel-torchlip's ``SpectralConv2d`` (``"spectral"``: Björck-orthogonalised, then rescaled by
+  ``"soc"`` (a truncated matrix exponential: the layer-wise certificate measures it 1.5% above 1-Lipschitz, so
+  it is there for comparison only), or deel-torchlip's ``SpectralConv2d`` (``"spectral"``: Björck-orthogonalised, then rescaled by
   1/k for a k x k kernel, so it loses gain at every layer: kept for comparison, see BENCHMARKS.md). Circular
   padding by default: an orthogonal kernel then gives an exactly orthogonal layer; with zero padding the layer
   stays 1-Lipschitz but loses gain at the borders;
