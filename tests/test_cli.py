@@ -27,12 +27,13 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted(path.parent for path in root.glob("*/*/config.yaml"))
 
 
-def test_four_shortcut_configs_and_two_clickme_configs_exist():
+def test_the_shortcut_and_clickme_configs_exist():
     assert [path.stem for path in SHORTCUT] == [
-        "baseline_cnn", "baseline_lipschitz", "harmonized_cnn", "harmonized_lipschitz"
+        "baseline_cnn", "baseline_lipschitz", "harmonized_cnn", "harmonized_lipschitz", "harmonized_vit",
+        "rrr_cnn", "rrr_lipschitz",
     ]
     assert {path.stem for path in (ROOT / "configs" / "clickme").glob("*.yaml")} == {
-        "harmonized_resnet50", "harmonized_lip_resnet"
+        "harmonized_resnet50", "harmonized_lip_resnet", "harmonized_vit"
     }
 
 

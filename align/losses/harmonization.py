@@ -14,11 +14,13 @@ The loss pulls the model's input-gradient saliency towards human importance maps
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from explain.attributions.saliency import REDUCTIONS, reduce_channels
 from explain.base import grad_enabled
@@ -50,12 +52,15 @@ def input_gradient(
     With ``create_graph=True`` the gradient stays differentiable w.r.t. the parameters (double backprop), and the
     logits can feed the task loss too. Safe to call under ``torch.no_grad``/``inference_mode`` (the images are
     cloned into a normal tensor and grad is re-enabled locally); the caller's tensors are never modified.
+    With ``create_graph=True``, ``scaled_dot_product_attention`` (e.g. in timm's ViTs) runs on its math kernel: the
+    fused kernels (flash, memory-efficient) have no double backward.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if targets.reshape(-1).shape[0] != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {targets.numel()} targets")
-    with grad_enabled():
+    attention = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
+    with grad_enabled(), attention:
         if images.is_inference():
             images = images.clone()
         targets = targets.reshape(-1).long()

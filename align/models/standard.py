@@ -1,12 +1,17 @@
-"""Standard (unconstrained) baselines as named ``nn.Sequential``s ending in ``pool, flatten, head``."""
+"""Standard (unconstrained) networks: baselines as named ``nn.Sequential``s ending in ``pool, flatten, head``,
+and any timm or torchvision model by name, optionally from a local weights file."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torchvision
 from torch import nn
+
+from align.models.pretrained import load_matching
 
 
 def small_cnn(
@@ -59,3 +64,57 @@ def resnet18(num_classes: int = 1000, weights: str | None = None) -> nn.Sequenti
 def resnet50(num_classes: int = 1000, weights: str | None = None) -> nn.Sequential:
     """torchvision's ResNet-50 (no pretrained weights by default), children as in :func:`resnet18`."""
     return _torchvision_resnet(torchvision.models.resnet50, num_classes, weights)
+
+
+def timm_model(
+    name: str,
+    num_classes: int,
+    pretrained_file: str | Path | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Any timm model by name: ``timm.create_model(name, num_classes=num_classes, **model_kwargs, **kwargs)``
+    (e.g. ``img_size``, ``patch_size``, ``drop_path_rate``; timm's own ``pretrained=True`` downloads, where there
+    is internet). In YAML, put them under ``model_kwargs`` (LightningCLI cannot see through timm's ``**kwargs``).
+
+    ``pretrained_file``: a local ``.safetensors`` file or torch state dict; every tensor whose name and shape
+    match is loaded (:func:`align.models.pretrained.load_matching`), so a classifier of another size starts
+    fresh. Nothing is downloaded. Example, an ImageNet ViT-S/16 fine-tuned on 4 classes::
+
+        timm_model("vit_small_patch16_224", 4, pretrained_file="vit_small_patch16_224.safetensors")
+    """
+    import timm
+
+    model = timm.create_model(name, num_classes=num_classes, **_merge(model_kwargs, kwargs))
+    if pretrained_file is not None:
+        load_matching(model, pretrained_file)
+    return model
+
+
+def torchvision_model(
+    name: str,
+    num_classes: int,
+    weights_file: str | Path | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Any torchvision classification model by name: ``torchvision.models.get_model(name, num_classes=...,
+    **model_kwargs, **kwargs)`` (torchvision's own ``weights="IMAGENET1K_V1"`` passes through and downloads).
+    ``weights_file``: a local state dict or ``.safetensors`` file, loaded as in :func:`timm_model`."""
+    kwargs = _merge(model_kwargs, kwargs)
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"{name!r} is not a torchvision classification model; see torchvision.models.list_models()")
+    weights = kwargs.pop("weights", None)
+    model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    if weights is not None:  # torchvision refuses weights with num_classes != 1000: load them, then match
+        load_matching(model, torchvision.models.get_model(name, weights=weights, **kwargs).state_dict())
+    if weights_file is not None:
+        load_matching(model, weights_file)
+    return model
+
+
+def _merge(model_kwargs: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    both = set(model_kwargs or {}) & set(kwargs)
+    if both:
+        raise ValueError(f"{sorted(both)} given both in model_kwargs and as keyword arguments")
+    return {**(model_kwargs or {}), **kwargs}

@@ -4,7 +4,12 @@ CRAFT factorizes the activations of ``g`` (Fel et al. 2023). :func:`split_model`
 
 * ``nn.Sequential`` models (the project's networks: ``features``..., a global pooling child, ``flatten``,
   ``head``), split after a named child, by default the child just before the first global pooling layer;
-* torchvision ResNets (whose ``forward`` flattens before ``fc``), by default after ``layer4``.
+* torchvision ResNets (whose ``forward`` flattens before ``fc``), by default after ``layer4``;
+* timm models, through their ``forward_features`` / ``forward_head``: CNNs as they are ([B, C, h, w] features),
+  vision transformers by their patch tokens reshaped to [B, C, h, w] (the class/register tokens are dropped,
+  which is exact when the head pools the patch tokens: ``global_pool="avg"``, ``"max"`` or ``"avgmax"``; with
+  the default class-token readout the patches reach the logits only through attention, and no split of them
+  exists: build the model with ``global_pool="avg"``). Transformer tokens are signed: use ``sign_split=True``.
 
 CRAFT needs ``g >= 0``. 1-Lipschitz networks with GroupSort2/MaxMin activations have signed activations:
 ``sign_split=True`` makes the split exact for them too, with ``g'(x) = cat(relu(z), relu(-z))`` (``z = g(x)``,
@@ -52,6 +57,68 @@ def is_global_pooling(module: nn.Module) -> bool:
     return all(s == 1 for s in sizes)
 
 
+class TimmFeatures(nn.Module):
+    """``model.forward_features(x)``, with a vision transformer's patch tokens [B, prefix + h w, C] reshaped to
+    [B, C, h, w] (the ``prefix`` class/register tokens dropped)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.model.forward_features(x)
+        if features.ndim != 3:
+            return features
+        prefix = getattr(self.model, "num_prefix_tokens", 0)
+        patch = self.model.patch_embed.patch_size
+        height, width = x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+        tokens = features[:, prefix:]
+        if tokens.shape[1] != height * width:
+            raise ValueError(
+                f"{type(self.model).__name__} gives {tokens.shape[1]} patch tokens for a {tuple(x.shape[-2:])} image, "
+                f"not the {height} x {width} grid of its {tuple(patch)} patches"
+            )
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, height, width)
+
+
+class TimmHead(nn.Module):
+    """``model.forward_head`` on [B, C, h, w] features (for a vision transformer: back to tokens, with zeros in
+    the places of the class/register tokens, which its patch-pooling head ignores)."""
+
+    def __init__(self, model: nn.Module, tokens: bool) -> None:
+        super().__init__()
+        self.model, self.tokens = model, tokens
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.tokens:
+            features = features.flatten(2).transpose(1, 2)
+            prefix = getattr(self.model, "num_prefix_tokens", 0)
+            features = torch.cat([features.new_zeros(features.shape[0], prefix, features.shape[2]), features], 1)
+        return self.model.forward_head(features)
+
+
+def _is_transformer(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+
+
+def _split_timm(model: nn.Module, at: str | None) -> tuple[nn.Module, nn.Module]:
+    if at is not None:
+        raise ValueError(
+            f"at={at!r}: a timm model is split between forward_features and forward_head only; leave at=None"
+        )
+    transformer = _is_transformer(model)
+    if transformer:
+        pooling = getattr(model, "global_pool", None)
+        if pooling not in ("avg", "max", "avgmax"):
+            raise ValueError(
+                f"{type(model).__name__} reads its logits with global_pool={pooling!r}: the patch tokens reach them "
+                "only through attention, so no split of the patch tokens gives the logits. Build it with "
+                "global_pool='avg' (e.g. align.models.timm_model(name, num_classes, global_pool='avg')), or pass "
+                "your own input_to_latent / latent_to_logit to Craft"
+            )
+    return TimmFeatures(model), TimmHead(model, transformer)
+
+
 def _children(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], bool]:
     """Named children in forward order, and whether ``flatten`` must be inserted after global pooling."""
     if isinstance(model, nn.Sequential):
@@ -63,7 +130,7 @@ def _children(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], bool]:
     if isinstance(model, ResNet):
         return list(model.named_children()), True
     raise TypeError(
-        f"split_model handles nn.Sequential models and torchvision ResNets, got {type(model).__name__}: "
+        f"split_model handles nn.Sequential models, torchvision ResNets and timm models, got {type(model).__name__}: "
         "write the two parts yourself, e.g. input_to_latent = lambda x: ...features(x) (activations >= 0) and "
         "latent_to_logit = lambda a: ...head(a), and pass them to Craft"
     )
@@ -75,8 +142,15 @@ def split_model(
     """``(input_to_latent, latent_to_logit)``: two ``nn.Sequential`` sharing ``model``'s modules (module docstring).
 
     ``at``: name of the last child of ``input_to_latent`` (e.g. ``"layer3"``, ``"features"``); by default the
-    child before the first global pooling layer. ``sign_split``: make signed activations nonnegative, exactly.
+    child before the first global pooling layer (timm models: None only, the split is ``forward_features``). ``sign_split``: make signed activations nonnegative, exactly.
     """
+    if not isinstance(model, nn.Sequential) and hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        features, head = _split_timm(model, at)
+        body, tail = [("features", features)], [("head", head)]
+        if sign_split:
+            body.append(("sign_split", SignSplit()))
+            tail.insert(0, ("sign_merge", SignMerge()))
+        return nn.Sequential(OrderedDict(body)), nn.Sequential(OrderedDict(tail))
     children, flatten_before_linear = _children(model)
     names = [name for name, _ in children]
     if at is None:

@@ -242,7 +242,7 @@ def test_harmonization_gradient_reaches_the_parameters_through_the_saliency(name
                 model(images)
     human = torch.rand(4, 12, 12, dtype=torch.float64)
     has = torch.tensor([True, True, False, True])
-    parameters = [p for p in model.parameters() if p.ndim > 1]
+    parameters = [p for p in model.parameters() if p.ndim > 1 and p.requires_grad]  # not power-iteration vectors
 
     def saliency():
         return input_saliency(model, images, labels, create_graph=True)[1]
