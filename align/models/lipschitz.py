@@ -112,7 +112,10 @@ class OrthoConv2d(nn.Module):
         self.conv = conv
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        # orthogonium's power iteration assigns its products to float32 parametrized vectors, which fails under
+        # autocast (bf16-mixed): the layer runs in the weight's precision, autocast off (the next layer casts back)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.conv(x.to(next(self.conv.parameters()).dtype))
 
     def vanilla_export(self) -> nn.Conv2d:
         source = self.conv

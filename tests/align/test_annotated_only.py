@@ -70,14 +70,15 @@ def test_lipschitz_network_annotated_only_equals_full_batch(task_loss, monkeypat
     torch.testing.assert_close(split_loss, reference_loss(model, data), rtol=1e-12, atol=1e-14)
     for split, full in zip(split_grads, full_grads, strict=True):
         torch.testing.assert_close(split, full, rtol=1e-9, atol=1e-12)
-    # and in float32, to float round-off
+    # and in float32, to float round-off (the AOC weight goes through iterated orthogonalisation, whose float32
+    # round-off reaches a few 1e-6 on single gradient entries; float64 above is exact to 1e-9)
     model = model.float()
     data32 = {key: value.float() if value.is_floating_point() else value for key, value in data.items()}
     split_loss, split_grads = loss_and_gradients(model, data32, split=True)
     full_loss, full_grads = loss_and_gradients(model, data32, split=False)
     torch.testing.assert_close(split_loss, full_loss, rtol=1e-5, atol=1e-6)
     for split, full in zip(split_grads, full_grads, strict=True):
-        torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(split, full, rtol=1e-4, atol=1e-5)
 
 
 def test_layernorm_vit_annotated_only_equals_full_batch():
