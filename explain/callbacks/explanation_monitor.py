@@ -265,17 +265,8 @@ class ExplanationMonitor(MonitorCallback):
                     enumerate(loaders)}
             self._start(model, keys, device)
 
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._feed(pl_module, batch, batch_idx, dataloader_idx)
+    #: test batches feed the test-time metrics exactly as validation batches feed the validation ones
+    on_test_batch_end = on_validation_batch_end
 
     @override
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
