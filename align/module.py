@@ -22,7 +22,6 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -245,10 +244,12 @@ class HarmonizedClassifier(LightningModule):
             return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
         with_map = annotated.nonzero().flatten()
         without_map = (~annotated).nonzero().flatten()
-        # parametrized weights (the Lipschitz zoo's orthogonal/spectral layers) computed once for both passes
-        with parametrize.cached():
-            logits_map, gradient = input_gradient(self.backbone, images[with_map], labels[with_map], create_graph=True)
-            logits_plain = self.backbone(images[without_map])
+        # no parametrize.cached() here: orthogonium's power iteration reads back the vectors it assigns, and a cache
+        # freezes them (training then diverges to NaN within a few steps); each pass computes its weights. One step
+        # is exact; over many steps the power iteration's state advances once per pass, so two passes a step give
+        # another (equally 1-Lipschitz) trajectory than the full batch
+        logits_map, gradient = input_gradient(self.backbone, images[with_map], labels[with_map], create_graph=True)
+        logits_plain = self.backbone(images[without_map])
         logits = logits_map.new_empty(images.shape[0], logits_map.shape[1])
         logits = logits.index_copy(0, with_map, logits_map).index_copy(0, without_map, logits_plain.to(logits_map))
         harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human[with_map])
