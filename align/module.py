@@ -29,6 +29,7 @@ from align.certification import certified_correct, last_linear, margin_lipschitz
 from align.losses.harmonization import HarmonizationLoss, Reduce, check_reduce, input_gradient
 from align.losses.rrr import RRRLoss
 from align.losses.task import TASK_LOSSES, TaskLoss
+from align.models.lipschitz import orthogonal_kernels_once
 from align.optim import weight_decay_groups
 from explain.attributions.saliency import reduce_channels
 from explain.metrics import HumanAlignment
@@ -244,12 +245,11 @@ class HarmonizedClassifier(LightningModule):
             return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
         with_map = annotated.nonzero().flatten()
         without_map = (~annotated).nonzero().flatten()
-        # no parametrize.cached() here: orthogonium's power iteration reads back the vectors it assigns, and a cache
-        # freezes them (training then diverges to NaN within a few steps); each pass computes its weights. One step
-        # is exact; over many steps the power iteration's state advances once per pass, so two passes a step give
-        # another (equally 1-Lipschitz) trajectory than the full batch
-        logits_map, gradient = input_gradient(self.backbone, images[with_map], labels[with_map], create_graph=True)
-        logits_plain = self.backbone(images[without_map])
+        # the orthogonal kernels of the Lipschitz zoo computed once for both passes (see orthogonal_kernels_once for
+        # why not parametrize.cached()): one step then costs, and advances the power iteration, as one full pass
+        with orthogonal_kernels_once(self.backbone):
+            logits_map, gradient = input_gradient(self.backbone, images[with_map], labels[with_map], create_graph=True)
+            logits_plain = self.backbone(images[without_map])
         logits = logits_map.new_empty(images.shape[0], logits_map.shape[1])
         logits = logits.index_copy(0, with_map, logits_map).index_copy(0, without_map, logits_plain.to(logits_map))
         harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human[with_map])

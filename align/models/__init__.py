@@ -7,7 +7,15 @@ YAML as ``backbone: {class_path: align.models.lip_vgg, init_args: {num_classes: 
 ``backbone: {class_path: align.models.timm_model, init_args: {name: vit_small_patch16_224, num_classes: 4}}``.
 """
 
-from align.models.lipschitz import LipResidualBlock, OrthoConv2d, Shift, export_plain, lip_resnet, lip_vgg
+from align.models.lipschitz import (
+    LipResidualBlock,
+    OrthoConv2d,
+    Shift,
+    export_plain,
+    lip_resnet,
+    lip_vgg,
+    orthogonal_kernels_once,
+)
 from align.models.pretrained import load_matching, read_state_dict
 from align.models.standard import resnet18, resnet50, small_cnn, timm_model, torchvision_model
 
@@ -18,6 +26,7 @@ __all__ = [
     "export_plain",
     "lip_resnet",
     "lip_vgg",
+    "orthogonal_kernels_once",
     "load_matching",
     "read_state_dict",
     "resnet18",

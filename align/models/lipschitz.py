@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from deel import torchlip
 from torch import Tensor, nn
 
@@ -110,12 +112,29 @@ class OrthoConv2d(nn.Module):
                 # it fixes the dtype of its norm at creation, so model.double() would fail: norm in the input's dtype
                 module.dtype = None
         self.conv = conv
+        # AOC's layer is an nn.Conv2d whose `weight` is a parametrization: its forward can take a given kernel
+        self._explicit = isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+        self._kernel_memo: dict[str, Tensor] | None = None  # set by `orthogonal_kernels_once`
 
     def forward(self, x: Tensor) -> Tensor:
         # orthogonium's power iteration assigns its products to float32 parametrized vectors, which fails under
         # autocast (bf16-mixed): the layer runs in the weight's precision, autocast off (the next layer casts back)
         with torch.autocast(x.device.type, enabled=False):
-            return self.conv(x.to(next(self.conv.parameters()).dtype))
+            x = x.to(next(self.conv.parameters()).dtype)
+            if self._kernel_memo is None or not self._explicit:
+                return self.conv(x)
+            if "weight" not in self._kernel_memo:
+                self._kernel_memo["weight"] = self.conv.weight  # the parametrization, evaluated once
+            return self._convolve(x, self._kernel_memo["weight"])
+
+    def _convolve(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``nn.Conv2d.forward`` of the wrapped layer with the given kernel (its padding mode included)."""
+        conv = self.conv
+        if conv.padding_mode == "zeros":
+            return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        pad = [amount for amount in reversed(conv.padding) for _ in range(2)]
+        padded = F.pad(x, pad, mode=conv.padding_mode)
+        return F.conv2d(padded, weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
     def vanilla_export(self) -> nn.Conv2d:
         source = self.conv
@@ -138,6 +157,28 @@ class OrthoConv2d(nn.Module):
             if source.bias is not None:
                 plain.bias.copy_(source.bias)
         return plain
+
+
+@contextmanager
+def orthogonal_kernels_once(model: nn.Module) -> Iterator[None]:
+    """Within the block, each AOC :class:`OrthoConv2d` of ``model`` computes its orthogonal kernel at its first
+    call and reuses that tensor (and its autograd graph) in later calls; outside, every call recomputes it.
+
+    For several forward passes that share one optimizer step (the split harmonized step: the annotated images
+    with the double backprop, the others plain), the kernels are then computed once, as in one full-batch pass.
+    ``torch.nn.utils.parametrize.cached()`` cannot do this: it also caches the parametrized singular vectors of
+    orthogonium's power iteration, which reads back what it assigns, so the iteration freezes and the spectral
+    normalisation goes wrong (training diverges). Here the kernel's parametrization runs normally, once.
+    SOC layers (whose forward is not a plain convolution) recompute as usual.
+    """
+    layers = [module for module in model.modules() if isinstance(module, OrthoConv2d)]
+    for layer in layers:
+        layer._kernel_memo = {}
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._kernel_memo = None
 
 
 class LipResidualBlock(nn.Module):

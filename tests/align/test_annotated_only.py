@@ -151,26 +151,52 @@ def test_fit_with_bf16_mixed_and_channels_last(tmp_path):
     assert torch.isfinite(metrics["val/loss"])
 
 
-def test_annotated_only_training_stays_finite_over_many_steps():
-    """Fifteen SGD steps on the orthogonium lip_vgg with the split step stay finite (a cache of the parametrized
-    weights across the two passes froze orthogonium's power iteration and gave NaN within these steps). The
-    trajectory is not the full batch's: the power iteration advances once per forward, and the split makes two."""
+def test_annotated_only_training_follows_the_full_batch_trajectory():
+    """Fifteen SGD steps on the orthogonium lip_vgg: the split step (annotated images with the double backprop,
+    the others plain, the orthogonal kernels computed once for both passes) stays finite and gives the same
+    weights as the full-batch step, in float64 to round-off. A cache of ALL parametrized tensors
+    (``parametrize.cached()``) froze orthogonium's power iteration and gave NaN within these steps; recomputing
+    the kernels in each pass advanced the power iteration twice per step, another trajectory."""
 
-    def train(split: bool) -> None:
+    def train(split: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = HarmonizedClassifier(lip_vgg(4, widths=(8, 16)), task_loss="tau_ce", levels=3, split_annotated=split)
+        model = model.double()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         generator = torch.Generator().manual_seed(1)
         for _ in range(15):
-            images = torch.rand(10, 3, 16, 16, generator=generator)
+            images = torch.rand(10, 3, 16, 16, generator=generator, dtype=torch.float64)
             labels = torch.randint(0, 4, (10,), generator=generator)
-            human = torch.rand(10, 16, 16, generator=generator)
+            human = torch.rand(10, 16, 16, generator=generator, dtype=torch.float64)
             logits, harmonization = model.harmonized_forward(images, labels, human, torch.arange(10) < 3)
             loss = model.task_loss(logits, labels) + harmonization
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         assert torch.isfinite(loss)
-        assert all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
+        return [tensor.detach().clone() for tensor in model.state_dict().values() if tensor.is_floating_point()]
 
-    train(split=True)
+    split, full = train(split=True), train(split=False)
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in split)
+    for a, b in zip(split, full):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_split_step_computes_each_orthogonal_kernel_once():
+    """The split step evaluates each AOC kernel's parametrization (power iteration, Bjorck, BCOP) once, as a
+    full-batch pass does, not once per pass."""
+    from align.models import OrthoConv2d
+
+    torch.manual_seed(0)
+    model = HarmonizedClassifier(lip_vgg(4, widths=(8, 16)), task_loss="tau_ce", levels=3)
+    layers = [module for module in model.modules() if isinstance(module, OrthoConv2d)]
+    calls = {id(layer): 0 for layer in layers}
+    for layer in layers:
+        def count(module, args, output, key=id(layer)):
+            calls[key] += 1
+        layer.conv.parametrizations.weight.register_forward_hook(count)
+    images, labels, human = torch.rand(10, 3, 16, 16), torch.randint(0, 4, (10,)), torch.rand(10, 16, 16)
+    model.harmonized_forward(images, labels, human, torch.arange(10) < 3)
+    assert layers and set(calls.values()) == {1}
+    model.backbone(images), model.backbone(images)  # outside the split step, every call computes its kernel
+    assert set(calls.values()) == {3}

@@ -228,3 +228,24 @@ def test_eva_bounds_and_craft_concepts_work_on_the_zoo(trained):
         torch.testing.assert_close(h(g(x)), trained(x))
     craft = Craft(g, h, n_concepts=2, nmf={"max_iter": 20}).fit(torch.rand(4, 3, 16, 16), class_id=0)
     assert craft.W.shape[0] == 2 and torch.isfinite(craft.importance(torch.rand(4, 3, 16, 16))).all()
+
+
+@pytest.mark.parametrize("padding_mode", ["circular", "zeros"])
+def test_orthogonal_kernels_once_gives_the_same_outputs_and_gradients(padding_mode):
+    """Inside ``orthogonal_kernels_once`` the layer convolves with its memoised kernel through ``F.conv2d`` (and
+    ``F.pad`` for circular padding): the same outputs and parameter gradients as ``nn.Conv2d.forward``."""
+    from align.models import orthogonal_kernels_once
+
+    torch.manual_seed(0)
+    layer = OrthoConv2d(4, 6, 3, padding_mode=padding_mode).double()
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
+    free = [parameter for parameter in layer.parameters() if parameter.requires_grad]
+    expected = layer(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), free)
+    with orthogonal_kernels_once(layer):
+        first, second = layer(x), layer(x)
+    torch.testing.assert_close(first, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(second, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((first + second).square().sum() / 4, free)  # both calls feed the same kernel
+    torch.testing.assert_close(grads, expected_grads, rtol=1e-9, atol=1e-12)
+    assert layer._kernel_memo is None  # off again outside the block
