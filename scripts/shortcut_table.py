@@ -34,7 +34,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "train.py"
-CONFIGS = ("baseline_cnn", "harmonized_cnn", "rrr_cnn", "baseline_lipschitz", "harmonized_lipschitz", "rrr_lipschitz")
+CONFIGS = (
+    "baseline_cnn", "harmonized_cnn", "rrr_cnn", "baseline_lipschitz", "harmonized_lipschitz", "rrr_lipschitz",
+    "baseline_lipschitz_resnet",
+)
 EXPLAINERS = ("saliency", "sobol", "eva")
 #: table column -> metrics.csv key ({split} is --split, the split of the explanation and alignment columns)
 COLUMNS = {

@@ -29,8 +29,8 @@ def run_dirs(root: Path) -> list[Path]:
 
 def test_the_shortcut_and_clickme_configs_exist():
     assert [path.stem for path in SHORTCUT] == [
-        "baseline_cnn", "baseline_lipschitz", "harmonized_cnn", "harmonized_lipschitz", "harmonized_vit",
-        "rrr_cnn", "rrr_lipschitz",
+        "baseline_cnn", "baseline_lipschitz", "baseline_lipschitz_resnet", "harmonized_cnn", "harmonized_lipschitz",
+        "harmonized_vit", "rrr_cnn", "rrr_lipschitz",
     ]
     assert {path.stem for path in (ROOT / "configs" / "clickme").glob("*.yaml")} == {
         "harmonized_resnet50", "harmonized_lip_resnet", "harmonized_vit"
