@@ -10,7 +10,11 @@ repeated steps, the two sides alternating step by step (machine drift hits both 
 * ``resnet18``: torchvision ResNet-18 (BatchNorm), 64 px, batch 16, all annotated (target <= 2.5);
 * ``vit``: ``timm`` ``vit_tiny_patch16_224`` at 32 px, patch 4, 20% annotated (LayerNorm: the split is exact).
 
-    python benchmarks/bench_harmonization.py [--case all|mix|resnet18|vit|every] [--repeats 30]
+``--floor`` adds a third side, alternating with the two: the bare PyTorch double backprop of the same network on
+the whole batch (task loss + the mean squared input gradient of the label logits, no pyramid, no split), i.e. what
+autograd's own double backward costs; ``floor ratio`` = its step / the plain step.
+
+    python benchmarks/bench_harmonization.py [--case all|mix|resnet18|vit|every] [--repeats 30] [--floor]
 """
 
 from __future__ import annotations
@@ -71,6 +75,21 @@ def make_step(module: HarmonizedClassifier, optimizer: torch.optim.Optimizer, ha
     return step
 
 
+def make_floor_step(module: HarmonizedClassifier, optimizer: torch.optim.Optimizer):
+    """The bare double backprop: ``task + mean((d sum_i f_{y_i}(x_i) / dx)^2)``, whole batch, nothing else."""
+
+    def step(batch: dict) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        images = batch["image"].clone().requires_grad_(True)
+        logits = module.backbone(images)
+        (gradient,) = torch.autograd.grad(logits.gather(1, batch["label"][:, None]).sum(), images, create_graph=True)
+        loss = module.task_loss(logits, batch["label"]) + gradient.square().mean()
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def interleaved_medians(steps: dict, batch, warmup: int, repeats: int) -> dict[str, float]:
     """Median step time of each side, the sides alternating step by step."""
     for step in steps.values():
@@ -85,7 +104,7 @@ def interleaved_medians(steps: dict, batch, warmup: int, repeats: int) -> dict[s
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run(name: str, case: Case, repeats: int, warmup: int, split: bool) -> float:
+def run(name: str, case: Case, repeats: int, warmup: int, split: bool, floor: bool = False) -> float:
     torch.manual_seed(0)
     b, size = case.batch_size, case.image_size
     annotated = torch.zeros(b, dtype=torch.bool)
@@ -97,18 +116,20 @@ def run(name: str, case: Case, repeats: int, warmup: int, split: bool) -> float:
         "has_heatmap": annotated,
     }
     steps = {}
-    for side, harmonize in (("without", False), ("with", True)):
+    for side in ("without", "with", "floor") if floor else ("without", "with"):
         torch.manual_seed(0)
         module = HarmonizedClassifier(backbone(case.model), task_loss=case.task_loss, split_annotated=split).train()
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-        steps[side] = make_step(module, optimizer, harmonize)
+        steps[side] = make_floor_step(module, optimizer) if side == "floor" else make_step(module, optimizer,
+                                                                                           side == "with")
     times = interleaved_medians(steps, batch, warmup, repeats)
     ratio = times["with"] / times["without"]
     how = "annotated only" if split else "full batch"
+    extra = f" | floor {times['floor'] * 1e3:7.1f} ms, floor ratio {times['floor'] / times['without']:.2f}" if floor else ""
     print(
         f"{name:9s} {case.model:8s} {size:3d} px batch {b:3d} annotated {int(annotated.sum()):3d} ({how:14s}) | "
         f"without {times['without'] * 1e3:7.1f} ms | with {times['with'] * 1e3:7.1f} ms | "
-        f"ratio {ratio:.2f} (target <= {case.target})"
+        f"ratio {ratio:.2f} (target <= {case.target}){extra}"
     )
     return ratio
 
@@ -119,10 +140,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--no-split", action="store_true", help="always the full-batch double backprop")
+    parser.add_argument("--floor", action="store_true", help="also time the bare PyTorch double backprop")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} alternating steps")
     for name in CASES if args.case == "every" else [args.case]:
-        run(name, CASES[name], args.repeats, args.warmup, not args.no_split)
+        run(name, CASES[name], args.repeats, args.warmup, not args.no_split, args.floor)
 
 
 if __name__ == "__main__":
