@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explain.attributions.saliency import Reduce, _check_reduce, check_logits, reduce_channels
-from explain.base import Explainer
+from explain.attributions.saliency import ChannelReducingExplainer, Reduce, check_logits
 
 _INSTALL_HINT = (
     "from_captum needs captum, an optional dependency: pip install 'aligned-vision[dev]' "
@@ -54,7 +53,7 @@ def _resolve(method: type | str | Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
-class CaptumExplainer(Explainer):
+class CaptumExplainer(ChannelReducingExplainer):
     """A captum attribution method behind the ``Explainer(model)(images, targets) -> [B,H,W]`` call.
 
     Args:
@@ -66,7 +65,7 @@ class CaptumExplainer(Explainer):
             send more rows through the model: bound those with captum's own ``internal_batch_size``).
         seed: captum draws from the global RNG; the call runs in a forked RNG seeded with ``seed`` so the
             result is deterministic and the caller's RNG is left untouched (None: no seeding).
-        reduce: channel reduction of [B,C,H,W] attributions (see :func:`reduce_channels`).
+        reduce: channel reduction of [B,C,H,W] attributions (see :func:`~explain.attributions.saliency.reduce_channels`).
         **attribute_kwargs: passed unchanged to every ``attribute`` call (``n_steps``, ``baselines``,
             ``feature_mask``...); a tensor with one entry per image needs ``batch_size`` >= the batch.
 
@@ -95,8 +94,7 @@ class CaptumExplainer(Explainer):
         reduce: Reduce = "absmax",
         **attribute_kwargs: Any,
     ) -> None:
-        super().__init__(model, batch_size=batch_size, seed=seed)
-        _check_reduce(reduce)
+        super().__init__(model, batch_size=batch_size, seed=seed, reduce=reduce)
         for reserved in ("inputs", "target"):
             if reserved in attribute_kwargs:
                 raise ValueError(f"{reserved!r} is set by the explainer call; do not pass it as an option")
@@ -105,7 +103,6 @@ class CaptumExplainer(Explainer):
         self.attribution = self.method(model, **self.init_kwargs)
         if not hasattr(self.attribution, "attribute"):
             raise TypeError(f"{self.method!r} did not build a captum attribution (no .attribute method)")
-        self.reduce = reduce
         self.attribute_kwargs = attribute_kwargs
 
     @property
@@ -119,7 +116,7 @@ class CaptumExplainer(Explainer):
         if isinstance(attributions, tuple):  # e.g. (attributions, delta) with return_convergence_delta
             attributions = attributions[0]
         if attributions.ndim == 4:
-            attributions = reduce_channels(attributions, self.reduce)
+            attributions = self.to_maps(attributions)
         if attributions.ndim != 3 or attributions.shape[0] != images.shape[0]:
             raise RuntimeError(
                 f"{type(self.attribution).__name__} returned attributions of shape {tuple(attributions.shape)}, "

@@ -54,10 +54,14 @@ def reduce_channels(attributions: Tensor, reduce: Reduce = "absmax") -> Tensor:
     raise ValueError(f"reduce must be one of {REDUCTIONS} or a callable, got {reduce!r}")
 
 
-def _check_reduce(reduce: Reduce) -> None:
-    """``reduce`` is a callable or one of :data:`REDUCTIONS`."""
-    if not callable(reduce):
-        one_of("reduce", reduce, REDUCTIONS)
+def channel_reduction(reduce: Reduce) -> Reduce:
+    """``reduce`` if it is a callable or one of :data:`REDUCTIONS` (the check every explainer with a ``reduce``
+    option makes, returning what it accepted as the checks of :mod:`explain.validation` do).
+
+    Raises:
+        ValueError: ``"reduce must be one of <REDUCTIONS>, got <reduce>"``.
+    """
+    return reduce if callable(reduce) else one_of("reduce", reduce, REDUCTIONS)
 
 
 def check_logits(logits: Tensor, targets: Tensor) -> None:
@@ -116,13 +120,26 @@ def smoothgrad_gradients(
     return total / nb_samples
 
 
-class _GradientExplainer(Explainer):
+class ChannelReducingExplainer(Explainer):
+    """Base of the explainers whose method gives attributions [B, C, H, W]: the option ``reduce`` (checked once,
+    here) turns them into maps [B, H, W] with :meth:`to_maps`."""
+
+    def __init__(
+        self, model: nn.Module, batch_size: int = 64, seed: int | None = 0, reduce: Reduce = "absmax"
+    ) -> None:
+        super().__init__(model, batch_size=batch_size, seed=seed)
+        self.reduce = channel_reduction(reduce)
+
+    def to_maps(self, attributions: Tensor) -> Tensor:
+        """``reduce_channels(attributions, self.reduce)``: [B, C, H, W] -> [B, H, W]."""
+        return reduce_channels(attributions, self.reduce)
+
+
+class _GradientExplainer(ChannelReducingExplainer):
     """An explainer whose only options are ``batch_size`` and the channel reduction ``reduce`` (no randomness)."""
 
     def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
-        super().__init__(model, batch_size=batch_size, seed=None)
-        _check_reduce(reduce)
-        self.reduce = reduce
+        super().__init__(model, batch_size=batch_size, seed=None, reduce=reduce)
 
 
 @register_explainer("saliency")
@@ -148,7 +165,7 @@ class Saliency(_GradientExplainer):
     """
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
-        return reduce_channels(input_gradients(self.model, images, targets, self.batch_size), self.reduce)
+        return self.to_maps(input_gradients(self.model, images, targets, self.batch_size))
 
 
 @register_explainer("gradient_input")
@@ -173,11 +190,11 @@ class GradientInput(_GradientExplainer):
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         grads = input_gradients(self.model, images, targets, self.batch_size)
-        return reduce_channels(images * grads, self.reduce)
+        return self.to_maps(images * grads)
 
 
 @register_explainer("smoothgrad")
-class SmoothGrad(Explainer):
+class SmoothGrad(ChannelReducingExplainer):
     """SmoothGrad (Smilkov et al. 2017): ``reduce_c(mean_s grad(x + eps_s))``, ``eps_s ~ N(0, noise^2)``.
 
     ``nb_samples`` noisy copies per image (default 50) with Gaussian noise of standard deviation ``noise``
@@ -208,14 +225,12 @@ class SmoothGrad(Explainer):
         seed: int | None = 0,
         reduce: Reduce = "absmax",
     ) -> None:
-        super().__init__(model, batch_size=batch_size, seed=seed)
-        _check_reduce(reduce)
+        super().__init__(model, batch_size=batch_size, seed=seed, reduce=reduce)
         self.nb_samples = positive_int("nb_samples", nb_samples)
         self.noise = in_interval("noise", noise, 0)  # a standard deviation
-        self.reduce = reduce
 
     def explain(self, images: Tensor, targets: Tensor) -> Tensor:
         shape = (self.nb_samples, *images.shape[1:])
         noise = torch.randn(shape, generator=self.generator(images.device), device=images.device, dtype=images.dtype)
         grads = smoothgrad_gradients(self.model, images, targets, noise * self.noise, self.batch_size)
-        return reduce_channels(grads, self.reduce)
+        return self.to_maps(grads)
