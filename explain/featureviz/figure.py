@@ -4,6 +4,8 @@ clipped at a high percentile and divided by its maximum, so the most attended re
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,18 @@ def maco_overlay(
 
     The image is clipped to its ``[p, 100 - p]`` percentiles (``p = percentile_image``) and rescaled to [0, 1];
     alpha is clipped above at its ``percentile_alpha`` percentile and divided by its maximum.
+
+    Raises:
+        ValueError: ``image`` not [3, H, W], ``alpha`` not [H, W] or [3, H, W] of the image's size, or a
+            percentile out of range (``percentile_image`` in [0, 50), ``percentile_alpha`` in (0, 100]).
+        TypeError: ``alpha`` is not a tensor.
+
+    >>> import torch
+    >>> image, alpha = torch.rand(3, 8, 8), torch.zeros(8, 8)
+    >>> alpha[:4] = 1.0  # the top half opaque, the bottom half shows the white background
+    >>> overlay = maco_overlay(image, alpha)
+    >>> overlay.shape, bool((overlay[:, 4:] == 1.0).all())
+    (torch.Size([3, 8, 8]), True)
     """
     if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be a tensor [3, H, W], got {getattr(image, 'shape', type(image).__name__)}")
@@ -50,19 +64,17 @@ def maco_overlay(
     return image * alpha + back * (1 - alpha)
 
 
-def plot_maco(
-    image: Tensor,
-    alpha: Tensor,
-    percentile_image: float = 1.0,
-    percentile_alpha: float = 80.0,
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    title: str | None = None,
-    ax=None,
-):
-    """A matplotlib Figure of :func:`maco_overlay` (drawn into ``ax`` when given, else a new figure)."""
+def plot_maco(image: Tensor, alpha: Tensor, *, title: str | None = None, ax=None, **overlay_options: Any):
+    """A matplotlib Figure of ``maco_overlay(image, alpha, **overlay_options)`` (``percentile_image``,
+    ``percentile_alpha``, ``background``: see :func:`maco_overlay`), drawn into ``ax`` when given, else into a
+    new figure.
+
+    Raises:
+        ValueError, TypeError: as :func:`maco_overlay` (an unknown option is a ``TypeError``).
+    """
     import matplotlib.pyplot as plt
 
-    overlay = maco_overlay(image, alpha, percentile_image, percentile_alpha, background)
+    overlay = maco_overlay(image, alpha, **overlay_options)
     if ax is None:
         figure, ax = plt.subplots(figsize=(4, 4))
     else:
