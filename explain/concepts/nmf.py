@@ -22,7 +22,7 @@ minimizing ``||X - U W||_F`` with ``U, W >= 0``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -122,36 +122,20 @@ def _squared_error(x_norm2: Tensor, ut_x: Tensor, ut_u: Tensor, w: Tensor) -> Te
 INITS: tuple[str, ...] = ("nndsvda", "nndsvd", "random")
 
 
-def _nmf_arg_validation(rank: int, init: Init, max_iter: int, inner_iter: int, warmup: int) -> None:
-    """The checks shared by :func:`nmf` and :class:`NMF` (torchmetrics' ``_..._arg_validation``)."""
-    positive_int("rank", rank)
-    one_of("init", init, INITS)
-    positive_int("max_iter", max_iter)
-    positive_int("inner_iter", inner_iter)
-    non_negative_int("warmup", warmup)
-
-
 def nmf(
-    x: Tensor,
-    rank: int,
-    *,
-    init: Init = "nndsvda",
-    max_iter: int = 200,
-    tol: float = 1e-4,
-    inner_iter: int = 4,
-    warmup: int = 10,
-    seed: int | None = 0,
-    callback: Callable[[int, float], bool | None] | None = None,
+    x: Tensor, rank: int, *, callback: Callable[[int, float], bool | None] | None = None, **options: Any
 ) -> tuple[Tensor, Tensor]:
-    """Factorize ``x`` [n, c] >= 0 as ``U`` [n, r] @ ``W`` [r, c], both >= 0 (module docstring).
+    """Factorize ``x`` [n, c] >= 0 as ``U`` [n, r] @ ``W`` [r, c], both >= 0 (module docstring): the factors of
+    ``NMF(rank, **options).fit_transform(x, callback=callback)``.
 
-    ``callback(iteration, error)``, if given, is called after every iteration with the Frobenius error
-    ``||X - U W||_F``; returning True stops the fit.
+    ``options``: those of :class:`NMF` (``init="nndsvda"``, ``max_iter=200``, ``tol=1e-4``, ``inner_iter=4``,
+    ``warmup=10``, ``seed=0``). ``callback(iteration, error)``, if given, is called after every iteration with
+    the Frobenius error ``||X - U W||_F``; returning True stops the fit.
 
     Raises:
         ValueError: ``x`` is not a nonnegative matrix, ``rank`` is not in ``[1, min(n, c)]``, an unknown
             ``init``, or ``max_iter``, ``inner_iter`` not positive ints or ``warmup`` negative.
-        TypeError: ``x`` is not floating point.
+        TypeError: ``x`` is not floating point, or an unknown option.
 
     >>> import torch
     >>> x = torch.rand(6, 2) @ torch.rand(2, 5)  # a nonnegative matrix of rank 2
@@ -161,47 +145,9 @@ def nmf(
     >>> bool(reconstruction_error(x, u, w) < 1e-2 * x.norm())
     True
     """
-    _check_matrix(x)
-    _nmf_arg_validation(rank, init, max_iter, inner_iter, warmup)
-    u, w, _, _ = _fit(x, rank, init, max_iter, tol, inner_iter, warmup, seed, callback)
-    return u, w
-
-
-def _fit(
-    x: Tensor,
-    rank: int,
-    init: Init,
-    max_iter: int,
-    tol: float,
-    inner_iter: int,
-    warmup: int,
-    seed: int | None,
-    callback: Callable[[int, float], bool | None] | None,
-) -> tuple[Tensor, Tensor, int, Tensor | None]:
-    """:func:`nmf` on validated arguments, also returning the number of iterations and the last error (a tensor on
-    ``x``'s device)."""
-    if init == "random":
-        u, w = random_init(x, rank, seed=seed)
-    else:
-        u, w = nndsvd_init(x, rank, fill="mean" if init == "nndsvda" else "zeros", seed=seed)
-    ut, xt = u.T.contiguous(), x.T.contiguous()  # U is kept transposed: its rows are the components
-    x_norm2 = x.double().square().sum()
-    # errors stay on the device: the host reads them only for a callback or once per stopping window (no per-step
-    # GPU sync)
-    errors: list[Tensor] = []
-    for iteration in range(max_iter):
-        sweeps = 1 if iteration < warmup else inner_iter
-        hals_sweeps(ut, w @ w.T, w @ xt, sweeps)  # U-step: min_U ||X^T - W^T U^T||
-        ut_x = ut @ x
-        ut_u = ut @ ut.T
-        hals_sweeps(w, ut_u, ut_x, sweeps)  # W-step: min_W ||X - U W||
-        errors.append(_squared_error(x_norm2, ut_x, ut_u, w).clamp_min(0).sqrt())
-        if callback is not None and callback(iteration, float(errors[-1])):
-            break
-        if tol > 0 and iteration >= warmup + _WINDOW and (iteration - warmup) % _WINDOW == 0:
-            if float(errors[-1 - _WINDOW] - errors[-1] - _WINDOW * tol * errors[-1]) <= 0:
-                break
-    return ut.T.contiguous(), w, len(errors), errors[-1] if errors else None
+    factorizer = NMF(rank, **options)
+    u = factorizer.fit_transform(x, callback=callback)
+    return u, factorizer.W
 
 
 def reconstruction_error(x: Tensor, u: Tensor, w: Tensor) -> Tensor:
@@ -210,7 +156,8 @@ def reconstruction_error(x: Tensor, u: Tensor, w: Tensor) -> Tensor:
 
 
 class NMF:
-    """``NMF(rank)``: :func:`nmf` on ``fit``, :func:`~explain.concepts.nnls.nnls` with ``W`` fixed on ``transform``.
+    """``NMF(rank, **options)``: the factorization of the module docstring on ``fit``,
+    :func:`~explain.concepts.nnls.nnls` with ``W`` fixed on ``transform`` (:func:`nmf` is ``fit_transform`` once).
 
     After ``fit(X)``: ``W`` [r, c] (the components, scikit-learn's ``components_``), ``error`` (final
     Frobenius error) and ``n_iter``.
@@ -238,21 +185,46 @@ class NMF:
         warmup: int = 10,
         seed: int | None = 0,
     ) -> None:
-        _nmf_arg_validation(rank, init, max_iter, inner_iter, warmup)
-        self.rank, self.init, self.max_iter, self.tol = rank, init, max_iter, tol
-        self.inner_iter, self.warmup, self.seed = inner_iter, warmup, seed
+        self.rank = positive_int("rank", rank)
+        self.init = one_of("init", init, INITS)
+        self.max_iter = positive_int("max_iter", max_iter)
+        self.tol = tol
+        self.inner_iter = positive_int("inner_iter", inner_iter)
+        self.warmup = non_negative_int("warmup", warmup)
+        self.seed = seed
         self.W: Tensor | None = None
         self.error: float | None = None
         self.n_iter = 0
 
-    def fit_transform(self, x: Tensor) -> Tensor:
-        """Fit on ``x`` [n, c] and return its coefficients ``U`` [n, r]."""
+    def fit_transform(self, x: Tensor, *, callback: Callable[[int, float], bool | None] | None = None) -> Tensor:
+        """Fit on ``x`` [n, c] and return its coefficients ``U`` [n, r]; ``callback`` as in :func:`nmf`."""
         _check_matrix(x)
-        u, self.W, self.n_iter, error = _fit(
-            x, self.rank, self.init, self.max_iter, self.tol, self.inner_iter, self.warmup, self.seed, None
-        )
-        self.error = None if error is None else float(error)
-        return u
+        u, w = self._initial_factors(x)
+        ut, xt = u.T.contiguous(), x.T.contiguous()  # U is kept transposed: its rows are the components
+        x_norm2 = x.double().square().sum()
+        # errors stay on the device: the host reads them only for a callback or once per stopping window (no per-step
+        # GPU sync)
+        errors: list[Tensor] = []
+        for iteration in range(self.max_iter):
+            sweeps = 1 if iteration < self.warmup else self.inner_iter
+            hals_sweeps(ut, w @ w.T, w @ xt, sweeps)  # U-step: min_U ||X^T - W^T U^T||
+            ut_x = ut @ x
+            ut_u = ut @ ut.T
+            hals_sweeps(w, ut_u, ut_x, sweeps)  # W-step: min_W ||X - U W||
+            errors.append(_squared_error(x_norm2, ut_x, ut_u, w).clamp_min(0).sqrt())
+            if callback is not None and callback(iteration, float(errors[-1])):
+                break
+            if self.tol > 0 and iteration >= self.warmup + _WINDOW and (iteration - self.warmup) % _WINDOW == 0:
+                if float(errors[-1 - _WINDOW] - errors[-1] - _WINDOW * self.tol * errors[-1]) <= 0:
+                    break
+        self.W, self.n_iter = w, len(errors)
+        self.error = float(errors[-1]) if errors else None
+        return ut.T.contiguous()
+
+    def _initial_factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.init == "random":
+            return random_init(x, self.rank, seed=self.seed)
+        return nndsvd_init(x, self.rank, fill="mean" if self.init == "nndsvda" else "zeros", seed=self.seed)
 
     def fit(self, x: Tensor) -> NMF:
         """Fit on ``x`` [n, c]; the factors are ``W`` and the return value of :meth:`fit_transform`."""
