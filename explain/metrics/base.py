@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar
 
+import torch
+from torch import Tensor
 from torchmetrics import Metric
 
 #: Every keyword an explanation metric may ask for in ``update``:
@@ -28,3 +32,40 @@ class ExplanationMetric(Metric):
     def name(self) -> str:
         """Logging key of the metric."""
         return type(self).__name__.lower()
+
+
+class MeanOverImages(ExplanationMetric):
+    """The mean, over every image seen, of a per-image metric function ``function(**inputs, **options) -> [B]``.
+
+    torchmetrics' pure function + thin ``Metric``, with the options written once: a subclass names its
+    ``function`` and the ``arg_validation`` it shares with it; the options are the function's keyword-only
+    arguments other than the ``update`` inputs (``requires``), with the function's defaults. They are checked when
+    the metric is built and kept as attributes (``metric.nb_samples``); every other keyword goes to torchmetrics'
+    ``Metric``. The per-image values are summed in float64 (``dist_reduce_fx="sum"``).
+    """
+
+    function: ClassVar[Callable[..., Tensor]]
+    arg_validation: ClassVar[Callable[..., None]]
+    is_differentiable = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        parameters = inspect.signature(self.function).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in self.requires}
+        options = {name: kwargs.pop(name, default) for name, default in defaults.items()}
+        super().__init__(**kwargs)
+        self.arg_validation(**{name: options[name] for name in inspect.signature(self.arg_validation).parameters})
+        self.option_names = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, value)
+        self.add_state("value_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, **inputs: Any) -> None:
+        """Add ``function(**inputs)`` [B] of one batch (``inputs``: the keywords named in ``requires``)."""
+        values = self.function(**inputs, **{name: getattr(self, name) for name in self.option_names})
+        self.value_sum += values.to(self.value_sum.device, torch.float64).sum()
+        self.count += values.shape[0]
+
+    def compute(self) -> Tensor:
+        """Mean of the per-image values over every image seen."""
+        return (self.value_sum / self.count.clamp_min(1)).float()

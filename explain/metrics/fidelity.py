@@ -6,17 +6,18 @@ processes with ``dist_reduce_fx="sum"``); ``compute()`` is the mean over every i
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from explain.metrics.base import ExplanationMetric
+from explain.metrics.base import ExplanationMetric, MeanOverImages
 from explain.metrics.functional.fidelity import (
     Baseline,
     _causal_fidelity_arg_validation,
     _mufidelity_arg_validation,
     auc,
-    deletion_curve,
-    insertion_curve,
+    causal_curve,
     mufidelity,
 )
 from explain.registry import register_metric
@@ -25,7 +26,7 @@ from explain.registry import register_metric
 class _CausalFidelity(ExplanationMetric):
     requires = ("model", "images", "targets", "maps")
     is_differentiable = False
-    insertion: bool
+    mode: ClassVar[str]  # "deletion" or "insertion": the curve of explain.metrics.functional.causal_curve
 
     def __init__(self, steps: int = 10, baseline: Baseline = 0.0, batch_size: int = 64, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -39,8 +40,10 @@ class _CausalFidelity(ExplanationMetric):
         self.add_state("count", default=torch.tensor(0.0, dtype=dtype), dist_reduce_fx="sum")
 
     def update(self, model: nn.Module, images: Tensor, targets: Tensor, maps: Tensor) -> None:
-        curve_fn = insertion_curve if self.insertion else deletion_curve
-        curves = curve_fn(model, images, targets, maps, self.steps, self.baseline, self.batch_size)
+        curves = causal_curve(
+            model, images, targets, maps, mode=self.mode, steps=self.steps, baseline=self.baseline,
+            batch_size=self.batch_size,
+        )
         curves = curves.to(self.auc_sum.device, torch.float64)
         self.auc_sum += auc(curves).sum()
         self.curve_sum += curves.sum(0)
@@ -77,7 +80,7 @@ class Deletion(_CausalFidelity):
     (torch.Size([]), torch.Size([5]))
     """
 
-    insertion = False
+    mode = "deletion"
     higher_is_better = False
 
 
@@ -102,17 +105,19 @@ class Insertion(_CausalFidelity):
     tensor(24.)
     """
 
-    insertion = True
+    mode = "insertion"
     higher_is_better = True
 
 
 @register_metric("mufidelity")
-class MuFidelity(ExplanationMetric):
+class MuFidelity(MeanOverImages):
     """MuFidelity (Bhatt et al. 2020): mean over images of the Spearman rho between the score drops of random
     cell removals and the attribution of the removed cells (:func:`~explain.metrics.functional.mufidelity`).
     Higher is better (1: the map ranks the removals exactly as the model does).
 
-    ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean rho.
+    ``update(model, images [B,C,H,W], targets [B], maps [B,H,W])``; ``compute()`` -> mean rho. Options (the
+    keyword-only options of the function, with its defaults): ``grid_size=9``, ``subset_percent=0.2``,
+    ``nb_samples=200``, ``baseline=0.0``, ``batch_size=64``, ``seed=0``.
 
     Raises:
         ValueError: ``grid_size`` or ``batch_size`` not a positive int, ``subset_percent`` outside (0, 1),
@@ -131,45 +136,5 @@ class MuFidelity(ExplanationMetric):
 
     requires = ("model", "images", "targets", "maps")
     higher_is_better = True
-    is_differentiable = False
-
-    def __init__(
-        self,
-        grid_size: int = 9,
-        subset_percent: float = 0.2,
-        nb_samples: int = 200,
-        baseline: Baseline = 0.0,
-        batch_size: int = 64,
-        seed: int | None = 0,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        _mufidelity_arg_validation(grid_size, subset_percent, nb_samples, batch_size)
-        self.grid_size = grid_size
-        self.subset_percent = subset_percent
-        self.nb_samples = nb_samples
-        self.baseline = baseline
-        self.batch_size = batch_size
-        self.seed = seed
-        self.add_state("rho_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, model: nn.Module, images: Tensor, targets: Tensor, maps: Tensor) -> None:
-        rho = mufidelity(
-            model,
-            images,
-            targets,
-            maps,
-            grid_size=self.grid_size,
-            subset_percent=self.subset_percent,
-            nb_samples=self.nb_samples,
-            baseline=self.baseline,
-            batch_size=self.batch_size,
-            seed=self.seed,
-        )
-        self.rho_sum += rho.to(self.rho_sum.device, torch.float64).sum()
-        self.count += rho.shape[0]
-
-    def compute(self) -> Tensor:
-        """Mean Spearman rho over every image seen."""
-        return (self.rho_sum / self.count.clamp_min(1)).float()
+    function = staticmethod(mufidelity)
+    arg_validation = staticmethod(_mufidelity_arg_validation)

@@ -12,6 +12,7 @@ from explain.metrics.functional.alignment import (
 from explain.metrics.functional.drift import merge_references, reference_spearman, unique_by_id
 from explain.metrics.functional.fidelity import (
     auc,
+    causal_curve,
     deletion_curve,
     insertion_curve,
     mufidelity,
@@ -36,6 +37,7 @@ __all__ = [
     "auc",
     "average_ranks",
     "average_stability",
+    "causal_curve",
     "deletion_curve",
     "fold_pair_distances",
     "insertion_curve",

@@ -21,7 +21,9 @@ Calls from inside ``torch.inference_mode()`` are fine. Results are returned on t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 
 from explain.base import batched, check_images_targets, eval_mode, model_device
 from explain.metrics.functional.alignment import rowwise_spearman
-from explain.validation import in_interval, int_at_least, positive_int
+from explain.validation import in_interval, int_at_least, one_of, positive_int
 
 Baseline = float | Tensor | Callable[[Tensor], Tensor]
 
@@ -96,22 +98,45 @@ def stage_sizes(nb_pixels: int, steps: int) -> Tensor:
     return torch.arange(steps + 1) * nb_pixels // steps
 
 
-def _causal_curve(
+def causal_curve(
     model: nn.Module,
     images: Tensor,
     targets: Tensor | int,
     maps: Tensor,
-    steps: int,
-    baseline: Baseline,
-    batch_size: int,
-    insertion: bool,
+    *,
+    mode: Literal["deletion", "insertion"],
+    steps: int = 10,
+    baseline: Baseline = 0.0,
+    batch_size: int = 64,
 ) -> Tensor:
+    """Score ``f(x_k)[y]`` [B, steps+1] as the top ``floor(k N / steps)`` pixels of the map are switched, at stage
+    ``k`` of ``steps``: to the baseline (``mode="deletion"``: stage 0 is the image, the last stage the baseline), or
+    from the baseline to the image (``mode="insertion"``: stage 0 is the baseline, the last stage the image).
+
+    ``baseline``: a value, a tensor broadcastable to ``images`` (e.g. per-channel means ``[C,1,1]``, a blurred
+    copy ``[B,C,H,W]``), or a function ``images -> baselines``. Pixels with equal map values are taken in
+    pixel-index order. :data:`deletion_curve` and :data:`insertion_curve` are this function with ``mode`` set. The
+    options are keyword-only, as those of :func:`mufidelity`.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``steps`` or ``batch_size`` not a positive int, an unknown ``mode``, a ``baseline`` that does
+            not broadcast to the images, or images, targets and maps that do not match.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 1, bias=False))
+    >>> _ = torch.nn.init.ones_(model[1].weight)  # the score is the sum of the pixels
+    >>> curve = deletion_curve(model, torch.ones(1, 3, 4, 4), 0, torch.rand(1, 4, 4), steps=2)
+    >>> curve  # 48 pixel values, then half of them set to the black baseline, then all
+    tensor([[48., 24.,  0.]])
+    """
     _causal_fidelity_arg_validation(steps, batch_size)
+    one_of("mode", mode, ("deletion", "insertion"))
     out_device = images.device
     images, targets, maps = _check_inputs(model, images, targets, maps)
     b, _, h, w = images.shape
     base = _baseline_like(images, baseline)
-    start, end = (base, images) if insertion else (images, base)
+    start, end = (base, images) if mode == "insertion" else (images, base)
     # rank[i, p] = position of pixel p in the descending order of map i (ties broken by pixel index)
     order = maps.flatten(1).float().argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=order.device).expand(b, -1))
@@ -129,36 +154,12 @@ def _causal_curve(
     return curves.view(b, nb_stages).to(out_device)
 
 
-def deletion_curve(
-    model: nn.Module,
-    images: Tensor,
-    targets: Tensor | int,
-    maps: Tensor,
-    steps: int = 10,
-    baseline: Baseline = 0.0,
-    batch_size: int = 64,
-) -> Tensor:
-    """Score ``f(x_k)[y]`` [B, steps+1] as the top ``floor(k N / steps)`` pixels of the map go to the baseline.
-
-    ``baseline``: a value, a tensor broadcastable to ``images`` (e.g. per-channel means ``[C,1,1]``, a blurred
-    copy ``[B,C,H,W]``), or a function ``images -> baselines``. Stage 0 is the image itself, the last stage the
-    baseline. Pixels with equal map values are taken in pixel-index order.
-    """
-    return _causal_curve(model, images, targets, maps, steps, baseline, batch_size, insertion=False)
-
-
-def insertion_curve(
-    model: nn.Module,
-    images: Tensor,
-    targets: Tensor | int,
-    maps: Tensor,
-    steps: int = 10,
-    baseline: Baseline = 0.0,
-    batch_size: int = 64,
-) -> Tensor:
-    """Score ``f(x_k)[y]`` [B, steps+1] as the top ``floor(k N / steps)`` pixels of the map are copied onto the
-    baseline: stage 0 is the baseline, the last stage the image (see :func:`deletion_curve`)."""
-    return _causal_curve(model, images, targets, maps, steps, baseline, batch_size, insertion=True)
+#: Deletion curve (Petsiuk et al. 2018): ``causal_curve(..., mode="deletion")``, the top pixels of the map go to
+#: the baseline: ``deletion_curve(model, images, targets, maps, *, steps=10, baseline=0.0, batch_size=64)``.
+deletion_curve = functools.partial(causal_curve, mode="deletion")
+#: Insertion curve (Petsiuk et al. 2018): ``causal_curve(..., mode="insertion")``, the top pixels of the map are
+#: copied onto the baseline: ``insertion_curve(model, images, targets, maps, *, steps=10, ...)``.
+insertion_curve = functools.partial(causal_curve, mode="insertion")
 
 
 def auc(curve: Tensor) -> Tensor:
