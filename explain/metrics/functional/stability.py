@@ -17,7 +17,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -216,17 +218,12 @@ def fold_pair_distances(
     return torch.cat([empty, *consistent]), torch.cat([empty, *inconsistent])
 
 
-def mege_reco(
-    models: Sequence[nn.Module],
-    images: Tensor,
-    labels: Tensor,
-    fold_of_sample: Tensor,
-    explainer: Callable[[nn.Module], MapFn],
-    batch_size: int = 64,
-) -> tuple[Tensor, Tensor]:
-    """``(MeGe, ReCo)`` of an explanation method (Fel et al. 2022).
+def mege_reco(*args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """``(MeGe, ReCo)`` of an explanation method (Fel et al. 2022): :func:`mege_score` and :func:`reco_score` of the
+    pairs of :func:`fold_pair_distances`, called with the same arguments
+    ``(models, images, labels, fold_of_sample, explainer, batch_size=64)`` (its signature is this one's).
 
-    ``models[i]`` was trained on every fold but ``i``; ``fold_of_sample[n]`` is the fold of image ``n``;
+    ``models[i] was trained on every fold but ``i``; ``fold_of_sample[n]`` is the fold of image ``n``;
     ``explainer(model) -> callable(images, targets) -> maps`` (an :class:`~explain.base.Explainer` class, or a
     ``functools.partial`` of one with its options). The maps explain the true ``labels``, as in xplique. NaN
     where a set of pairs is empty (MeGe: no pair with both models right; ReCo: either set empty).
@@ -245,5 +242,8 @@ def mege_reco(
     >>> mege.dtype, bool(mege.isnan() or 0 < mege <= 1), bool(reco.isnan() or -1 <= reco <= 1)
     (torch.float64, True, True)
     """
-    consistent, inconsistent = fold_pair_distances(models, images, labels, fold_of_sample, explainer, batch_size)
+    consistent, inconsistent = fold_pair_distances(*args, **kwargs)
     return mege_score(consistent), reco_score(consistent, inconsistent)
+
+
+mege_reco.__signature__ = inspect.signature(fold_pair_distances)  # help(), IDEs and jsonargparse see the arguments
