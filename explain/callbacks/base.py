@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -167,3 +167,33 @@ class MonitorCallback(Callback):
             return flags
         total = trainer.strategy.reduce(torch.tensor(flags, dtype=torch.float32, device=device), reduce_op="sum")
         return [bool(value > 0) for value in total.tolist()]
+
+
+class RankZeroMonitor(MonitorCallback):
+    """Base of the monitors of chosen ``classes`` whose work (pictures and tables: no scalar, no collective) runs
+    on global rank 0 alone, at the end of a due validation epoch, inside :meth:`MonitorCallback.explaining`.
+
+    A subclass implements :meth:`evaluate` and lists in ``state_fields`` the attributes that tell two of its
+    instances apart (its ``state_key``, under which Lightning saves its state).
+    """
+
+    state_fields: ClassVar[tuple[str, ...]] = ("classes",)
+
+    def __init__(self, classes: Sequence[int], every_n_epochs: int = 5, **monitor_options: Any) -> None:
+        super().__init__(every_n_epochs, **monitor_options)
+        self.classes = check_classes(classes, type(self).__name__)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**{name: getattr(self, name) for name in self.state_fields})
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.start_rank_zero_evaluation(trainer):
+            with self.explaining(pl_module) as (model, device):
+                self.evaluate(trainer, model, device)
+
+    def evaluate(self, trainer: Trainer, model: nn.Module, device: torch.device) -> None:
+        """The monitor's work on ``model`` (on ``device``), on rank 0, inside :func:`isolated`."""
+        raise NotImplementedError

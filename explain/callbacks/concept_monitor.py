@@ -12,17 +12,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
+import torch
+from lightning.pytorch import Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
-from explain.callbacks.base import MonitorCallback, OnError, check_classes
-from explain.callbacks.batches import BatchAdapter, collect_class_samples, first_dataloader
+from explain.callbacks.base import RankZeroMonitor
+from explain.callbacks.batches import collect_class_samples, first_dataloader
 from explain.callbacks.media import log_images, log_table
 from explain.callbacks.overlays import figure_to_array
+from explain.validation import positive_int
 
 
-class ConceptMonitor(MonitorCallback):
+class ConceptMonitor(RankZeroMonitor):
     """CRAFT concept gallery and importance table of chosen classes, every ``every_n_epochs`` epochs.
 
     Args:
@@ -37,8 +39,11 @@ class ConceptMonitor(MonitorCallback):
         nb_design: Sobol design size of the importance.
         top_k: crops per concept in the gallery.
         craft_options: other :class:`~explain.concepts.Craft` options (``patch_size``, ``stride``, ``nmf``...).
-        model_attr, batch_adapter, on_error, seed: as :class:`~explain.callbacks.ExplanationMonitor`.
+        **monitor_options: the options every monitor takes (``model_attr``, ``batch_adapter``, ``on_error``,
+            ``seed``): see :class:`~explain.callbacks.base.MonitorCallback`.
     """
+
+    state_fields = ("classes", "at", "n_concepts")  # its state_key
 
     def __init__(
         self,
@@ -51,17 +56,12 @@ class ConceptMonitor(MonitorCallback):
         nb_design: int = 32,
         top_k: int = 6,
         craft_options: Mapping[str, Any] | None = None,
-        model_attr: str | None = None,
-        batch_adapter: BatchAdapter | None = None,
-        on_error: OnError = "raise",
-        seed: int = 0,
+        **monitor_options: Any,
     ) -> None:
-        super().__init__(every_n_epochs, on_error, model_attr, batch_adapter, seed)
-        self.classes = check_classes(classes, "ConceptMonitor")
+        super().__init__(classes, every_n_epochs, **monitor_options)
         for name, value in (("num_images", num_images), ("n_concepts", n_concepts), ("nb_design", nb_design),
                             ("top_k", top_k)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ConceptMonitor: {name} must be a positive int, got {value!r}")
+            positive_int(f"ConceptMonitor: {name}", value)
         from explain.concepts import Craft
 
         self.craft_options = dict(craft_options or {})
@@ -73,40 +73,32 @@ class ConceptMonitor(MonitorCallback):
         self.nb_design, self.top_k = nb_design, top_k
         self._samples: dict[int, dict[str, Tensor]] | None = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(classes=self.classes, at=self.at, n_concepts=self.n_concepts)
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.start_rank_zero_evaluation(trainer):
-            return
-        with self.explaining(pl_module) as (model, device):
-            if self._samples is None:
-                dataloader = first_dataloader(trainer.val_dataloaders)
-                self._samples = collect_class_samples(
-                    dataloader, self.classes, self.num_images, self.seed, self.batch_adapter
-                )
-            rows = []
-            for class_id in self.classes:
-                if class_id not in self._samples:
-                    self.attempt(f"CRAFT of class {class_id}", self._missing, class_id)
-                    continue
-                images = self._samples[class_id]["image"].to(device)
-                ok, result = self.attempt(f"CRAFT of class {class_id}", self.concepts, model, images, class_id)
-                if not ok:
-                    continue
-                importance, picture = result
-                caption = f"class {class_id} | epoch {trainer.current_epoch} | {images.shape[0]} images"
-                log_images(trainer, f"concepts/class_{class_id}/gallery", [picture], [caption], self._out_dir,
-                           f"epoch={trainer.current_epoch:04d}")
-                rows += [
-                    [trainer.current_epoch, trainer.global_step, class_id, concept, float(value)]
-                    for concept, value in enumerate(importance.tolist())
-                ]
-            log_table(trainer, "concepts/importance", ["epoch", "step", "class", "concept", "importance"], rows,
-                      self._out_dir)
+    def evaluate(self, trainer: Trainer, model: nn.Module, device: torch.device) -> None:
+        if self._samples is None:
+            dataloader = first_dataloader(trainer.val_dataloaders)
+            self._samples = collect_class_samples(
+                dataloader, self.classes, self.num_images, self.seed, self.batch_adapter
+            )
+        rows = []
+        for class_id in self.classes:
+            if class_id not in self._samples:
+                self.attempt(f"CRAFT of class {class_id}", self._missing, class_id)
+                continue
+            images = self._samples[class_id]["image"].to(device)
+            ok, result = self.attempt(f"CRAFT of class {class_id}", self.concepts, model, images, class_id)
+            if not ok:
+                continue
+            importance, picture = result
+            caption = f"class {class_id} | epoch {trainer.current_epoch} | {images.shape[0]} images"
+            log_images(trainer, f"concepts/class_{class_id}/gallery", [picture], [caption], self._out_dir,
+                       f"epoch={trainer.current_epoch:04d}")
+            rows += [
+                [trainer.current_epoch, trainer.global_step, class_id, concept, float(value)]
+                for concept, value in enumerate(importance.tolist())
+            ]
+        log_table(trainer, "concepts/importance", ["epoch", "step", "class", "concept", "importance"], rows,
+                  self._out_dir)
 
     @staticmethod
     def _missing(class_id: int) -> None:

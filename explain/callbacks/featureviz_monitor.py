@@ -14,14 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
-from explain.callbacks.base import MonitorCallback, OnError, check_classes
-from explain.callbacks.batches import BatchAdapter, draw_monitor_set, first_dataloader
+from explain.callbacks.base import RankZeroMonitor
+from explain.callbacks.batches import draw_monitor_set, first_dataloader
 from explain.callbacks.media import log_images
 from explain.callbacks.overlays import to_uint8, upscale
+from explain.validation import positive_int
 
 
 def maco_panel(image: Tensor, alpha: Tensor, min_size: int = 128) -> np.ndarray:
@@ -32,7 +33,7 @@ def maco_panel(image: Tensor, alpha: Tensor, min_size: int = 128) -> np.ndarray:
     return upscale(to_uint8(torch.cat([plain, maco_overlay(image, alpha)], dim=2).cpu()), min_size)
 
 
-class FeatureVizMonitor(MonitorCallback):
+class FeatureVizMonitor(RankZeroMonitor):
     """MACO images of chosen classes (logit objective), every ``every_n_epochs`` epochs.
 
     Args:
@@ -44,8 +45,11 @@ class FeatureVizMonitor(MonitorCallback):
         spectrum_images: validation images whose mean Fourier magnitude MACO keeps fixed.
         maco_options: other options of :func:`explain.featureviz.maco` (``lr``, ``noise``, ``value_range``,
             ``box_size``...).
-        model_attr, batch_adapter, on_error, seed: as :class:`~explain.callbacks.ExplanationMonitor`.
+        **monitor_options: the options every monitor takes (``model_attr``, ``batch_adapter``, ``on_error``,
+            ``seed``): see :class:`~explain.callbacks.base.MonitorCallback`.
     """
+
+    state_fields = ("classes", "image_size", "steps")  # its state_key
 
     def __init__(
         self,
@@ -56,18 +60,12 @@ class FeatureVizMonitor(MonitorCallback):
         crops_per_step: int = 16,
         spectrum_images: int = 64,
         maco_options: Mapping[str, Any] | None = None,
-        model_attr: str | None = None,
-        batch_adapter: BatchAdapter | None = None,
-        on_error: OnError = "raise",
-        seed: int = 0,
+        **monitor_options: Any,
     ) -> None:
-        super().__init__(every_n_epochs, on_error, model_attr, batch_adapter, seed)
-        self.classes = check_classes(classes, "FeatureVizMonitor")
+        super().__init__(classes, every_n_epochs, **monitor_options)
         for name, value in (("steps", steps), ("crops_per_step", crops_per_step), ("spectrum_images", spectrum_images)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"FeatureVizMonitor: {name} must be a positive int, got {value!r}")
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"FeatureVizMonitor: image_size must be a positive int or None, got {image_size!r}")
+            positive_int(f"FeatureVizMonitor: {name}", value)
+        positive_int("FeatureVizMonitor: image_size", image_size, allow_none=True)
         import inspect
 
         from explain.featureviz import maco
@@ -83,28 +81,20 @@ class FeatureVizMonitor(MonitorCallback):
         self._magnitude: Tensor | None = None
         self._input_size: tuple[int, int] | None = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(classes=self.classes, image_size=self.image_size, steps=self.steps)
-
-    @override
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.start_rank_zero_evaluation(trainer):
-            return
-        with self.explaining(pl_module) as (model, device):
-            if self._magnitude is None:
-                ok, _ = self.attempt("the Fourier magnitude of the validation images", self._spectrum, trainer)
-                if not ok:
-                    return
-            pictures, captions = [], []
-            for class_id in self.classes:
-                ok, result = self.attempt(f"MACO of class {class_id}", self.visualize, model, class_id)
-                if ok:
-                    pictures.append(maco_panel(*result))
-                    captions.append(f"class {class_id} | epoch {trainer.current_epoch}")
-            tag = f"epoch={trainer.current_epoch:04d}"
-            log_images(trainer, "featureviz/maco", pictures, captions, self._out_dir, tag)
+    def evaluate(self, trainer: Trainer, model: nn.Module, device: torch.device) -> None:
+        if self._magnitude is None:
+            ok, _ = self.attempt("the Fourier magnitude of the validation images", self._spectrum, trainer)
+            if not ok:
+                return
+        pictures, captions = [], []
+        for class_id in self.classes:
+            ok, result = self.attempt(f"MACO of class {class_id}", self.visualize, model, class_id)
+            if ok:
+                pictures.append(maco_panel(*result))
+                captions.append(f"class {class_id} | epoch {trainer.current_epoch}")
+        tag = f"epoch={trainer.current_epoch:04d}"
+        log_images(trainer, "featureviz/maco", pictures, captions, self._out_dir, tag)
 
     def _spectrum(self, trainer: Trainer) -> None:
         from explain.featureviz import magnitude_spectrum
