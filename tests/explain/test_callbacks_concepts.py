@@ -62,29 +62,21 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(tmp_path, callback, epochs=1):
+def fit(quiet_trainer, tmp_path, callback, epochs=1):
     L.seed_everything(0, verbose=False)
     module = Net()
     logger = CSVLogger(tmp_path)
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        callbacks=[callback],
-        logger=logger,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[callback], logger=logger)
     val = DataLoader(Blobs(24, seed=1), batch_size=8)
     trainer.fit(module, DataLoader(Blobs(32, seed=0), batch_size=8), val)
     return module, val, logger.log_dir + "/explanations"
 
 
-def test_concept_monitor_logs_the_gallery_and_the_importance_of_craft(tmp_path):
+def test_concept_monitor_logs_the_gallery_and_the_importance_of_craft(tmp_path, quiet_trainer):
     from explain.concepts import Craft, split_model
 
     callback = ConceptMonitor(classes=[1, 2], num_images=6, n_concepts=3, nb_design=8, top_k=3, model_attr="model")
-    module, val, out = fit(tmp_path, callback)
+    module, val, out = fit(quiet_trainer, tmp_path, callback)
     for class_id in (1, 2):
         picture = np.asarray(Image.open(f"{out}/epoch=0000/concepts.class_{class_id}.gallery.png"))
         assert picture.ndim == 3 and picture.shape[2] == 3 and picture.std() > 0
@@ -99,21 +91,21 @@ def test_concept_monitor_logs_the_gallery_and_the_importance_of_craft(tmp_path):
     assert logged == pytest.approx(expected.tolist(), abs=1e-5)
 
 
-def test_concept_monitor_validates_and_warns(tmp_path):
+def test_concept_monitor_validates_and_warns(tmp_path, quiet_trainer):
     with pytest.raises(ValueError, match="classes"):
         ConceptMonitor(classes=[])
     with pytest.raises(ValueError, match="craft_options"):
         ConceptMonitor(classes=[0], craft_options={"n_concepts": 3})
     callback = ConceptMonitor(classes=[7], num_images=4, n_concepts=2, model_attr="model", on_error="warn")
     with pytest.warns(UserWarning, match="class 7"):
-        fit(tmp_path, callback)
+        fit(quiet_trainer, tmp_path, callback)
 
 
-def test_featureviz_monitor_logs_maco_of_each_class(tmp_path):
+def test_featureviz_monitor_logs_maco_of_each_class(tmp_path, quiet_trainer):
     from explain.featureviz import logit, maco, magnitude_spectrum
 
     callback = FeatureVizMonitor(classes=[0, 3], steps=3, crops_per_step=2, spectrum_images=8, model_attr="model")
-    module, val, out = fit(tmp_path, callback)
+    module, val, out = fit(quiet_trainer, tmp_path, callback)
     grid = np.asarray(Image.open(f"{out}/epoch=0000/featureviz.maco.png"))
     # MACO by hand with the same magnitude (the seeded draw of 8 validation images) and seed
     magnitude = magnitude_spectrum(draw_monitor_set(val, 8, seed=0)["image"], image_size=16)
@@ -128,3 +120,26 @@ def test_featureviz_monitor_logs_maco_of_each_class(tmp_path):
 def test_featureviz_monitor_rejects_unknown_maco_options():
     with pytest.raises(ValueError, match="unknown maco_options"):
         FeatureVizMonitor(classes=[0], maco_options={"learning_rate": 1.0})
+
+
+def test_rank_zero_monitors_keep_their_state_keys_common_options_and_checks():
+    from jsonargparse import ArgumentParser
+
+    concept = ConceptMonitor(classes=[1], n_concepts=3, model_attr="model", on_error="warn", seed=4)
+    # Lightning's state key format: qualified class name + repr of the identifying options, in this order
+    assert concept.state_key == "ConceptMonitor{'classes': [1], 'at': None, 'n_concepts': 3}"
+    assert (concept.model_attr, concept.on_error, concept.seed, concept.every_n_epochs) == ("model", "warn", 4, 5)
+    featureviz = FeatureVizMonitor(classes=2, image_size=8, steps=3)
+    assert featureviz.state_key == "FeatureVizMonitor{'classes': [2], 'image_size': 8, 'steps': 3}"
+    with pytest.raises(ValueError, match="FeatureVizMonitor: image_size must be a positive int or None, got True"):
+        FeatureVizMonitor(classes=[0], image_size=True)
+    with pytest.raises(ValueError, match="ConceptMonitor: top_k must be a positive int, got 0"):
+        ConceptMonitor(classes=[0], top_k=0)
+    with pytest.raises(TypeError, match="model_atr"):
+        ConceptMonitor(classes=[0], model_atr="model")
+    # LightningCLI (jsonargparse) sees the options every monitor takes through **monitor_options
+    for cls in (ConceptMonitor, FeatureVizMonitor):
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "monitor")
+        options = set(vars(parser.get_defaults().monitor))
+        assert {"model_attr", "batch_adapter", "on_error", "seed", "every_n_epochs"} <= options

@@ -62,7 +62,7 @@ def adapter(batch):
     return {"image": images, "label": labels}
 
 
-def test_monitor_runs_on_a_resnet18_project_through_a_batch_adapter(tmp_path):
+def test_monitor_runs_on_a_resnet18_project_through_a_batch_adapter(tmp_path, quiet_trainer):
     L.seed_everything(0, verbose=False)
     callback = ExplanationMonitor(
         explainers=["saliency", {"sobol": {"nb_design": 2, "grid_size": 4}}],
@@ -73,16 +73,8 @@ def test_monitor_runs_on_a_resnet18_project_through_a_batch_adapter(tmp_path):
         batch_adapter=adapter,
     )  # model_attr=None: the LightningModule itself is explained (its forward returns logits)
     logger = CSVLogger(tmp_path)
-    trainer = L.Trainer(
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        callbacks=[callback],
-        logger=logger,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    trainer = quiet_trainer(
+        max_epochs=2, limit_train_batches=2, limit_val_batches=1, callbacks=[callback], logger=logger
     )
     trainer.fit(
         ResNetClassifier(),
@@ -97,20 +89,12 @@ def test_monitor_runs_on_a_resnet18_project_through_a_batch_adapter(tmp_path):
     assert (out / "epoch=0001" / "explain.saliency.overlays.png").is_file()
 
 
-def test_without_adapter_a_triple_batch_is_a_clear_error(tmp_path):
+def test_without_adapter_a_triple_batch_is_a_clear_error(tmp_path, quiet_trainer):
     import pytest
 
     callback = ExplanationMonitor(explainers=["saliency"], metrics=[], num_samples=2)
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=1,
-        callbacks=[callback],
-        logger=False,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
+    trainer = quiet_trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, callbacks=[callback], logger=False
     )
     with pytest.raises(TypeError, match="batch_adapter"):
         train, val = DataLoader(Indexed(4, seed=0), batch_size=2), DataLoader(Indexed(4, seed=1), batch_size=2)

@@ -19,13 +19,7 @@ from explain.concepts.crops import default_patch_size, default_stride, extract_c
 from explain.concepts.nnls import nnls  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: on a shared 2-core machine, BLAS threading only adds synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (conftest.py)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

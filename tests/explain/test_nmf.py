@@ -11,13 +11,7 @@ from explain.concepts.nmf import NMF, nmf, nndsvd_init, reconstruction_error, to
 from explain.concepts.nnls import nnls
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: on a shared 2-core machine, BLAS threading only adds synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems (conftest.py)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
