@@ -37,6 +37,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from align.module import HarmonizedClassifier
 
@@ -143,6 +144,7 @@ def choose_wandb_mode(environ: Mapping[str, str] | None = None, timeout: float =
 class LoggedConfigCallback(SaveConfigCallback):
     """Writes the resolved ``config.yaml`` into the run directory and logs the same config to every logger."""
 
+    @override
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
@@ -246,6 +248,7 @@ class AlignCLI(LightningCLI):
         }
         super().__init__(*args, trainer_defaults=trainer_defaults, **kwargs)
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.root", type=str, default="runs", help="Directory holding every run.")
         parser.add_argument(
@@ -261,6 +264,7 @@ class AlignCLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True})
 
     # ---------------------------------------------------------------- --ckpt_path
+    @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check ``--ckpt_path`` before Lightning reads it: the file must load (an empty, truncated or
         garbage file gets an error naming it), and the model config asked for is kept, so that
@@ -312,6 +316,7 @@ class AlignCLI(LightningCLI):
         config.run.experiment, config.run.version = experiment, version
         return Path(config.run.root) / experiment / version
 
+    @override
     def before_instantiate_classes(self) -> None:
         if os.environ.get("WANDB_MODE") == "":
             del os.environ["WANDB_MODE"]  # unset, as resolve_wandb_mode reads it (W&B's settings refuse "")
@@ -351,6 +356,7 @@ class AlignCLI(LightningCLI):
                 init.save_dir = str(run_dir)
                 init.name, init.version = "", ""
 
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_config.get("callbacks") or []

@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from typing_extensions import override
 
 from datamodules.augmentation import make_sample, pad_crop_flip
 from datamodules.folds import assign_folds, check_fold
 from datamodules.shapes import SHAPE_NAMES, render_scenes, stamp_watermark, watermark_classes
 from datamodules.shapes import watermark_mask as _watermark_mask
-from explain.validation import in_interval
 from datamodules.splits import SplitDataModule
+from explain.validation import in_interval
 
 
 class InMemoryDataset(Dataset):
@@ -223,6 +224,7 @@ class ShortcutShapesDataModule(SplitDataModule):
             spurious_mask=self.watermark_mask(),
         )
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         """Generate the splits (once; about a second for the defaults on one CPU core)."""
         if self._splits:

@@ -11,6 +11,7 @@ from typing import ClassVar
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -44,12 +45,15 @@ class SplitDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._dataloader("train")
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._dataloader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._dataloader(split) for split in self.test_split_names]
         return loaders[0] if len(loaders) == 1 else loaders
