@@ -52,7 +52,12 @@ def grad_enabled() -> Iterator[None]:
 
 
 def check_images_targets(images: Tensor, targets: Tensor | int) -> tuple[Tensor, Tensor]:
-    """Validate an explainer's inputs: images [B,C,H,W] floating point, targets int64 [B] (an int is broadcast)."""
+    """Validate an explainer's inputs: images [B,C,H,W] floating point, targets int64 [B] (an int is broadcast).
+
+    Raises:
+        ValueError: ``images`` not [B, C, H, W], or ``targets`` without one entry per image.
+        TypeError: ``images`` not floating point, or ``targets`` not integer class indices.
+    """
     if not isinstance(images, Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
         raise ValueError(f"images must be a tensor of shape [B, C, H, W], got {shape}")
@@ -85,6 +90,11 @@ class Explainer(ABC):
 
     Subclasses implement :meth:`explain`, which is called with grad enabled, the model in eval mode, and
     ``images``/``targets`` already cloned (normal tensors, not inference tensors) on the model's device.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``batch_size`` not a positive int; at the call, images or targets as
+            :func:`check_images_targets` refuses.
     """
 
     def __init__(self, model: nn.Module, batch_size: int = 64, seed: int | None = 0) -> None:

@@ -65,7 +65,11 @@ def sobol_design(
 
 
 def split_outputs(outputs: Tensor, nb_dim: int, nb_design: int) -> tuple[Tensor, Tensor]:
-    """Split evaluations [..., N (D + 1)] of a :func:`sobol_design` into ``fA`` [..., 1, N] and ``fC`` [..., D, N]."""
+    """Split evaluations [..., N (D + 1)] of a :func:`sobol_design` into ``fA`` [..., 1, N] and ``fC`` [..., D, N].
+
+    Raises:
+        ValueError: the last dimension is not ``nb_design * (nb_dim + 1)``.
+    """
     expected = nb_design * (nb_dim + 1)
     if outputs.shape[-1] != expected:
         raise ValueError(

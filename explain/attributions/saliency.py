@@ -34,6 +34,9 @@ def reduce_channels(attributions: Tensor, reduce: Reduce = "absmax") -> Tensor:
 
     ``"absmax"``: ``max_c |a_c|``; ``"max"``: ``max_c a_c``; ``"sum"`` / ``"abssum"``: ``sum_c a_c`` /
     ``sum_c |a_c|``; ``"mean"`` / ``"absmean"``: the same divided by C; or a callable [B,C,H,W] -> [B,H,W].
+
+    Raises:
+        ValueError: ``attributions`` not [B, C, H, W], or an unknown ``reduce``.
     """
     if attributions.ndim != 4:
         raise ValueError(f"attributions must be [B, C, H, W], got shape {tuple(attributions.shape)}")
@@ -65,7 +68,11 @@ def channel_reduction(reduce: Reduce) -> Reduce:
 
 
 def check_logits(logits: Tensor, targets: Tensor) -> None:
-    """Raise a clear error unless ``logits`` is [N, classes] and every target is a class index of it."""
+    """Raise a clear error unless ``logits`` is [N, classes] and every target is a class index of it.
+
+    Raises:
+        ValueError: ``logits`` not [N, classes], or a target outside ``[0, classes)``.
+    """
     if logits.ndim != 2:
         raise ValueError(f"the model must return logits of shape [N, classes], got shape {tuple(logits.shape)}")
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[1]):
@@ -103,6 +110,10 @@ def smoothgrad_gradients(
 
     The B * S noisy inputs are sent through the model ``batch_size`` at a time (rows of several images share
     a pass).
+
+    Raises:
+        ValueError: ``noise`` not [S, C, H, W] with the images' C, H, W;
+            at the first pass, logits or targets as :func:`check_logits` refuses.
     """
     nb_images, nb_samples = images.shape[0], noise.shape[0]
     if noise.shape[1:] != images.shape[1:]:

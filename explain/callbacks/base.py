@@ -23,7 +23,11 @@ OnError = Literal["raise", "warn"]
 
 
 def check_classes(classes: Sequence[int], owner: str) -> list[int]:
-    """``classes`` as a list of class indices, or a clear error."""
+    """``classes`` as a list of class indices, or a clear error.
+
+    Raises:
+        ValueError: ``classes`` is neither a class index nor a non-empty list of them (ints >= 0).
+    """
     if isinstance(classes, int):
         classes = [classes]
     if not isinstance(classes, Sequence) or not classes or not all(
@@ -46,6 +50,11 @@ class MonitorCallback(Callback):
         batch_adapter: ``batch -> dict`` in the data contract (``image``, ``label``, optional ``heatmap``,
             ``has_heatmap``, ``spurious_mask``); None: batches are that dict or ``(image, label)`` pairs.
         seed: seed of the samples the monitor draws from the validation data.
+
+    Raises:
+        ValueError: ``every_n_epochs`` not a positive int, ``on_error`` neither ``"raise"`` nor ``"warn"``, or
+            ``model_attr`` neither a non-empty name nor None.
+        TypeError: ``batch_adapter`` not callable, or ``seed`` not an int.
     """
 
     def __init__(
@@ -113,7 +122,12 @@ class MonitorCallback(Callback):
 
     # ---- helpers
     def explained_model(self, pl_module: LightningModule) -> nn.Module:
-        """The network to explain: ``pl_module`` or its attribute ``model_attr``."""
+        """The network to explain: ``pl_module`` or its attribute ``model_attr``.
+
+        Raises:
+            AttributeError: a part of ``model_attr`` names no attribute.
+            TypeError: ``model_attr`` names something that is not an ``nn.Module``.
+        """
         if self.model_attr is None:
             return pl_module
         model: Any = pl_module
@@ -195,5 +209,9 @@ class RankZeroMonitor(MonitorCallback):
                 self.evaluate(trainer, model, device)
 
     def evaluate(self, trainer: Trainer, model: nn.Module, device: torch.device) -> None:
-        """The monitor's work on ``model`` (on ``device``), on rank 0, inside :func:`isolated`."""
+        """The monitor's work on ``model`` (on ``device``), on rank 0, inside :func:`isolated`.
+
+        Raises:
+            NotImplementedError: a subclass does not implement it.
+        """
         raise NotImplementedError

@@ -31,6 +31,12 @@ def to_contract(batch: Any, adapter: BatchAdapter | None = None) -> dict[str, Te
     when the batch has one.
 
     A heatmap or a spurious mask [B,1,H,W] is accepted and squeezed to [B,H,W].
+
+    Raises:
+        KeyError: a dict batch without ``image`` or ``label``.
+        ValueError: an ``image``, ``label``, ``heatmap``, ``has_heatmap`` or ``spurious_mask`` of the wrong shape or
+            dtype.
+        TypeError: ``batch_adapter`` returned no dict, or a batch is neither a dict nor an ``(image, label)`` pair.
     """
     if adapter is not None:
         data = adapter(batch)
@@ -142,6 +148,9 @@ def draw_monitor_set(
     iterable dataset gives its first ``num_samples`` samples, ``ids`` being their positions.
     The caller wraps this in :func:`~explain.callbacks.isolation.preserved_rng` (datasets may draw random
     numbers).
+
+    Raises:
+        ValueError: the validation dataset or dataloader is empty; a batch as :func:`to_contract` refuses.
     """
     dataset = getattr(dataloader, "dataset", None)
     if _is_map_style(dataset):

@@ -41,6 +41,12 @@ class ConceptMonitor(RankZeroMonitor):
         craft_options: other :class:`~explain.concepts.Craft` options (``patch_size``, ``stride``, ``nmf``...).
         **monitor_options: the options every monitor takes (``model_attr``, ``batch_adapter``, ``on_error``,
             ``seed``): see :class:`~explain.callbacks.base.MonitorCallback`.
+
+    Raises:
+        ValueError: ``classes``, ``num_images``, ``n_concepts``, ``nb_design`` or ``top_k`` out of their domain,
+            ``craft_options`` that set the monitor's own arguments or that :class:`~explain.concepts.Craft` refuses, or
+            a common option as :class:`~explain.callbacks.base.MonitorCallback` refuses.
+        TypeError: an unknown option.
     """
 
     state_fields = ("classes", "at", "n_concepts")  # its state_key

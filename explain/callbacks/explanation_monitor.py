@@ -124,6 +124,13 @@ class ExplanationMonitor(MonitorCallback):
             (key ``spurious_mass``) to the metrics unless they hold one already, and log
             ``explain/spurious_area``. Batches without the mask never get it.
         on_test: also compute the dataset-level metrics on each test dataloader when ``trainer.test`` runs.
+
+    Raises:
+        ValueError: ``num_samples`` not a positive int, ``max_images`` negative, an unknown ``target``, explainers or
+            metrics that :mod:`explain.callbacks.registry` cannot build, a common option as
+            :class:`~explain.callbacks.base.MonitorCallback` refuses; at the first evaluation, a metric that needs
+            what the batches do not carry (ids, human maps, a spurious mask).
+        RuntimeError: at the first due validation, the trainer has no validation dataloader.
     """
 
     def __init__(

@@ -47,6 +47,12 @@ class FeatureVizMonitor(RankZeroMonitor):
             ``box_size``...).
         **monitor_options: the options every monitor takes (``model_attr``, ``batch_adapter``, ``on_error``,
             ``seed``): see :class:`~explain.callbacks.base.MonitorCallback`.
+
+    Raises:
+        ValueError: ``classes``, ``steps``, ``crops_per_step``, ``spectrum_images`` or ``image_size`` out of
+            their domain, unknown ``maco_options``, or a common option as
+            :class:`~explain.callbacks.base.MonitorCallback` refuses.
+        TypeError: an unknown option.
     """
 
     state_fields = ("classes", "image_size", "steps")  # its state_key

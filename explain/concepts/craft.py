@@ -248,6 +248,9 @@ class Craft:
         ``nb_design * (r + 1)`` masked passes through ``latent_to_logit`` per image (see
         :mod:`explain.concepts.importance`); ``per_image=True`` returns the indices of each image [B, r].
         ``class_id`` defaults to the one given to ``fit``. The mean is kept as ``importances`` (for ``gallery``).
+
+        Raises:
+            ValueError: no ``latent_to_logit``, or no ``class_id`` (here or at ``fit``).
         """
         w = self._check_fitted()
         if self.latent_to_logit is None:
@@ -280,6 +283,9 @@ class Craft:
         * ``"activation"``: the coefficients ``U`` [B, h, w, r] of :meth:`transform`, set to 0 where at most
           the ``percentile``-th percentile of that concept over all the given images and locations (the
           reference notebook's display; None keeps all), resized bilinear.
+
+        Raises:
+            ValueError: ``input_to_latent`` gives no spatial activations [B, c, h, w], or an unknown ``method``.
         """
         w = self._check_fitted()
         _check_images(images)
@@ -328,6 +334,10 @@ class Craft:
         sub-concepts' coefficients ``U'`` that best reconstructs the parent's coefficient ``u`` on those crops,
         hence the parent concept's activations ``u W[concept] ~= (U' b) W[concept]``, with relative error
         ``parent_error = ||u - U' b|| / ||u||``.
+
+        Raises:
+            ValueError: ``concept`` not in ``[0, n_concepts)``, or too few crops of it for ``n_concepts``
+                sub-concepts.
         """
         self._check_fitted()
         if non_negative_int("concept", concept) >= self.n_concepts:

@@ -26,6 +26,9 @@ def extract_crops(images: Tensor, patch_size: int, stride: int) -> Tensor:
     """All ``patch_size`` crops of ``images`` [B, C, H, W] on a ``stride`` grid: [B * L, C, p, p], image-major.
 
     ``L = ((H - p) // stride + 1) * ((W - p) // stride + 1)`` crops per image (the reference's ``unfold``).
+
+    Raises:
+        ValueError: ``images`` not [B, C, H, W], or ``patch_size`` outside ``[1, image side]``.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got {tuple(images.shape)}")

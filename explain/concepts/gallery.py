@@ -17,7 +17,11 @@ def top_crops(u: Tensor, top_k: int) -> Tensor:
 
 
 def concept_order(importance: Tensor | None, n_concepts: int) -> list[int]:
-    """Concepts by decreasing importance (by index when ``importance`` is None)."""
+    """Concepts by decreasing importance (by index when ``importance`` is None).
+
+    Raises:
+        ValueError: ``importance`` without one value per concept.
+    """
     if importance is None:
         return list(range(n_concepts))
     importance = torch.as_tensor(importance).reshape(-1)
@@ -47,6 +51,9 @@ def concept_gallery(
 
     ``crops`` [n, C, h, w], ``u`` [n, r]; rows follow ``concepts`` if given, else decreasing ``importance``.
     Each row is titled with the concept index and, when known, its importance.
+
+    Raises:
+        ValueError: ``crops`` and ``u`` with different numbers of rows.
     """
     import matplotlib.pyplot as plt
 

@@ -30,6 +30,9 @@ def nnls_jacobian(u: Tensor, w: Tensor) -> Tensor:
     """``du/da`` [n, r, c] of the NNLS solutions ``u`` [n, r] of rows ``a`` [n, c] with ``W`` [r, c] fixed.
 
     Rows of ``J`` in the active set ``S = {u_k > 0}``: ``(W_S W_S^T)^-1 W_S``; other rows: zero (module docstring).
+
+    Raises:
+        ValueError: ``u`` not [n, r] or ``W`` not [r, c].
     """
     if u.ndim != 2 or w.ndim != 2 or u.shape[1] != w.shape[0]:
         raise ValueError(f"nnls_jacobian expects u [n, r] and W [r, c], got {tuple(u.shape)} and {tuple(w.shape)}")
@@ -43,6 +46,9 @@ def implicit_concept_maps(activations: Tensor, w: Tensor, u: Tensor | None = Non
 
     ``u`` [B, r]: the images' coefficients ``NNLS(mean_hw A, W)`` (computed when not given). See the module
     docstring for the formula; the maps are at the latent resolution (resize them to the image yourself).
+
+    Raises:
+        ValueError: ``activations`` not [B, c, h, w].
     """
     if activations.ndim != 4:
         raise ValueError(

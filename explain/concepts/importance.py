@@ -40,6 +40,10 @@ def concept_importance(
     activations [N, c] (or [N, c, h, w] for a spatial ``u``) to logits [N, classes]; ``class_id``: an int or
     one per image [B]. Masked activations go through ``latent_to_logit`` ``batch_size`` at a time, mixing
     images. Average over images for the class-level importance of the paper.
+
+    Raises:
+        ValueError: ``u`` neither [B, r] nor [B, h, w, r], ``class_id`` neither an int nor one class per image, or
+            ``latent_to_logit`` not returning logits [N, classes].
     """
     if u.ndim not in (2, 4) or u.shape[-1] != w.shape[0]:
         raise ValueError(

@@ -79,6 +79,10 @@ def nndsvd_init(
     Component 0 is ``sqrt(s_0) |u_0| |v_0|^T``; component j > 0 keeps the larger (by ``|x_+| |y_+|`` against
     ``|x_-| |y_-|``) of the positive and negative parts of the j-th singular pair, scaled by
     ``sqrt(s_j sigma)``. Entries below ``eps`` are zeroed, then set to ``mean(X)`` for NNDSVDa.
+
+    Raises:
+        ValueError: ``x`` not a nonnegative matrix, ``rank`` outside ``[1, min(n, c)]``, or an unknown ``fill``.
+        TypeError: ``x`` not floating point.
     """
     _check_matrix(x)
     one_of("fill", fill, ("zeros", "mean"))
@@ -232,7 +236,13 @@ class NMF:
         return self
 
     def transform(self, x: Tensor) -> Tensor:
-        """Coefficients ``U`` [n, r] of new rows ``x`` [n, c]: NNLS with the fitted ``W`` fixed."""
+        """Coefficients ``U`` [n, r] of new rows ``x`` [n, c]: NNLS with the fitted ``W`` fixed.
+
+        Raises:
+            RuntimeError: called before ``fit``.
+            ValueError: ``x`` not a nonnegative matrix [n, c].
+            TypeError: ``x`` not floating point.
+        """
         if self.W is None:
             raise RuntimeError("NMF.transform called before fit: call fit(x) or fit_transform(x) first")
         _check_matrix(x)

@@ -83,6 +83,9 @@ def nnls(
     active-set solution is computed and the fit stops once every row satisfies the KKT conditions (gradient
     off the support >= ``-tol`` times the row's scale; default ``sqrt(machine epsilon)``). Rows still not
     certified after ``max_iter`` sweeps keep the better of the HALS iterate and its feasible polish.
+
+    Raises:
+        ValueError: ``activations`` [n, c] and ``W`` [r, c] with different ``c``.
     """
     if activations.ndim != 2 or w.ndim != 2 or activations.shape[1] != w.shape[1]:
         raise ValueError(

@@ -59,7 +59,11 @@ def is_global_pooling(module: nn.Module) -> bool:
 
 class TimmFeatures(nn.Module):
     """``model.forward_features(x)``, with a vision transformer's patch tokens [B, prefix + h w, C] reshaped to
-    [B, C, h, w] (the ``prefix`` class/register tokens dropped)."""
+    [B, C, h, w] (the ``prefix`` class/register tokens dropped).
+
+    Raises:
+        ValueError: at the call, patch tokens that do not form the grid of the image.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -142,7 +146,12 @@ def split_model(
     """``(input_to_latent, latent_to_logit)``: two ``nn.Sequential`` sharing ``model``'s modules (module docstring).
 
     ``at``: name of the last child of ``input_to_latent`` (e.g. ``"layer3"``, ``"features"``); by default the
-    child before the first global pooling layer (timm models: None only, the split is ``forward_features``). ``sign_split``: make signed activations nonnegative, exactly.
+    child before the first global pooling layer (timm models: None only, the split is ``forward_features``).
+    ``sign_split``: make signed activations nonnegative, exactly.
+
+    Raises:
+        ValueError: with ``at=None``, no global pooling child after the first child; else ``at`` names no child,
+            or the last one.
     """
     if not isinstance(model, nn.Sequential) and hasattr(model, "forward_features") and hasattr(model, "forward_head"):
         features, head = _split_timm(model, at)

@@ -39,7 +39,11 @@ MIN_BOX = 0.05
 
 def box_size_schedule(box_size: float | tuple[float, float], steps: int) -> Tensor:
     """Mean crop side per step, as a fraction of the image side: linear from ``box_size[0]`` to ``box_size[1]``
-    (a float: constant)."""
+    (a float: constant).
+
+    Raises:
+        ValueError: ``box_size`` neither a fraction of the side in (0, 1] nor a pair ``(start, end)`` of them.
+    """
     start, end = (box_size, box_size) if isinstance(box_size, (int, float)) else tuple(box_size)
     for value in (start, end):
         if not isinstance(value, (int, float)) or not 0 < value <= 1:

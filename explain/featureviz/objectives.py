@@ -23,7 +23,11 @@ from explain.validation import non_negative_int, one_of
 
 
 class Objective:
-    """A callable ``crops [N,3,h,w] -> scores [N]`` and the module it runs (``model``, or None)."""
+    """A callable ``crops [N,3,h,w] -> scores [N]`` and the module it runs (``model``, or None).
+
+    Raises:
+        TypeError: ``fn`` not callable, or ``model`` neither an ``nn.Module`` nor None.
+    """
 
     def __init__(self, fn: Callable[[Tensor], Tensor], model: nn.Module | None = None, name: str = "objective"):
         if not callable(fn):
@@ -78,7 +82,12 @@ def _check_index(value: object, name: str) -> int:
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
-    """``(name, module)`` of a layer of ``model`` given by its dotted name or by the module itself."""
+    """``(name, module)`` of a layer of ``model`` given by its dotted name or by the module itself.
+
+    Raises:
+        TypeError: ``layer`` neither a submodule name nor an ``nn.Module``.
+        ValueError: ``layer`` is no submodule of ``model``.
+    """
     if isinstance(layer, str):
         try:
             return layer, model.get_submodule(layer)
@@ -102,6 +111,10 @@ def layer_output(model: nn.Module, layer: nn.Module, inputs: Tensor, name: str =
     """The output of ``layer`` when ``model`` runs on ``inputs`` (its first call; the forward stops there).
 
     A forward hook captures the output and is removed before returning, even on error.
+
+    Raises:
+        RuntimeError: the model did not call the layer.
+        TypeError: the layer returned something other than a tensor.
     """
     captured: list[Tensor] = []
 
@@ -165,6 +178,9 @@ def neuron(
     """One unit: channel ``index`` of ``layer``'s map [N, C, h, w] at ``position`` (y, x), default the centre.
 
     For a layer with a vector output [N, C] the unit is ``output[:, index]`` (leave ``position`` None).
+
+    Raises:
+        ValueError: ``position`` is not a pair ``(y, x)``.
     """
     model, index = _check_module(model), _check_index(index, "index")
     name, module = resolve_layer(model, layer)
@@ -222,6 +238,10 @@ def concept_direction(
 
     The activations ``feature_fn(crops)`` are averaged over space ([N, C, h, w] channels first, or [N, T, C]
     tokens) as CRAFT does before its NMF, then compared with ``direction`` [C] by :func:`direction_similarity`.
+
+    Raises:
+        TypeError: ``feature_fn`` not callable.
+        ValueError: ``direction`` not a finite, nonzero vector [C].
     """
     if not callable(feature_fn):
         raise TypeError(f"feature_fn must be callable (crops -> activations), got {type(feature_fn).__name__}")

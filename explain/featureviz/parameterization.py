@@ -83,6 +83,10 @@ def spectrum_to_image(magnitude: Tensor, phase: Tensor, width: int | None = None
     """The decorrelated image [3,H,W] of a magnitude and a phase [3,H,W//2+1], standardised.
 
     ``width`` is the image width (the half spectrum cannot tell W = 2k from W = 2k + 1); default even.
+
+    Raises:
+        ValueError: ``magnitude`` and ``phase`` of different shapes, or a half spectrum whose columns do not match
+            ``width``.
     """
     if magnitude.shape != phase.shape:
         raise ValueError(

@@ -148,6 +148,9 @@ def resize_spectrum(magnitude: Tensor, image_size: int | tuple[int, int]) -> Ten
     Coefficients are matched by RELATIVE frequency (cycles per image side, scaled): a spectrum computed at 224
     serves an image at 512 as the spectrum of the same images shown at 512. Bilinear in frequency; computing the
     spectrum at the right size (``magnitude_spectrum(..., image_size=...)``) avoids the approximation.
+
+    Raises:
+        ValueError: ``magnitude`` not [C, H, W//2+1].
     """
     height, width = _pair(image_size, "image_size")
     if magnitude.ndim != 3:
@@ -178,7 +181,12 @@ def save_spectrum(magnitude: Tensor, path: str | os.PathLike) -> None:
 
 
 def load_spectrum(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Tensor:
-    """Load a magnitude spectrum saved by :func:`save_spectrum` (a ``.npy`` array [3, H, W//2+1] works too)."""
+    """Load a magnitude spectrum saved by :func:`save_spectrum` (a ``.npy`` array [3, H, W//2+1] works too).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file was not saved by :func:`save_spectrum`.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no spectrum file at {path!r}; compute one with magnitude_spectrum(your_images)")

@@ -46,8 +46,9 @@ class ExplanationDrift(ExplanationMetric):
 
     Raises:
         ValueError: at ``update``, ids that are not integers [B], maps that are not [B, H, W], or maps of another
-            size than the earlier ones of the evaluation.
+            size than the earlier ones of the evaluation; at ``load_state_dict``, a state without this metric's keys.
         TypeError: the metric is called (``forward``).
+        RuntimeError: at ``compute``, processes that explained the monitor set at different resolutions.
 
     >>> import torch
     >>> drift, maps, ids = ExplanationDrift(), torch.rand(3, 4, 4), torch.arange(3)

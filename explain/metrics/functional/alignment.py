@@ -53,6 +53,9 @@ def rowwise_spearman(x: Tensor, y: Tensor) -> Tensor:
     (ties handled as ``scipy.stats.spearmanr``), computed and returned in float64.
 
     A constant row has no ranking and gets rho = 0 (scipy gives NaN); a row holding a NaN gets NaN.
+
+    Raises:
+        ValueError: ``x`` and ``y`` not both [B, N] of the same shape.
     """
     if x.ndim != 2 or x.shape != y.shape:
         raise ValueError(f"x and y must both be [B, N] of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")

@@ -33,7 +33,11 @@ def merge_references(
     ref_ids: Tensor | None, ref_maps: Tensor | None, ids: Tensor, maps: Tensor, overwrite: bool
 ) -> tuple[Tensor, Tensor]:
     """Reference maps updated with the maps of an evaluation: ids not yet referenced are added; the maps of ids
-    already referenced are replaced when ``overwrite`` (the previous evaluation) and kept otherwise (the first)."""
+    already referenced are replaced when ``overwrite`` (the previous evaluation) and kept otherwise (the first).
+
+    Raises:
+        ValueError: maps of another size than the reference maps.
+    """
     if ref_ids is None or ref_maps is None:
         return unique_by_id(ids, maps)
     if ref_maps.shape[1:] != maps.shape[1:]:
@@ -50,7 +54,11 @@ def merge_references(
 
 def reference_spearman(ids: Tensor, maps: Tensor, ref_ids: Tensor | None, ref_maps: Tensor | None) -> Tensor:
     """Spearman rho [B] (float64) of each map with the reference map of the same id (``ref_ids`` sorted ascending,
-    as :func:`unique_by_id` leaves them); NaN where the id has no reference."""
+    as :func:`unique_by_id` leaves them); NaN where the id has no reference.
+
+    Raises:
+        ValueError: maps of another size than the reference maps.
+    """
     _check_ids_maps(ids, maps)
     rho = torch.full((ids.shape[0],), float("nan"), dtype=torch.float64, device=maps.device)
     if ref_ids is None or ref_maps is None or ref_ids.numel() == 0 or ids.numel() == 0:

@@ -164,7 +164,11 @@ insertion_curve = functools.partial(causal_curve, mode="insertion")
 
 def auc(curve: Tensor) -> Tensor:
     """Area [B] under curves [B, S] sampled at equally spaced stages, by the trapezoid mean
-    ``mean_k (c_k + c_{k+1}) / 2`` (xplique), i.e. the area with the x-axis scaled to [0, 1]."""
+    ``mean_k (c_k + c_{k+1}) / 2`` (xplique), i.e. the area with the x-axis scaled to [0, 1].
+
+    Raises:
+        ValueError: ``curve`` not [B, S] with S >= 2.
+    """
     if curve.ndim != 2 or curve.shape[1] < 2:
         raise ValueError(f"curve must be [B, S] with S >= 2 stages, got {tuple(curve.shape)}")
     return ((curve[:, :-1] + curve[:, 1:]) / 2).mean(1)

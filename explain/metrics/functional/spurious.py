@@ -63,7 +63,11 @@ def spurious_mass(maps: Tensor, masks: Tensor) -> Tensor:
 
 
 def spurious_area(masks: Tensor) -> Tensor:
-    """The mask's area share per image, ``mean(s)``: float64 [B] (the spurious mass of a uniform map)."""
+    """The mask's area share per image, ``mean(s)``: float64 [B] (the spurious mass of a uniform map).
+
+    Raises:
+        ValueError: ``masks`` not bool [B, H, W].
+    """
     if masks.ndim != 3 or masks.dtype != torch.bool:
         raise ValueError(f"spurious masks must be bool [B, H, W], got {tuple(masks.shape)} {masks.dtype}")
     return masks.flatten(1).double().mean(1)

@@ -131,7 +131,11 @@ def average_stability(
 
 def spearman_distance(maps_a: Tensor, maps_b: Tensor) -> Tensor:
     """``sqrt(1 - |rho|)`` [B] between paired maps [B, ...] (rho = Spearman over the flattened maps; a constant
-    map has rho = 0, so distance 1)."""
+    map has rho = 0, so distance 1).
+
+    Raises:
+        ValueError: paired maps of different shapes.
+    """
     if maps_a.shape != maps_b.shape:
         raise ValueError(f"paired maps must have the same shape, got {tuple(maps_a.shape)} and {tuple(maps_b.shape)}")
     rho = rowwise_spearman(maps_a.flatten(1), maps_b.flatten(1))
@@ -178,7 +182,12 @@ def fold_pair_distances(
     batch_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """The distances ``(S=, S!=)`` of MeGe/ReCo (module docstring): for image ``n`` of fold ``f``, the pairs
-    (model ``f``, model ``j``) for every ``j != f``; ``batch_size`` images are explained at a time."""
+    (model ``f``, model ``j``) for every ``j != f``; ``batch_size`` images are explained at a time.
+
+    Raises:
+        ValueError: fewer than 2 models, ``fold_of_sample`` without one integer fold in ``[0, k)`` per image, or
+            a ``batch_size`` that is not a positive int.
+    """
     models = list(models)
     k = len(models)
     if k < 2:
