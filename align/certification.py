@@ -13,7 +13,11 @@ from torch import Tensor, nn
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` (torchlip's ``FrobeniusLinear``/``SpectralLinear`` included) of ``model``."""
+    """The last ``nn.Linear`` (torchlip's ``FrobeniusLinear``/``SpectralLinear`` included) of ``model``.
+
+    Raises:
+        ValueError: ``model`` has no ``nn.Linear`` layer.
+    """
     linear = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -24,7 +28,11 @@ def last_linear(model: nn.Module) -> nn.Linear:
 
 
 def margin_lipschitz(weight: Tensor | nn.Linear) -> Tensor:
-    """``max_{i != j} ||w_i - w_j||_2`` over the rows of the last layer's weight [K, D] (exact, from the weights)."""
+    """``max_{i != j} ||w_i - w_j||_2`` over the rows of the last layer's weight [K, D] (exact, from the weights).
+
+    Raises:
+        ValueError: ``weight`` not [K >= 2, D].
+    """
     if isinstance(weight, nn.Linear):
         weight = weight.weight  # evaluates torchlip's parametrization: the weight actually used
     weight = weight.detach()
@@ -54,7 +62,11 @@ def conv_operator_norm(conv: nn.Conv2d, size: tuple[int, int]) -> float:
     """Upper bound of the L2 operator norm of a stride-1 ``conv`` on [C, H, W] inputs of spatial ``size``
     (Sedghi et al. 2019): the largest singular value of the kernel's 2-D discrete Fourier transform, over the
     frequencies of an ``H x W`` torus for circular padding (exact), of an ``(H + k - 1) x (W + k - 1)`` one for
-    zero padding (the full convolution, of which the padded one is a restriction: a sound bound)."""
+    zero padding (the full convolution, of which the padded one is a restriction: a sound bound).
+
+    Raises:
+        ValueError: a stride, dilation or groups other than 1, or a padding mode other than zeros or circular.
+    """
     if conv.groups != 1 or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1):
         raise ValueError(f"conv_operator_norm needs stride 1, dilation 1 and groups 1, got {conv}")
     weight = conv.weight.detach().double()
@@ -77,7 +89,12 @@ def lipschitz_upper_bound(model: nn.Module, sample: Tensor) -> tuple[float, floa
     L_body * max_i ||w_i||`` that of every single logit.
 
     Layers: ``Conv2d`` (:func:`conv_operator_norm`), ``Linear`` (spectral norm), and the 1-Lipschitz
-    ``PixelUnshuffle``, GroupSort2/MaxMin, L2-norm pooling, ``Flatten``, ``Identity``; anything else raises."""
+    ``PixelUnshuffle``, GroupSort2/MaxMin, L2-norm pooling, ``Flatten``, ``Identity``; anything else raises.
+
+    Raises:
+        ValueError: ``model`` does not end with an ``nn.Linear`` head, or a layer as
+            :func:`conv_operator_norm` refuses.
+    """
     children = list(model.children())
     head = children[-1] if children and isinstance(children[-1], nn.Linear) else None
     if head is None:

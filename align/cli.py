@@ -168,7 +168,12 @@ CHECKPOINT_ALIASES = ("best", "last", "hpc", "registry")
 
 def check_checkpoint(path: str | os.PathLike) -> None:
     """Raise an error naming ``path`` when it is not a readable Lightning checkpoint (missing, empty, truncated,
-    not a checkpoint at all); Lightning's own errors say "PytorchStreamReader failed" or "Ran out of input"."""
+    not a checkpoint at all); Lightning's own errors say "PytorchStreamReader failed" or "Ran out of input".
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an empty file, a file that does not load, or one without a ``state_dict``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")

@@ -74,6 +74,9 @@ def train_transform(
             altogether). ``"padded"``: pad by ``padding`` pixels (zeros; default ``image_size // 8``) and take a
             random ``image_size`` crop (the CIFAR recipe, for images already at ``image_size``: no resampling).
         flip: add the random horizontal flip.
+
+    Raises:
+        ValueError: ``crop`` neither ``"resized"`` nor ``"padded"``.
     """
     if crop == "resized":
         steps: list[v2.Transform] = [v2.RandomResizedCrop(image_size, scale=scale, antialias=True)]

@@ -46,7 +46,11 @@ def missing_fold_members(cls: type) -> list[str]:
 
 
 def check_fold(num_folds: int, fold: int) -> None:
-    """Raise a clear error unless ``num_folds >= 1`` and ``0 <= fold < num_folds``."""
+    """Raise a clear error unless ``num_folds >= 1`` and ``0 <= fold < num_folds``.
+
+    Raises:
+        ValueError: ``num_folds`` not an int >= 1, or ``fold`` not an int in ``[0, num_folds)``.
+    """
     if not isinstance(num_folds, int) or num_folds < 1:
         raise ValueError(f"num_folds must be an integer >= 1 (1 = no folds), got {num_folds!r}")
     if not isinstance(fold, int) or not 0 <= fold < num_folds:
@@ -58,6 +62,9 @@ def assign_folds(num_samples: int, num_folds: int, seed: int) -> Tensor:
 
     A random permutation drawn from ``seed`` is dealt round-robin, so the folds are disjoint, cover every
     sample, and their sizes differ by at most one. ``num_folds = 1`` puts every sample in fold 0.
+
+    Raises:
+        ValueError: more folds than samples.
     """
     check_fold(num_folds, 0)
     if num_folds > max(num_samples, 1):

@@ -38,7 +38,11 @@ from explain.validation import in_interval, non_negative_int, positive_int
 
 
 def annotated_per_batch(batch_size: int, annotated_ratio: float) -> int:
-    """``round(annotated_ratio * batch_size)`` (Python's rounding), at least 1 and at most ``batch_size``."""
+    """``round(annotated_ratio * batch_size)`` (Python's rounding), at least 1 and at most ``batch_size``.
+
+    Raises:
+        ValueError: ``annotated_ratio * batch_size`` rounds to no annotated item per batch.
+    """
     count = round(annotated_ratio * batch_size)
     if not 1 <= count <= batch_size:
         raise ValueError(
@@ -60,6 +64,9 @@ class MixedBatchSampler(BatchSampler):
         num_annotated: ``N``, the number of annotated items (offset of the unannotated indices).
         num_unannotated: ``M``; 0 when there are none (then ``annotated_ratio`` must give ``k = batch_size``).
         seed: seed of the default sampler and of the unannotated stream when the sampler carries no ``seed``.
+
+    Raises:
+        ValueError: unannotated items asked for but none given, or more draws than annotated items allow.
     """
 
     def __init__(

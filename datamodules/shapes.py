@@ -108,6 +108,10 @@ def render_scenes(
     Returns:
         ``images`` float [N, 3, S, S] in [0, 1], ``labels`` int64 [N] (index into ``SHAPE_NAMES``),
         ``heatmaps`` float [N, S, S] in [0, 1] with max 1 (the blurred object mask).
+
+    Raises:
+        ValueError: ``num_classes`` outside ``[2, len(SHAPE_NAMES)]``, or an image too small for a shape beside
+            the watermark.
     """
     if not 2 <= num_classes <= len(SHAPE_NAMES):
         raise ValueError(f"num_classes must be in [2, {len(SHAPE_NAMES)}] (shapes: {SHAPE_NAMES}), got {num_classes}")

@@ -30,6 +30,9 @@ class InMemoryDataset(Dataset):
     DataLoader calls with the indices of a whole batch. ``watermark_labels`` [N] records the class each image's
     watermark shows (for analysis; not in the batch). ``spurious_mask`` bool [S, S] (the watermark's pixels, the
     same in every image) goes into each sample as ``spurious_mask``, moved by the same crop and flip as its image.
+
+    Raises:
+        ValueError: a ``spurious_mask`` that is not [H, W] like the images.
     """
 
     def __init__(
@@ -125,6 +128,11 @@ class ShortcutShapesDataModule(SplitDataModule):
     ``spurious_mask`` bool [B, S, S] in every split: the watermark's pixels (after the training crop and flip),
     where a model right for the right reasons should not look.
     ``test_dataloader()`` returns the loaders of ``test_split_names = ("iid", "flipped")`` in that order.
+
+    Raises:
+        ValueError: ``num_classes``, ``shortcut_prob``, ``annotated_fraction``, ``object_size``,
+            ``watermark_size`` or a split size out of its domain, or a fold option as
+            :func:`~datamodules.folds.check_fold` refuses.
     """
 
     test_split_names: tuple[str, ...] = ("iid", "flipped")
@@ -248,7 +256,11 @@ class ShortcutShapesDataModule(SplitDataModule):
         self._splits["flipped"] = self._dataset(flipped, everyone)
 
     def dataset(self, split: str) -> InMemoryDataset:
-        """The dataset of a split: ``train``, ``val``, ``iid``, ``flipped`` or ``heldout``."""
+        """The dataset of a split: ``train``, ``val``, ``iid``, ``flipped`` or ``heldout``.
+
+        Raises:
+            KeyError: an unknown ``split``.
+        """
         self.setup()
         if split not in self._splits:
             raise KeyError(f"unknown split {split!r}; choose from {sorted(self._splits)}")

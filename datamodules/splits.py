@@ -31,7 +31,11 @@ class SplitDataModule(L.LightningDataModule):
     fold: int = 0
 
     def dataset(self, split: str) -> Dataset:
-        """The dataset of ``split``."""
+        """The dataset of ``split``.
+
+        Raises:
+            NotImplementedError: a subclass does not implement it.
+        """
         raise NotImplementedError
 
     def _dataloader(self, split: str) -> DataLoader:

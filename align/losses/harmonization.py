@@ -34,7 +34,11 @@ Reduce = Literal["mean", "absmean", "absmax", "sum", "abssum", "max", "abs", "ma
 
 
 def check_reduce(reduce: str) -> str:
-    """The :func:`~explain.attributions.saliency.reduce_channels` name of ``reduce`` (aliases resolved)."""
+    """The :func:`~explain.attributions.saliency.reduce_channels` name of ``reduce`` (aliases resolved).
+
+    Raises:
+        ValueError: neither one of :data:`REDUCTIONS` nor one of their aliases.
+    """
     name = REDUCE_ALIASES.get(reduce, reduce)
     if name not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS} or an alias {sorted(REDUCE_ALIASES)}, got {reduce!r}")
@@ -54,6 +58,10 @@ def input_gradient(
     cloned into a normal tensor and grad is re-enabled locally); the caller's tensors are never modified.
     With ``create_graph=True``, ``scaled_dot_product_attention`` (e.g. in timm's ViTs) runs on its math kernel: the
     fused kernels (flash, memory-efficient) have no double backward.
+
+    Raises:
+        ValueError: ``images`` not [B, C, H, W], targets without one entry per image, or a model that does not
+            return logits [B, K].
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
@@ -144,6 +152,10 @@ def harmonization_loss(
     ``mean_l mean_{b,i,j} (P_l(g) - P_l(h))^2 * has_heatmap_b``: the mean runs over the whole batch, so images
     without a map dilute the loss exactly as the reference's tokens do. Constant maps and batches without any map
     give finite values (0 for the latter).
+
+    Raises:
+        ValueError: saliency and human maps not both [B, H, W] of the same shape, or ``has_heatmap`` without one
+            entry per map.
     """
     if saliency.ndim != 3 or saliency.shape != human.shape:
         raise ValueError(

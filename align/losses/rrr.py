@@ -33,6 +33,9 @@ def log_probability_gradient(model: nn.Module, images: Tensor, create_graph: boo
     Each image's gradient is that of its own ``sum_k log p_k`` (the images do not interact, except through
     BatchNorm in train mode). With ``create_graph=True`` the gradient stays differentiable w.r.t. the parameters
     (double backprop). Safe under ``torch.no_grad``/``inference_mode``; the caller's tensors are not modified.
+
+    Raises:
+        ValueError: ``images`` not [B, C, H, W], or a model that does not return logits [B, K].
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
@@ -69,6 +72,9 @@ def rrr_penalty(gradient: Tensor, mask: Tensor) -> Tensor:
     Args:
         gradient: ``d(sum_k log p_k) / dx`` [B,C,H,W] (:func:`log_probability_gradient`).
         mask: bool [B,H,W], True where the model should not look (every channel of the pixel).
+
+    Raises:
+        ValueError: ``mask`` not [B, H, W] with the gradient's B, H, W.
     """
     if gradient.ndim != 4 or mask.shape != (gradient.shape[0], *gradient.shape[-2:]):
         raise ValueError(

@@ -32,6 +32,10 @@ class TaskLoss(nn.Module):
     """A classification loss chosen by name (see :data:`TASK_LOSSES`); ``forward(logits, labels) -> scalar``.
 
     ``options`` override the defaults of the chosen loss (e.g. ``TaskLoss("hkr", alpha=0.98, min_margin=0.5)``).
+
+    Raises:
+        ValueError: an unknown task loss ``name``; at the call, logits not [B, K].
+        TypeError: options that the task loss does not take.
     """
 
     def __init__(self, name: str = "ce", **options: Any) -> None:
