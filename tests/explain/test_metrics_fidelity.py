@@ -191,3 +191,37 @@ def test_metric_of_two_merged_halves_equals_single_instance(data, metric_cls):
         torch.testing.assert_close(whole.compute_curve(), curves.mean(0))
     assert whole.compute().item() == pytest.approx(expected.item(), abs=1e-6)
     assert set(metric_cls.requires) == {"model", "images", "targets", "maps"}
+
+
+def test_mufidelity_metric_options_are_xplique_defaults_checked_when_built():
+    metric = MuFidelity()
+    assert (metric.grid_size, metric.subset_percent, metric.nb_samples, metric.baseline, metric.batch_size,
+            metric.seed) == (9, 0.2, 200, 0.0, 64, 0)  # xplique's MuFidelity defaults, then ours
+    assert MuFidelity(nb_samples=5, seed=None).nb_samples == 5
+    for bad in ({"nb_samples": 1}, {"grid_size": True}, {"subset_percent": 1.0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MuFidelity(**bad)
+    with pytest.raises(ValueError, match="gridsize"):  # a misspelt option reaches torchmetrics, which refuses it
+        MuFidelity(gridsize=3)
+
+
+def test_causal_curve_modes_are_the_deletion_and_insertion_curves():
+    from explain.metrics.functional import causal_curve
+
+    torch.manual_seed(0)
+    model, images, targets, maps = linear_model(), torch.rand(3, C, H, W), torch.tensor([0, 1, 2]), torch.rand(3, H, W)
+    deletion = causal_curve(model, images, targets, maps, mode="deletion", steps=4)
+    insertion = causal_curve(model, images, targets, maps, mode="insertion", steps=4)
+    assert torch.equal(deletion, deletion_curve(model, images, targets, maps, steps=4))
+    assert torch.equal(insertion, insertion_curve(model, images, targets, maps, steps=4))
+    scores = model(images).gather(1, targets[:, None])[:, 0]
+    baseline_scores = model(torch.zeros_like(images)).gather(1, targets[:, None])[:, 0]
+    # the two curves run between the same end points in opposite directions
+    torch.testing.assert_close(deletion[:, 0], scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(insertion[:, -1], scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(deletion[:, -1], baseline_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(insertion[:, 0], baseline_scores, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        causal_curve(model, images, targets, maps, mode="both")
+    with pytest.raises(TypeError):  # the options are keyword-only, as mufidelity's
+        deletion_curve(model, images, targets, maps, 4)

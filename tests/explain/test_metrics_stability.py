@@ -237,3 +237,21 @@ def test_spearman_distance_bounds():
     distance = spearman_distance(a, torch.stack([a[0], -a[1], torch.ones(5, 5)]))
     torch.testing.assert_close(distance[:2], torch.zeros(2, dtype=torch.float64), atol=1e-7, rtol=0)  # |rho| = 1
     assert distance[2].item() == pytest.approx(1.0)  # constant map: rho = 0
+
+
+def test_average_stability_metric_options_are_the_functions_checked_when_built():
+    import inspect
+
+    metric = AverageStability()
+    options = (metric.radius, metric.nb_samples, metric.distance, metric.batch_size, metric.seed)
+    assert options == (0.1, 20, "l2", 64, 0)
+    for bad in ({"radius": -0.1}, {"nb_samples": 0}, {"batch_size": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AverageStability(**bad)
+    with pytest.raises(ValueError, match="distance"):
+        AverageStability(distance="cosine")
+    # mege_reco shows (and takes) exactly fold_pair_distances' arguments
+    assert inspect.signature(mege_reco) == inspect.signature(fold_pair_distances)
+    with pytest.raises(TypeError):
+        mege_reco([nn.Linear(2, 2)] * 2, torch.rand(2, 3, 2, 2), torch.tensor([0, 1]), torch.tensor([0, 1]), channel_sum,
+                  64, "extra")

@@ -153,3 +153,18 @@ def test_bad_inputs_get_clear_errors():
         NMF(3).transform(torch.rand(5, 8))
     with pytest.raises(ValueError, match="init"):
         nmf(torch.rand(20, 8), 3, init="svd")
+
+
+def test_nmf_function_is_the_class_fitted_once_and_refuses_unknown_options():
+    x = torch.rand(30, 4) @ torch.rand(4, 12)
+    u, w = nmf(x, 4, max_iter=30, tol=0, seed=2, init="random")
+    factorizer = NMF(4, max_iter=30, tol=0, seed=2, init="random")
+    assert torch.equal(u, factorizer.fit_transform(x)) and torch.equal(w, factorizer.W)
+    assert factorizer.n_iter == 30
+    # the tracked error comes from ||X||^2 - 2 <U^T X, W> + <U^T U, W W^T> on float32 products: a small error is
+    # known to a few percent only (cancellation), against the direct float32 norm of X - U W
+    assert factorizer.error == pytest.approx(float(reconstruction_error(x, u, w)), rel=0.1)
+    with pytest.raises(TypeError, match="max_iters"):
+        nmf(x, 4, max_iters=10)
+    with pytest.raises(ValueError, match="warmup"):
+        nmf(x, 4, warmup=-1)
