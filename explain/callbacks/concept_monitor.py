@@ -46,7 +46,6 @@ class ConceptMonitor(RankZeroMonitor):
         ValueError: ``classes``, ``num_images``, ``n_concepts``, ``nb_design`` or ``top_k`` out of their domain,
             ``craft_options`` that set the monitor's own arguments or that :class:`~explain.concepts.Craft` refuses, or
             a common option as :class:`~explain.callbacks.base.MonitorCallback` refuses.
-        TypeError: an unknown option.
     """
 
     state_fields = ("classes", "at", "n_concepts")  # its state_key

@@ -52,7 +52,6 @@ class FeatureVizMonitor(RankZeroMonitor):
         ValueError: ``classes``, ``steps``, ``crops_per_step``, ``spectrum_images`` or ``image_size`` out of
             their domain, unknown ``maco_options``, or a common option as
             :class:`~explain.callbacks.base.MonitorCallback` refuses.
-        TypeError: an unknown option.
     """
 
     state_fields = ("classes", "image_size", "steps")  # its state_key
