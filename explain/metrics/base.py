@@ -61,7 +61,7 @@ class MeanOverImages(ExplanationMetric):
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, *args: Any, **inputs: Any) -> None:
-        """Add ``function(**inputs)`` [B] of one batch: the inputs named in ``requires``, by keyword or in that order."""
+        """Add ``function(**inputs)`` [B] of one batch: the inputs named in ``requires``, by keyword or in order."""
         inputs.update(zip(self.requires, args))
         values = self.function(**inputs, **{name: getattr(self, name) for name in self.option_names})
         self.value_sum += values.to(self.value_sum.device, torch.float64).sum()

@@ -253,7 +253,8 @@ def test_average_stability_metric_options_are_the_functions_checked_when_built()
     images, targets = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
     by_position, by_keyword = AverageStability(nb_samples=2), AverageStability(nb_samples=2)
     by_position.update(channel_square, images, targets, channel_square(images, targets))  # in `requires` order
-    by_keyword.update(maps=channel_square(images, targets), explainer=channel_square, images=images, targets=targets)
+    maps = channel_square(images, targets)
+    by_keyword.update(maps=maps, explainer=channel_square, images=images, targets=targets)
     assert torch.equal(by_position.compute(), by_keyword.compute()) and by_position.compute() > 0
     # mege_reco shows (and takes) exactly fold_pair_distances' arguments
     assert inspect.signature(mege_reco) == inspect.signature(fold_pair_distances)
