@@ -259,5 +259,5 @@ def test_average_stability_metric_options_are_the_functions_checked_when_built()
     # mege_reco shows (and takes) exactly fold_pair_distances' arguments
     assert inspect.signature(mege_reco) == inspect.signature(fold_pair_distances)
     with pytest.raises(TypeError):
-        mege_reco([nn.Linear(2, 2)] * 2, torch.rand(2, 3, 2, 2), torch.tensor([0, 1]), torch.tensor([0, 1]), channel_sum,
-                  64, "extra")
+        two_folds = torch.tensor([0, 1])
+        mege_reco([nn.Linear(2, 2)] * 2, torch.rand(2, 3, 2, 2), two_folds, two_folds, channel_sum, 64, "extra")
