@@ -24,6 +24,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from align.certification import certified_correct, last_linear, margin_lipschitz
 from align.losses.harmonization import HarmonizationLoss, Reduce, check_reduce, input_gradient
@@ -179,6 +180,7 @@ class HarmonizedClassifier(LightningModule):
             metrics["certified_acc"] = MeanMetric()
         return MetricCollection(metrics, compute_groups=False)
 
+    @override
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         expected = getattr(datamodule, "num_classes", None)
@@ -189,6 +191,7 @@ class HarmonizedClassifier(LightningModule):
             )
 
     # ------------------------------------------------------------------ steps
+    @override
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
@@ -258,6 +261,7 @@ class HarmonizedClassifier(LightningModule):
     def _images(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         images, labels, human, has_heatmap = self._unpack(batch)
         images = self._images(images)
@@ -293,6 +297,7 @@ class HarmonizedClassifier(LightningModule):
                 "stopped (check the learning rate, the harmonization_weight, the data, and the weights it started from)"
             )
 
+    @override
     def on_train_start(self) -> None:
         """Refuse to train from non-finite weights (e.g. a ``--ckpt_path`` checkpoint holding NaN)."""
         bad = [name for name, parameter in self.named_parameters() if not torch.isfinite(parameter).all()]
@@ -369,15 +374,19 @@ class HarmonizedClassifier(LightningModule):
                 )
             metric.reset()
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self._log_alignment("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self._log_alignment("test")
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, "val", "val_metrics")
 
+    @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         split = self._test_split_name(dataloader_idx)
         key = split or "test"
@@ -397,6 +406,7 @@ class HarmonizedClassifier(LightningModule):
         return str(dataloader_idx) if several or dataloader_idx > 0 else ""
 
     # -------------------------------------------------------------- optimizers
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(weight_decay_groups(self, self.hparams.weight_decay))
         if self.scheduler_factory is None:

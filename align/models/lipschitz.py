@@ -295,7 +295,12 @@ def lip_resnet(
     per stage a 2x downsampling (not in the first), an orthogonal conv to the stage width + GroupSort2, and
     ``blocks`` residual blocks ``LipResidualBlock(conv-GS2-conv-GS2)`` whose identity weight starts at
     ``residual_init``; global L2-norm pooling and a ``FrobeniusLinear`` head. Use ``stem_downsample=2`` for
-    224 x 224 inputs (the first stage then runs at 56 x 56 on 48 channels)."""
+    224 x 224 inputs (the first stage then runs at 56 x 56 on 48 channels).
+
+    Raises:
+        ValueError: bad ``num_classes``, ``widths``, ``pooling``, ``conv``, ``padding_mode``, ``kernel_size`` or
+            ``residual_init``, or ``blocks`` neither an int nor one non-negative int per width.
+    """
     _check(num_classes, widths, pooling, conv, padding_mode)
     positive_int("kernel_size", kernel_size)
     blocks = [blocks] * len(widths) if isinstance(blocks, int) else list(blocks)

@@ -23,7 +23,11 @@ def small_cnn(
     batch_norm: bool = True,
 ) -> nn.Sequential:
     """Plain CNN of the same shape as :func:`align.models.lip_vgg`: ``len(widths)`` stages of ``depth`` x
-    (Conv2d [+ BatchNorm2d] + ReLU), 2x max pooling between stages, global average pooling, a linear head."""
+    (Conv2d [+ BatchNorm2d] + ReLU), 2x max pooling between stages, global average pooling, a linear head.
+
+    Raises:
+        ValueError: ``num_classes < 2``, no width, or ``depth < 1``.
+    """
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if not widths or depth < 1:
@@ -100,7 +104,12 @@ def torchvision_model(
 ) -> nn.Module:
     """Any torchvision classification model by name: ``torchvision.models.get_model(name, num_classes=...,
     **model_kwargs, **kwargs)`` (torchvision's own ``weights="IMAGENET1K_V1"`` passes through and downloads).
-    ``weights_file``: a local state dict or ``.safetensors`` file, loaded as in :func:`timm_model`."""
+    ``weights_file``: a local state dict or ``.safetensors`` file, loaded as in :func:`timm_model`.
+
+    Raises:
+        ValueError: ``name`` is not a torchvision classification model, or an option is given both in
+            ``model_kwargs`` and as a keyword argument; see :func:`align.models.load_matching` for the file's errors.
+    """
     kwargs = _merge(model_kwargs, kwargs)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"{name!r} is not a torchvision classification model; see torchvision.models.list_models()")
