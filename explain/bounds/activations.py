@@ -15,20 +15,28 @@ from deel.torchlip.modules import GroupSort
 from deel.torchlip.modules import MaxMin as LipMaxMin
 from torch import Tensor, nn
 
+from explain.bounds.alpha import LowerSlopes
 from explain.bounds.convert import converts, exact_type, lipschitz_factor, unsupported
 from explain.bounds.node import Gain, Node, Records
 from explain.bounds.relaxations import relu_relaxation
 
 
-def relaxed_backward(A: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+def relaxed_backward(A: Tensor, lower: Tensor, upper: Tensor, slopes: LowerSlopes | None = None,
+                     key: object = None) -> tuple[Tensor, Tensor]:
     """``<A, relu(x)> <= <A', x> + c`` over the box ``[lower, upper]`` (one per box: [n, *shape]), A [n, r, *shape].
 
-    Positive coefficients take the upper line of the relaxation, negative ones the lower line.
+    Positive coefficients take the upper line of the relaxation, negative ones the lower line. The lower slope of
+    the unstable neurons is CROWN's adaptive one, or in alpha-CROWN (``slopes``, :mod:`explain.bounds.alpha`) the
+    optimised one of each row, stored under ``key``.
     """
-    lower_slope, upper_slope, upper_offset = relu_relaxation(lower, upper)
+    default_slope, upper_slope, upper_offset = relu_relaxation(lower, upper)
+    lower_slope = default_slope.unsqueeze(1)
+    unstable = crosses_zero(lower, upper) if slopes is not None else None
+    if unstable is not None and unstable.any():
+        lower_slope = torch.where(unstable.unsqueeze(1), slopes.get(key, default_slope, A.shape[1]), lower_slope)
     positive = A.clamp(min=0)
-    A_in = A * lower_slope.unsqueeze(1)
-    A_in.addcmul_(positive, (upper_slope - lower_slope).unsqueeze(1))
+    A_in = A * lower_slope
+    A_in.addcmul_(positive, upper_slope.unsqueeze(1) - lower_slope)
     offset = (positive.flatten(2) @ upper_offset.flatten(1).unsqueeze(-1)).squeeze(-1)
     return A_in, offset
 
@@ -44,7 +52,7 @@ class ReLU(Node):
         return lower.clamp(min=0), upper.clamp(min=0)
 
     def backward(self, A, bias, records):
-        A_in, offset = relaxed_backward(A, *records[id(self)])
+        A_in, offset = relaxed_backward(A, *records[id(self)], records.slopes, id(self))
         return A_in, bias + offset
 
     def unstable(self, lower, upper):
@@ -96,10 +104,8 @@ class PairSort(Node):
     def backward(self, A, bias, records):
         pairs = self._pairs(A if self.scale == 1 else A * self.scale, 2)
         A_min, A_max = pairs[:, :, :, 0], pairs[:, :, :, 1]
-        slope, offset = relaxed_backward(A_max - A_min, *records[id(self)])
-        A_in = torch.empty_like(pairs)
-        torch.add(A_min, slope, out=A_in[:, :, :, 0])
-        torch.sub(A_max, slope, out=A_in[:, :, :, 1])
+        slope, offset = relaxed_backward(A_max - A_min, *records[id(self)], records.slopes, id(self))
+        A_in = torch.stack([A_min + slope, A_max - slope], dim=3)
         return A_in.flatten(2, 3), bias + offset
 
     def tighten(self, lower, upper, difference, records):
@@ -137,8 +143,8 @@ class MaxMin(Node):
     def backward(self, A, bias, records):
         lower, upper = records[id(self)]
         A_pos, A_neg = (A if self.scale == 1 else A * self.scale).chunk(2, dim=2)
-        slope_pos, offset_pos = relaxed_backward(A_pos, lower, upper)
-        slope_neg, offset_neg = relaxed_backward(A_neg, -upper, -lower)
+        slope_pos, offset_pos = relaxed_backward(A_pos, lower, upper, records.slopes, (id(self), 0))
+        slope_neg, offset_neg = relaxed_backward(A_neg, -upper, -lower, records.slopes, (id(self), 1))
         return slope_pos - slope_neg, bias + offset_pos + offset_neg
 
     def unstable(self, lower, upper):

@@ -29,7 +29,8 @@ def transpose_by_autograd(fn: Callable[[Tensor], Tensor], A: Tensor, in_shape: t
     with torch.inference_mode(False), torch.enable_grad():  # also callable from inference mode
         flat = A.flatten(0, 1).clone()
         x = torch.zeros((flat.shape[0], *in_shape), dtype=A.dtype, device=A.device, requires_grad=True)
-        (grad,) = torch.autograd.grad(fn(x), x, flat)
+        # with create_graph the product stays differentiable in A (alpha-CROWN's slopes get their gradient)
+        (grad,) = torch.autograd.grad(fn(x), x, flat, create_graph=A.requires_grad)
     return grad.view(*A.shape[:2], *in_shape)
 
 

@@ -33,12 +33,14 @@ from torch import Tensor
 
 
 class Records(dict):
-    """``id(node) -> tensors`` that the interval pass leaves for the backward pass, and three optional fields
+    """``id(node) -> tensors`` that the interval pass leaves for the backward pass, three optional fields
     read by :class:`~explain.bounds.containers.Chain`: ``limits`` (``id(node) -> (lower, upper, difference)``,
     boxes that the input box of a nonlinear node is intersected with; ``difference`` bounds the pair
     differences of a GroupSort2, or is None), ``inputs`` (when not None, filled with the input of every
     nonlinear node: used on zero-width boxes to get the values at a point) and ``crown`` (when not None, the
-    full-CROWN state that tightens every nonlinear node's input box by a backward pass to the input)."""
+    full-CROWN state that tightens every nonlinear node's input box by a backward pass to the input), and
+    ``slopes``, read by the ReLU relaxations of the backward pass (when not None, alpha-CROWN's optimised lower
+    slopes, :class:`~explain.bounds.alpha.LowerSlopes`)."""
 
     def __init__(self, limits: dict[int, tuple] | None = None, inputs: dict[int, Tensor] | None = None,
                  crown: Any = None) -> None:
@@ -46,6 +48,7 @@ class Records(dict):
         self.limits = {} if limits is None else limits
         self.inputs = inputs
         self.crown = crown
+        self.slopes: Any = None
 
 
 @dataclass

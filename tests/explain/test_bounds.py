@@ -628,3 +628,69 @@ def test_every_method_is_exact_on_a_monotone_network():
         for method in ("crown", "crown-ibp", "ibp"):
             bound = margin_upper_bounds(graph, x - eps, x + eps, y, method)
             torch.testing.assert_close(bound, corner, rtol=1e-4, atol=1e-4, msg=f"{method} eps={eps}")
+
+
+# ----------------------------------------------------------------------------------------- alpha-CROWN
+@pytest.mark.parametrize("name", NETWORKS)
+def test_alpha_crown_is_sound_and_never_looser_than_full_crown(name):
+    """alpha-CROWN against PGD at two radii, on the full box and on a box fixing half the image, and at most
+    full CROWN's bound everywhere (it starts from CROWN's slopes and keeps the best)."""
+    torch.manual_seed(0)
+    net = make_network(name)
+    graph = build_graph(net)
+    x, y = _data(n=2, seed=8)
+    inverses = grid_regions(*SHAPE[1:], 2).expand(2, *SHAPE[1:])
+    for eps in (0.02, 0.1):
+        for fixed in (torch.zeros(2, *SHAPE[1:], dtype=torch.bool), inverses == 1):
+            lower, upper = _box(x, eps, fixed)
+            attack = pgd(net, lower, upper, y, starts=4, steps=10)
+            alpha = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=8)
+            full = margin_upper_bounds(graph, lower, upper, y, "crown")
+            assert (attack <= alpha + 1e-5).all(), f"{name} eps={eps}: {(attack - alpha).max()}"
+            assert (alpha <= full + 1e-6).all(), f"{name} eps={eps}: {(alpha - full).max()}"
+
+
+def test_alpha_crown_tightens_full_crown_where_neurons_are_unstable():
+    """On ReLU, GroupSort2 and MaxMin networks with unstable neurons the optimised slopes lower some bound, and
+    more steps never loosen it; with no step (or no unstable neuron) it is full CROWN's bound."""
+    x, y = _data(n=3, seed=9)
+    for name in ("conv_relu_avgpool", "groupsort", "maxmin", "basic_block"):
+        torch.manual_seed(0)
+        graph = build_graph(make_network(name))
+        lower, upper = x - 0.1, x + 0.1
+        full = margin_upper_bounds(graph, lower, upper, y, "crown")
+        none = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=0)
+        few = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=5)
+        many = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=20)
+        torch.testing.assert_close(none, full)
+        assert (few < full - 1e-3).any(), f"{name}: {full - few}"
+        assert (many <= few + 1e-6).all()
+    net = _stable_after_full_crown_network(x, 0.05)
+    graph = build_graph(net)
+    full = margin_upper_bounds(graph, x - 0.05, x + 0.05, y, "crown")
+    torch.testing.assert_close(margin_upper_bounds(graph, x - 0.05, x + 0.05, y, "alpha-crown"), full)
+
+
+def test_any_lower_slope_in_zero_one_keeps_the_relu_relaxation_sound():
+    """The relaxation alpha-CROWN optimises: for every row's own slopes in [0, 1] on the unstable neurons,
+    ``<A, relu(z)> <= <A', z> + c`` on the box; and :meth:`LowerSlopes.project` brings slopes back there."""
+    from explain.bounds.activations import relaxed_backward
+    from explain.bounds.alpha import LowerSlopes
+
+    generator = torch.Generator().manual_seed(0)
+    lower = torch.randn(2, 3, 4, 4, generator=generator) - 0.5
+    upper = lower + 2 * torch.rand(2, 3, 4, 4, generator=generator)
+    A = torch.randn(2, 5, 3, 4, 4, generator=generator)
+    slopes = LowerSlopes()
+    default = relu_relaxation(lower, upper)[0]
+    variable = slopes.get("relu", default, 5)
+    with torch.no_grad():
+        variable.copy_(torch.rand(variable.shape, generator=generator) * 3 - 1)  # outside [0, 1] too
+    slopes.project()
+    assert variable.min() >= 0 and variable.max() <= 1
+    A_in, offset = relaxed_backward(A, lower, upper, slopes, "relu")
+    for _ in range(50):
+        z = lower + (upper - lower) * torch.rand(lower.shape, generator=generator)
+        value = (A * z.clamp(min=0).unsqueeze(1)).flatten(2).sum(-1)
+        relaxed = (A_in * z.unsqueeze(1)).flatten(2).sum(-1) + offset
+        assert (value <= relaxed + 1e-5).all()

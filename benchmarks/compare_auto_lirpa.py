@@ -1,0 +1,202 @@
+"""Our margin bounds against auto_LiRPA's on the same network, images and boxes (issue 12's reference).
+
+The network is ``bench_eva.py``'s ``relu_cnn`` (4 conv + linear, plain ReLU, 32 px, 4 classes), trained the same
+way (seed 0, ``--train-steps`` Adam steps on ``ShortcutShapesDataModule``); its weights and the images go to
+``--weights`` (reused when the file exists). For every eps the script bounds ``max_{c != y} f_c - f_y`` over the
+L-inf box ``[x - eps, x + eps]`` (unclamped, as ``bench_eva.py``) with our ``margin_upper_bounds`` (``ibp``,
+``crown-ibp``, ``crown``, ``alpha-crown``) and with auto_LiRPA's ``compute_bounds`` on the same margin
+specification ``C`` (``IBP``, ``CROWN-IBP``, ``CROWN``, ``CROWN-Optimized`` = alpha-CROWN), one image at a time,
+and prints per method the mean gap to PGD (the largest margin a 8-restart, 40-step attack finds: a lower bound of
+the true value), wall and CPU seconds per image, and the ratio of the gaps ours / auto_LiRPA. ``exact`` is the
+largest difference of the per-class bounds with our Lipschitz boxes off (then both compute the same
+relaxation, so it is round-off).
+
+auto_LiRPA is not a dependency of the project. To run this script, put a copy on the path: its newest snapshot
+(``git archive HEAD auto_LiRPA | tar x -C DIR`` from a clone of Verified-Intelligence/auto_LiRPA) plus two
+small packages it imports (``pip install --target DIR_DEPS appdirs graphviz``), then::
+
+    PYTHONPATH=$PWD python benchmarks/compare_auto_lirpa.py --lirpa-path DIR DIR_DEPS [--images 8] [--eps 1 4]
+        [--train-steps 400] [--weights /tmp/relu_cnn.pt] [--fixture tests/explain/data/auto_lirpa_reference.json]
+
+``--fixture`` also writes the small reference file of ``tests/explain/test_bounds_reference.py``: a tiny ReLU CNN
+(seeded random weights) and auto_LiRPA's IBP / CROWN-IBP / CROWN / CROWN-Optimized margin bounds on a few boxes,
+so that CI (without auto_LiRPA) checks our bounds against auto_LiRPA's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.bench_eva import pgd, relu_cnn, train
+from datamodules.shortcut import ShortcutShapesDataModule
+from explain.bounds import METHODS, build_graph, margin_spec, margin_upper_bounds
+
+#: our method -> auto_LiRPA's ``compute_bounds(method=...)`` of the same algorithm
+PAIRS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
+
+
+def trained_network(path: str, steps: int, count: int) -> tuple[nn.Module, Tensor, Tensor]:
+    """``relu_cnn(4)`` trained as in ``bench_eva.py`` and ``count`` val images with labels, from ``path`` when it
+    exists, else trained and saved there."""
+    model = relu_cnn(4)
+    if os.path.exists(path):
+        saved = torch.load(path)
+        model.load_state_dict(saved["state_dict"])
+        print(f"loaded relu_cnn weights and images from {path} ({saved['note']})")
+        return model.eval(), saved["images"][:count], saved["labels"][:count]
+    data = ShortcutShapesDataModule(num_classes=4, image_size=32, train_size=2000, val_size=200, batch_size=64)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    torch.manual_seed(0)  # as bench_eva.py's tightness(): the data, the seed, the network, the training
+    model = relu_cnn(4)
+    accuracy = train(model, data, 0.0, lipschitz=False, steps=steps)
+    note = f"trained {steps} steps, seed 0, val accuracy {accuracy:.2f}"
+    torch.save({"state_dict": model.state_dict(), "images": batch["image"], "labels": batch["label"], "note": note},
+               path)
+    print(f"relu_cnn {note}; weights and images saved to {path}")
+    return model.eval(), batch["image"][:count], batch["label"][:count]
+
+
+class AutoLirpa:
+    """auto_LiRPA's bounds of the margin specification on a network (one ``BoundedModule``)."""
+
+    def __init__(self, model: nn.Module, shape: tuple[int, ...], alpha_iterations: int) -> None:
+        from auto_LiRPA import BoundedModule
+
+        self.module = BoundedModule(model, torch.zeros(1, *shape), device="cpu", verbose=False)
+        self.module.set_bound_opts({"optimize_bound_args": {"iteration": alpha_iterations}, "verbosity": 0})
+
+    def upper(self, lower: Tensor, upper: Tensor, targets: Tensor, method: str) -> Tensor:
+        """Upper bounds [n, K-1] of ``f_c - f_y`` over ``[lower, upper]`` by auto_LiRPA's ``method``."""
+        from auto_LiRPA import BoundedTensor, PerturbationLpNorm
+
+        x = BoundedTensor((lower + upper) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lower, x_U=upper))
+        # auto_LiRPA's usual form: the lower bound of the robustness margins f_y - f_c (its alpha-CROWN optimises
+        # lower bounds), so max f_c - f_y = -min f_y - f_c
+        spec = -margin_spec(targets, 4)
+        with torch.enable_grad() if method == "CROWN-Optimized" else torch.no_grad():  # the slopes need gradients
+            bound, _ = self.module.compute_bounds(x=(x,), C=spec, method=method, bound_upper=False)
+        bound = -bound
+        return bound.detach()
+
+
+def timed_bounds(fn, images: Tensor, labels: Tensor, eps: float) -> tuple[Tensor, float, float]:
+    """Per-class bounds [n, K-1] of every image's box, one image at a time; wall and CPU seconds per image."""
+    start, cpu = time.perf_counter(), time.process_time()
+    bounds = torch.cat([fn(x[None] - eps, x[None] + eps, y[None]) for x, y in zip(images, labels)])
+    return bounds, (time.perf_counter() - start) / len(images), (time.process_time() - cpu) / len(images)
+
+
+def compare(args: argparse.Namespace) -> None:
+    model, images, labels = trained_network(args.weights, args.train_steps, args.images)
+    graph = build_graph(model)
+    lirpa = AutoLirpa(model, tuple(images.shape[1:]), args.alpha_iterations)
+    pairs = dict(PAIRS) if args.lirpa_alpha else {**PAIRS, "alpha-crown": "CROWN"}
+    ours_methods = [m for m in pairs if m in METHODS]
+    print(f"{len(images)} images, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
+    for eps in [e / 255 for e in args.eps]:
+        attack = pgd(model, images, labels, eps)
+        print(f"eps={eps * 255:g}/255: PGD mean {attack.mean():.4f}; mean gap (bound - PGD), "
+              "wall s/image, CPU s/image")
+        for method in ours_methods:
+            ours, ours_wall, ours_cpu = timed_bounds(
+                lambda lo, hi, y: margin_upper_bounds(graph, lo, hi, y, method), images, labels, eps)
+            theirs, their_wall, their_cpu = timed_bounds(
+                lambda lo, hi, y: lirpa.upper(lo, hi, y, pairs[method]), images, labels, eps)
+            plain = torch.cat([margin_upper_bounds(graph, x[None] - eps, x[None] + eps, y[None], method,
+                                                   lipschitz_boxes=False) for x, y in zip(images, labels)])
+            for name, bound in (("ours", ours), ("auto_LiRPA", theirs)):
+                assert (bound.amax(1) >= attack - 1e-4).all(), f"{name} {method} bound below PGD"
+            gap_ours = (ours.amax(1) - attack).mean().item()
+            gap_theirs = (theirs.amax(1) - attack).mean().item()
+            exact = (plain - theirs).abs().max().item()
+            print(f"  {method:11s} ours {gap_ours:9.4g} ({ours_wall:6.2f} s, {ours_cpu:6.2f} cpu-s)   "
+                  f"auto_LiRPA {pairs[method]:15s} {gap_theirs:9.4g} ({their_wall:6.2f} s, {their_cpu:6.2f} cpu-s)"
+                  f"   ratio {gap_ours / gap_theirs:6.3f}   max|diff| {exact:.2g}")
+
+
+def tiny_network() -> nn.Sequential:
+    """The fixture's network: 3 conv + linear on 3x8x8, seeded random weights rounded to 3 decimals (the JSON
+    file then holds them exactly in a few KB)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 4),
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.mul(1000).round().div(1000))
+    return model.eval()
+
+
+def write_fixture(path: str, alpha_iterations: int) -> None:
+    """auto_LiRPA's bounds of the tiny network on 3 boxes at 3 radii, with the weights, as JSON."""
+    model = tiny_network()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 8, 8, generator=generator).mul(100).round().div(100)
+    labels = torch.tensor([0, 2, 3])
+    lirpa = AutoLirpa(model, (3, 8, 8), alpha_iterations)
+    radii = [0.02, 0.05, 0.1]
+    bounds = {
+        method: [_rounded(lirpa.upper(images - eps, images + eps, labels, method), 6) for eps in radii]
+        for method in PAIRS.values()
+    }
+    fixture = {
+        "note": "written by benchmarks/compare_auto_lirpa.py --fixture from auto_LiRPA "
+                f"{sys.modules['auto_LiRPA'].__version__}: upper bounds [box, class c != y] of f_c - f_y",
+        "state_dict": {name: _rounded(value, 3) for name, value in model.state_dict().items()},
+        "images": _rounded(images, 2),
+        "labels": labels.tolist(),
+        "radii": radii,
+        "alpha_iterations": alpha_iterations,
+        "bounds": bounds,
+    }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(fixture, file, separators=(",", ":"))
+    print(f"fixture written to {path} ({os.path.getsize(path)} bytes)")
+
+
+def _rounded(values: Tensor, decimals: int) -> list:
+    """Nested lists of ``values`` rounded to ``decimals`` (short JSON)."""
+    return values.double().mul(10**decimals).round().div(10**decimals).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lirpa-path", nargs="*", default=[], help="folders put first on sys.path (auto_LiRPA)")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--eps", type=float, nargs="*", default=[1, 4], help="radii, in 1/255")
+    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--weights", default="/tmp/relu_cnn_compare_auto_lirpa.pt")
+    parser.add_argument("--alpha-iterations", type=int, default=20, help="auto_LiRPA's CROWN-Optimized steps")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--lirpa-alpha", action="store_true",
+                        help="compare alpha-crown with auto_LiRPA's CROWN-Optimized (else with its CROWN)")
+    parser.add_argument("--fixture", default=None, help="also write the test fixture there")
+    parser.add_argument("--skip-compare", action="store_true", help="only write the fixture")
+    args = parser.parse_args()
+    sys.path[:0] = args.lirpa_path
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    try:
+        import auto_LiRPA  # noqa: F401
+    except ImportError as error:
+        raise SystemExit(f"auto_LiRPA is not importable ({error}); see this script's docstring") from error
+    if args.fixture:
+        write_fixture(args.fixture, args.alpha_iterations)
+    if not args.skip_compare:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
