@@ -105,6 +105,7 @@ def adversarial_overlap_bound(
         eps: L-inf radius, in the units of ``images``.
         fixed: optional bool [B, H, W] (or [H, W] for all images): cells that are not perturbed (any channel).
         method: ``crown`` (full CROWN: every nonlinear layer's input box from a backward pass to the input),
+            ``alpha-crown`` (full CROWN with the ReLU lower slopes optimised per box: tighter, slower),
             ``crown-ibp`` (CROWN on interval intermediate boxes: cheaper, far looser on networks not trained for
             it), ``ibp``, ``lipschitz`` (1-Lipschitz body under a last linear layer: ``lipschitz_body=True`` or the
             model's ``lipschitz_body`` attribute), or ``best`` (per class, the smallest of the available bounds).
@@ -173,7 +174,8 @@ def eva_maps(
     ``regions`` [B, H, W] integer region ids (any values; a region is the set of pixels sharing an id).
     ``relaxation="shared"``: CROWN (``method`` crown or crown-ibp, and the CROWN part of best) propagates the
     full ball of each image once, ``batch_size`` images at a time, and bounds every region box from it (module
-    docstring). IBP and the Lipschitz bound, and CROWN with ``relaxation="per_box"``, bound every box on its own:
+    docstring). IBP, the Lipschitz bound, alpha-CROWN (its slopes are optimised for one box) and CROWN with
+    ``relaxation="per_box"`` bound every box on its own:
     the full balls and every region of every image form one list of boxes, bounded ``batch_size`` at a time
     (boxes of several images share a chunk).
     """
@@ -224,7 +226,8 @@ class EVA(Explainer):
 
     ``regions``: None for the ``grid_size`` grid, or an integer label map [H, W] or [B, H, W] (superpixels)
     used for every call; a call may also pass its own: ``explainer(images, targets, regions=labels)``.
-    ``bound``: ``crown`` (full CROWN) | ``crown-ibp`` | ``ibp`` | ``lipschitz`` | ``best`` (see
+    ``bound``: ``crown`` (full CROWN) | ``alpha-crown`` (per box only) | ``crown-ibp`` | ``ibp`` | ``lipschitz`` |
+    ``best`` (see
     :func:`adversarial_overlap_bound`). ``eps`` is in the units of the images (8/255 suits images in [0, 1];
     scale it with any normalisation done outside the model). ``relaxation``: ``"shared"`` (one CROWN
     propagation per image, valid for all its regions) or ``"per_box"`` (one per (image, region) box); see the

@@ -633,21 +633,20 @@ def test_every_method_is_exact_on_a_monotone_network():
 # ----------------------------------------------------------------------------------------- alpha-CROWN
 @pytest.mark.parametrize("name", NETWORKS)
 def test_alpha_crown_is_sound_and_never_looser_than_full_crown(name):
-    """alpha-CROWN against PGD at two radii, on the full box and on a box fixing half the image, and at most
+    """alpha-CROWN against PGD on a small full box and on a wide box fixing half the image, and at most
     full CROWN's bound everywhere (it starts from CROWN's slopes and keeps the best)."""
     torch.manual_seed(0)
     net = make_network(name)
     graph = build_graph(net)
     x, y = _data(n=2, seed=8)
     inverses = grid_regions(*SHAPE[1:], 2).expand(2, *SHAPE[1:])
-    for eps in (0.02, 0.1):
-        for fixed in (torch.zeros(2, *SHAPE[1:], dtype=torch.bool), inverses == 1):
-            lower, upper = _box(x, eps, fixed)
-            attack = pgd(net, lower, upper, y, starts=4, steps=10)
-            alpha = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=8)
-            full = margin_upper_bounds(graph, lower, upper, y, "crown")
-            assert (attack <= alpha + 1e-5).all(), f"{name} eps={eps}: {(attack - alpha).max()}"
-            assert (alpha <= full + 1e-6).all(), f"{name} eps={eps}: {(alpha - full).max()}"
+    for eps, fixed in ((0.02, torch.zeros(2, *SHAPE[1:], dtype=torch.bool)), (0.1, inverses == 1)):
+        lower, upper = _box(x, eps, fixed)
+        attack = pgd(net, lower, upper, y, starts=4, steps=10)
+        alpha = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=8)
+        full = margin_upper_bounds(graph, lower, upper, y, "crown")
+        assert (attack <= alpha + 1e-5).all(), f"{name} eps={eps}: {(attack - alpha).max()}"
+        assert (alpha <= full + 1e-6).all(), f"{name} eps={eps}: {(alpha - full).max()}"
 
 
 def test_alpha_crown_tightens_full_crown_where_neurons_are_unstable():
@@ -661,7 +660,7 @@ def test_alpha_crown_tightens_full_crown_where_neurons_are_unstable():
         full = margin_upper_bounds(graph, lower, upper, y, "crown")
         none = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=0)
         few = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=5)
-        many = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=20)
+        many = margin_upper_bounds(graph, lower, upper, y, "alpha-crown", alpha_iterations=10)
         torch.testing.assert_close(none, full)
         assert (few < full - 1e-3).any(), f"{name}: {full - few}"
         assert (many <= few + 1e-6).all()
