@@ -8,9 +8,9 @@
     Also shown: EVA with CROWN-IBP (the cheap method), with one full-CROWN propagation per (image, region) box
     (``relaxation="per_box"``) and with IBP, and Sobol on the unexported deel-torchlip model.
 (b) Tightness: the adversarial-overlap upper bound over the full L-inf ball by every method (IBP, CROWN-IBP,
-    full CROWN, the Lipschitz certificate on 1-Lipschitz networks, best) against the largest margin PGD finds in
-    the same ball (a lower bound of the true value): the gap ``bound - PGD`` (mean over ``--images`` val
-    images) and the seconds per image, at eps = 1/255, 4/255 and 8/255. Models, each trained for
+    full CROWN, alpha-CROWN, the Lipschitz certificate on 1-Lipschitz networks, best) against the largest
+    margin PGD finds in the same ball (a lower bound of the true value): the gap ``bound - PGD`` (mean over
+    ``--images`` val images) and the seconds per image, at eps = 1/255, 4/255 and 8/255. Models, each trained for
     ``--train-seconds`` on ``datamodules.ShortcutShapesDataModule`` (4 classes, 32 px), none for certification:
     ``relu_cnn`` (4 conv + linear, plain ReLU: the issue's network kind), ``bn_cnn`` (``small_cnn``: BatchNorm,
     max pooling), ``lip_vgg`` and ``lip_resnet`` (1-Lipschitz, via ``export_plain``). Every bound is checked
@@ -182,7 +182,7 @@ def tightness(args: argparse.Namespace) -> None:
             clean = max_margin(model, images, labels)
         print(f"    {name}: trained {_training(args)}, val accuracy {accuracy:.2f}, "
               f"mean clean margin max_c f_c - f_y = {clean.mean():.4f}")
-        methods = ["ibp", "crown-ibp", "crown"] + (["lipschitz", "best"] if lipschitz else ["best"])
+        methods = ["ibp", "crown-ibp", "crown", "alpha-crown"] + (["lipschitz", "best"] if lipschitz else ["best"])
         graph = build_graph(model)  # built once, its Lipschitz constants computed by a warm-up call (not timed)
         margin_upper_bounds(graph, images[:1], images[:1], labels[:1], "ibp")
         for eps in [e / 255 for e in args.eps]:
