@@ -34,7 +34,7 @@ def small_cnn() -> nn.Sequential:
     )
 
 
-@pytest.mark.parametrize("bound", ["crown", "ibp"])
+@pytest.mark.parametrize("bound", ["crown", "alpha-crown", "ibp"])
 def test_a_model_that_reads_one_region_gets_all_its_eva_mass_there(bound):
     mask = torch.zeros(H, W, dtype=torch.bool)
     mask[:8, :8] = True  # the top-left quarter = cells (0,0), (0,1), (1,0), (1,1) of the 4x4 grid
@@ -64,7 +64,7 @@ def test_batch_equals_one_image_at_a_time_and_chunking_does_not_matter():
     torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bound", ["ibp", "crown"])
+@pytest.mark.parametrize("bound", ["ibp", "crown", "alpha-crown"])
 def test_per_box_map_is_full_ball_overlap_minus_region_overlap(bound):
     """Each pixel gets AO(x, B) - AO(x, B_u) of its cell u, as computed by adversarial_overlap_bound."""
     torch.manual_seed(0)
