@@ -377,13 +377,15 @@ def test_input_range_intersection_is_sound():
         adversarial_overlap_bound(net, x + 1, y, eps, input_range=(0.0, 1.0))
 
 
-def test_margin_bounds_can_be_called_from_inference_mode():
+@pytest.mark.parametrize("method", ["crown", "alpha-crown"])
+def test_margin_bounds_can_be_called_from_inference_mode(method):
+    """Also alpha-CROWN, whose slopes need gradients (through the autograd transpose of average pooling too)."""
     net = make_network("conv_relu_avgpool")  # average pooling is transposed through autograd
     x, y = _data()
     graph = build_graph(net)
-    expected = margin_upper_bounds(graph, x - 0.1, x + 0.1, y, "crown")
+    expected = margin_upper_bounds(graph, x - 0.1, x + 0.1, y, method)
     with torch.inference_mode():
-        torch.testing.assert_close(margin_upper_bounds(build_graph(net), x - 0.1, x + 0.1, y, "crown"), expected)
+        torch.testing.assert_close(margin_upper_bounds(build_graph(net), x - 0.1, x + 0.1, y, method), expected)
 
 
 def test_adversarial_overlap_bound_fixed_everything_is_the_clean_margin():
