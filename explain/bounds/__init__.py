@@ -6,7 +6,8 @@ that names them); ``margin_upper_bounds(graph, lower, upper, targets, method)`` 
 bound propagation (IBP), full CROWN (every nonlinear layer's input box from a backward pass to the input, as
 auto_LiRPA's ``method="CROWN"``; equal to its bounds, ``benchmarks/compare_auto_lirpa.py``), alpha-CROWN (full
 CROWN with the final pass's ReLU lower slopes optimised, :mod:`explain.bounds.alpha`), CROWN with IBP
-intermediate boxes (``crown-ibp``), the Lipschitz certificate of a 1-Lipschitz body, or the tightest of them. EVA (:mod:`explain.attributions.eva`) is built on it.
+intermediate boxes (``crown-ibp``), the Lipschitz certificate of a 1-Lipschitz body, or the tightest of them.
+EVA (:mod:`explain.attributions.eva`) is built on it.
 
 Intermediate boxes are the intersection of the interval box, the Lipschitz box ``z(x0) +- L_j ||r||_2`` whose
 constants come from the weights (:mod:`explain.bounds.lipschitz`) and, in full CROWN, the CROWN box. Full CROWN
