@@ -113,6 +113,10 @@ def margin_upper_bounds(
 
     ``crown_classes``: with ``m`` only the ``m`` classes with the largest IBP bound of each box get the CROWN
     pass; the others keep their (sound, cheap) IBP bound (:class:`TopClasses`).
+
+    Raises:
+        ValueError: an unknown ``method``, a bad ``crown_classes``, ``alpha_iterations`` or ``row_budget``,
+            targets outside the model's classes, or the Lipschitz bound asked of a model not declared 1-Lipschitz.
     """
     one_of("method", method, METHODS)
     crown_classes = positive_int("crown_classes", crown_classes, allow_none=True)
