@@ -670,6 +670,9 @@ def test_alpha_crown_tightens_full_crown_where_neurons_are_unstable():
     graph = build_graph(net)
     full = margin_upper_bounds(graph, x - 0.05, x + 0.05, y, "crown")
     torch.testing.assert_close(margin_upper_bounds(graph, x - 0.05, x + 0.05, y, "alpha-crown"), full)
+    for bad in (-1, True, 2.5):
+        with pytest.raises(ValueError, match="alpha_iterations"):
+            margin_upper_bounds(graph, x - 0.05, x + 0.05, y, "alpha-crown", alpha_iterations=bad)
 
 
 def test_any_lower_slope_in_zero_one_keeps_the_relu_relaxation_sound():
