@@ -74,6 +74,9 @@ class Residual(Node):
     deel-torchlip ``LipResidual``: ``w_s = sigmoid(alpha)``, ``w_b = 1 - w_s``, empty shortcut and post;
     torchvision ``BasicBlock``/``Bottleneck``: ``w_s = w_b = 1``, shortcut = ``downsample``, post = ReLU.
     IBP adds the two boxes; CROWN sends ``w_s A`` and ``w_b A`` down both paths and adds what comes back.
+
+    Raises:
+        ValueError: a negative residual weight (the relaxation of the sum needs ``w_s, w_b >= 0``).
     """
 
     container = True

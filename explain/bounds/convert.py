@@ -63,7 +63,11 @@ def same_forward(module: nn.Module, base: type) -> bool:
 
 
 def exact_type(module: nn.Module, path: str, *types: type) -> None:
-    """Raise unless ``module``'s type is one of ``types`` exactly (a subclass could compute anything)."""
+    """Raise unless ``module``'s type is one of ``types`` exactly (a subclass could compute anything).
+
+    Raises:
+        UnsupportedLayerError: ``type(module)`` is not one of ``types``.
+    """
     if type(module) not in types:
         raise unsupported(module, path)
 
@@ -77,7 +81,11 @@ def detach(tensor: Tensor | None) -> Tensor | None:
 
 
 def lipschitz_factor(module: nn.Module, path: str) -> float:
-    """deel-torchlip's ``k_coef_lip`` scale of an activation or pooling layer (1 when absent)."""
+    """deel-torchlip's ``k_coef_lip`` scale of an activation or pooling layer (1 when absent).
+
+    Raises:
+        UnsupportedLayerError: a factor that is not positive.
+    """
     factor = float(getattr(module, "_coefficient_lip", 1.0))
     if not factor > 0:
         raise unsupported(module, path, f"Lipschitz factor must be positive, got {factor}")

@@ -71,6 +71,9 @@ def check_graph(graph: BoundGraph, model: nn.Module, inputs: Tensor, rtol: float
     A cheap guard (one interval pass on zero-width boxes) against a layer whose forward differs from the
     class it derives from, or a deel-torchlip export that changed the function: the bounds would then be
     bounds of another network.
+
+    Raises:
+        UnsupportedLayerError: the graph's output differs from the model's (beyond ``rtol``), or has another shape.
     """
     from explain.bounds.ibp import interval_bounds
 

@@ -29,6 +29,9 @@ def interval_bounds(
     ``limits``: boxes that the input boxes of nonlinear nodes are intersected with (:class:`Records`).
     ``full_crown``: also intersect them with full-CROWN boxes (:class:`~explain.bounds.crown.BackwardToInput`,
     ``row_budget`` elements per chunk of backward rows).
+
+    Raises:
+        ValueError: ``lower`` and ``upper`` differ in shape.
     """
     if lower.shape != upper.shape:
         raise ValueError(f"lower and upper must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}")

@@ -27,7 +27,11 @@ FULL_CROWN = ("crown", "alpha-crown", "best")
 
 
 def margin_spec(targets: Tensor, num_classes: int) -> Tensor:
-    """The rows ``e_c - e_y`` for every ``c != y``: [n, K-1, K] for targets [n]."""
+    """The rows ``e_c - e_y`` for every ``c != y``: [n, K-1, K] for targets [n].
+
+    Raises:
+        ValueError: fewer than 2 classes, or a target outside ``[0, num_classes)``.
+    """
     if num_classes < 2:
         raise ValueError(f"the margin f_c - f_y needs at least 2 classes, the model has {num_classes}")
     if targets.min() < 0 or targets.max() >= num_classes:
