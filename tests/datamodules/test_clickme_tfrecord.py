@@ -225,11 +225,11 @@ def test_compact_dataset_heatmap_is_the_reference_pipeline(shards):
 def test_photo_like_records_are_smooth_jpegs(tmp_path):
     """kind="photo" (the benchmark's natural-image stand-in): a valid record whose picture is far smoother than
     noise (neighbouring pixels close) and compresses better; the dataset reads it like any other."""
-    photo, noise = record(0, size=128, kind="photo"), record(0, size=128)
+    photo, noise = record(0, size=256, kind="photo"), record(0, size=256)
     pixels = {name: np.asarray(Image.open(io.BytesIO(r["image"][0])), dtype=np.float64) for name, r in
               (("photo", photo), ("noise", noise))}
     steps = {name: np.abs(np.diff(p, axis=1)).mean() for name, p in pixels.items()}
-    assert pixels["photo"].shape == (128, 128, 3) and steps["photo"] < steps["noise"] / 4
+    assert pixels["photo"].shape == (256, 256, 3) and steps["photo"] < steps["noise"] / 4
     assert len(photo["image"][0]) < len(noise["image"][0]) / 2
     shard = write_shard(tmp_path / "photo.tfrecords", [photo])
     assert ClickMeTFRecordDataset(shard, image_size=32, num_classes=5)[0]["image"].shape == (3, 32, 32)
