@@ -17,7 +17,10 @@ that module for the remainder). Validation and test loaders are plain map-style 
 Decoding. By default each DataLoader worker decodes its samples with ``torchvision.io.decode_jpeg``. With
 ``decode_device="cuda"`` the training loader ships the raw JPEG bytes and :meth:`on_after_batch_transfer` decodes a
 whole batch at once on the GPU (nvjpeg), then applies the same preprocessing there; ``decode_device="cpu"`` runs that
-batched path on the CPU (same code, for machines without a GPU and for tests).
+batched path on the CPU (same code, for machines without a GPU and for tests). With ``compact_batches=True`` the
+workers stop before the byte-heavy last steps (uint8 images, blurred 64x64 maps) and :meth:`on_after_batch_transfer`
+finishes each batch on its device (:func:`finish_batch`): handing 800 KB float32 records from the worker processes
+(through new shared memory for every batch) costs more than decoding them.
 
 Errors name the shard file and the record's index in it (counting from 0): an empty shard, a checksum mismatch, a
 length larger than the file, a record that is not a ``tf.train.Example``, a missing feature, an unreadable JPEG, a
