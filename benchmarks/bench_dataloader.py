@@ -147,7 +147,8 @@ def bench(kind: str, args: argparse.Namespace) -> None:
     sides: dict[str, Ours | Reference] = {}
     for name, (dataset, finish) in datasets.items():
         loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                            persistent_workers=args.workers > 0, prefetch_factor=args.prefetch if args.workers else None)
+                            persistent_workers=args.workers > 0,
+                            prefetch_factor=args.prefetch if args.workers else None)
         sides[name] = Ours(loader, finish)  # runs a warm-up pass
     if reference is not None:
         reference.run()  # warm-up: TensorFlow's tracing and autotuning

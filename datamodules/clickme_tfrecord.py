@@ -138,7 +138,9 @@ def decode_one(data: bytes, mode: ImageReadMode, where: str) -> Tensor:
         raise ValueError(f"{where} is not a readable image ({error})") from error
 
 
-def decode_many(datas: Sequence[bytes], mode: ImageReadMode, wheres: Sequence[str], device: torch.device) -> list[Tensor]:
+def decode_many(
+    datas: Sequence[bytes], mode: ImageReadMode, wheres: Sequence[str], device: torch.device
+) -> list[Tensor]:
     """Decode a batch: the JPEGs in one ``decode_jpeg`` call on ``device`` (nvjpeg on CUDA), other formats one by one
     on the CPU. A failing batch is decoded one by one to name the culprit."""
     jpegs = [k for k, data in enumerate(datas) if data[:2] == JPEG_MAGIC]
@@ -477,5 +479,6 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("decode_device='cuda' but no GPU is available: use decode_device=None or 'cpu'")
             target = batch["label"].device
-            batch = {key: value.to(target) for key, value in decode_batch(batch, self._train_preprocessing, device).items()}
+            decoded = decode_batch(batch, self._train_preprocessing, device)
+            batch = {key: value.to(target) for key, value in decoded.items()}
         return finish_batch(batch)
