@@ -5,11 +5,15 @@ protos clash with TensorFlow's in one process). Written from the reference's des
 ``TFRecordDataset(num_parallel_reads=AUTOTUNE).map(parse, AUTOTUNE).batch(64).prefetch(AUTOTUNE)``, where ``parse``
 decodes both JPEGs, resizes the image to 224 (bilinear), the map 256 -> 64 (bilinear), blurs it with the 10x10
 Gaussian of sigma 10 (``conv2d`` ``SAME``) and resizes it to 224 (bilinear), and one-hot encodes the label.
+TensorFlow's defaults are kept: ``decode_jpeg``'s ``dct_method=""`` (libjpeg's fast integer IDCT), thread pools
+sized by TensorFlow from the visible cores, AUTOTUNE parallelism.
 
 Protocol (stdin/stdout, one line each): ``python tf_clickme_reference.py <batch size> <shard>...``; every line read
-from stdin runs one pass over the shards and answers ``<records> <seconds>``; end of input ends it.
+from stdin runs one pass over the shards and answers ``<records> <seconds> <cpu seconds> <threads>`` (CPU time of
+the whole process, all threads; the most threads seen during the pass); end of input ends it.
 """
 
+import os
 import sys
 import time
 
@@ -51,10 +55,11 @@ def main() -> None:
     dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     print("ready", flush=True)
     for _ in sys.stdin:
-        start, records = time.perf_counter(), 0
+        start, cpu, records, threads = time.perf_counter(), time.process_time(), 0, 0
         for images, _, _ in dataset:
             records += int(images.shape[0])
-        print(records, time.perf_counter() - start, flush=True)
+            threads = max(threads, len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0)
+        print(records, time.perf_counter() - start, time.process_time() - cpu, threads, flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ that module for the remainder). Validation and test loaders are plain map-style 
 Decoding. By default each DataLoader worker decodes its samples with ``torchvision.io.decode_jpeg``. With
 ``decode_device="cuda"`` the training loader ships the raw JPEG bytes and :meth:`on_after_batch_transfer` decodes a
 whole batch at once on the GPU (nvjpeg), then applies the same preprocessing there; ``decode_device="cpu"`` runs that
-batched path on the CPU (same code, for machines without a GPU and for tests).
+batched path on the CPU (same code, for machines without a GPU and for tests). With ``compact_batches=True`` the
+workers stop before the byte-heavy last steps (uint8 images, blurred 64x64 maps) and :meth:`on_after_batch_transfer`
+finishes each batch on its device (:func:`finish_batch`): handing 800 KB float32 records from the worker processes
+(through new shared memory for every batch) costs more than decoding them.
 
 Errors name the shard file and the record's index in it (counting from 0): an empty shard, a checksum mismatch, a
 length larger than the file, a record that is not a ``tf.train.Example``, a missing feature, an unreadable JPEG, a
@@ -44,7 +47,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from datamodules.augmentation import PairedTransform, make_sample, train_transform
-from datamodules.clickme_heatmap import clickme_heatmap
+from datamodules.clickme_heatmap import BLUR_SIZE, blurred_heatmap, clickme_heatmap, expand_heatmap
 from datamodules.mix_sampler import MixedBatchSampler, annotated_per_batch
 from datamodules.tfrecord_index import read_record, shard_index
 from explain.validation import in_interval, non_negative_int, one_of, positive_int
@@ -135,7 +138,9 @@ def decode_one(data: bytes, mode: ImageReadMode, where: str) -> Tensor:
         raise ValueError(f"{where} is not a readable image ({error})") from error
 
 
-def decode_many(datas: Sequence[bytes], mode: ImageReadMode, wheres: Sequence[str], device: torch.device) -> list[Tensor]:
+def decode_many(
+    datas: Sequence[bytes], mode: ImageReadMode, wheres: Sequence[str], device: torch.device
+) -> list[Tensor]:
     """Decode a batch: the JPEGs in one ``decode_jpeg`` call on ``device`` (nvjpeg on CUDA), other formats one by one
     on the CPU. A failing batch is decoded one by one to name the culprit."""
     jpegs = [k for k, data in enumerate(datas) if data[:2] == JPEG_MAGIC]
@@ -160,20 +165,47 @@ class ClickMePreprocessing:
     ``tf.image.resize``) and the map is brought to ``image_size`` directly from its blurred 64x64 version, exactly
     as the reference parser does. With a paired ``transform`` (training
     augmentation) the map is prepared at the image's resolution first, then cropped/flipped with the image.
+
+    ``compact=True`` leaves the last, byte-heavy steps to :func:`finish_batch` (after collation, on the batch's
+    device): the image stays uint8 (4x fewer bytes) and, without ``transform``, the map is shipped as its blurred
+    64x64 version under the key ``heatmap_blurred`` (12x fewer bytes at 224 px). Handing float32 batches from the
+    DataLoader workers to the main process costs more than decoding them (the worker writes every batch into new
+    shared memory): see BENCHMARKS.md, "ClickMe at scale".
     """
 
-    def __init__(self, image_size: int, transform: PairedTransform | None = None) -> None:
-        self.image_size, self.transform = image_size, transform
+    def __init__(self, image_size: int, transform: PairedTransform | None = None, compact: bool = False) -> None:
+        self.image_size, self.transform, self.compact = image_size, transform, compact
 
     def __call__(self, image: Tensor, heatmap: Tensor | None, label: int) -> dict[str, Tensor]:
         if self.transform is None:  # bilinear without antialiasing, as the reference's tf.image.resize; resized
-            size = [self.image_size, self.image_size]  # in uint8 (40% faster, within 0.5/255 of resizing floats)
-            image = F.to_dtype(F.resize(image, size, antialias=False), torch.float32, scale=True)
+            size = [self.image_size, self.image_size]  # in uint8 (40% faster; within 1/255 of resizing floats)
+            image = F.resize(image, size, antialias=False)
+            if self.compact:
+                blurred = blurred_heatmap(heatmap) if heatmap is not None else torch.zeros(BLUR_SIZE, BLUR_SIZE)
+                sample = make_sample(image, label, blurred, heatmap is not None)
+                sample["heatmap_blurred"] = sample.pop("heatmap")
+                return sample
+            image = F.to_dtype(image, torch.float32, scale=True)
             human = clickme_heatmap(heatmap, tuple(size)) if heatmap is not None else image.new_zeros(size)
         else:
             human = clickme_heatmap(heatmap, tuple(image.shape[-2:])) if heatmap is not None else None
             image, human = self.transform(image, human if human is not None else image.new_zeros(image.shape[-2:]))
+            if self.compact:  # the augmented image is a whole number of 255ths: exactly back to uint8
+                image = F.to_dtype(image, torch.uint8, scale=True)
         return make_sample(image, label, human, heatmap is not None)
+
+
+def finish_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A collated compact batch (:class:`ClickMePreprocessing` with ``compact=True``) -> the batch of the data
+    contract, on the batch's device: uint8 images to float32 in [0, 1], blurred 64x64 maps to the image size
+    (bilinear) and min-max. The values are those of the non-compact samples (same operations, batched).
+    A batch that is not compact is returned as it is."""
+    batch = dict(batch)
+    if batch["image"].dtype == torch.uint8:
+        batch["image"] = F.to_dtype(batch["image"], torch.float32, scale=True)
+    if "heatmap_blurred" in batch:
+        batch["heatmap"] = expand_heatmap(batch.pop("heatmap_blurred"), tuple(batch["image"].shape[-2:]))
+    return batch
 
 
 class ClickMeSamples(Dataset):
@@ -240,6 +272,8 @@ class ClickMeTFRecordDataset(ClickMeSamples):
         num_classes: labels must be in ``[0, num_classes)``.
         transform: paired training augmentation, or None for the reference preprocessing at ``image_size``.
         index_dir: where to cache the shard indexes (:class:`ClickMeRecords`).
+        compact: samples with uint8 images and blurred 64x64 maps, for :func:`finish_batch` after collation
+            (:class:`ClickMePreprocessing`).
     """
 
     def __init__(
@@ -249,9 +283,11 @@ class ClickMeTFRecordDataset(ClickMeSamples):
         num_classes: int,
         transform: PairedTransform | None = None,
         index_dir: str | None = None,
+        compact: bool = False,
     ) -> None:
         records = ClickMeRecords(expand_shards(shards), num_classes, index_dir)
-        super().__init__(records, ClickMePreprocessing(positive_int("image_size", image_size), transform))
+        preprocessing = ClickMePreprocessing(positive_int("image_size", image_size), transform, compact)
+        super().__init__(records, preprocessing)
 
 
 def decode_batch(batch: dict[str, Any], preprocessing: ClickMePreprocessing, device: torch.device) -> dict[str, Tensor]:
@@ -302,6 +338,11 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         decode_device: None decodes in the DataLoader workers; ``"cuda"`` (or ``"cpu"``) decodes each training
             batch at once on that device in :meth:`on_after_batch_transfer` (nvjpeg on CUDA). Val/test batches
             are always decoded in the workers (the explanation monitors read them sample by sample).
+        compact_batches: the workers hand over training batches with uint8 images and (without ``augment``) the
+            blurred 64x64 maps, and :meth:`on_after_batch_transfer` finishes them on the batch's device
+            (:func:`finish_batch`; same values). About 5x fewer bytes from the workers to the main process and
+            to the GPU: on 2 CPU cores it cuts the workers' time per record by half (BENCHMARKS.md). The batches
+            of ``train_dataloader()`` itself are then compact; the LightningModule sees the contract.
     """
 
     test_split_names: tuple[str, ...] = ("test",)
@@ -322,6 +363,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         seed: int | None = None,
         index_dir: str | None = None,
         decode_device: str | None = None,
+        compact_batches: bool = False,
     ) -> None:
         super().__init__()
         in_interval("annotated_ratio", annotated_ratio, 0, 1, low_open=True)
@@ -330,6 +372,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         non_negative_int("num_workers", num_workers)
         positive_int("num_classes", num_classes)
         non_negative_int("seed", seed, allow_none=True)
+        one_of("compact_batches", compact_batches, (False, True))
         if decode_device is not None:
             one_of("decode_device", str(decode_device).split(":")[0], ("cpu", "cuda"))
         if unannotated_dir is not None:
@@ -340,6 +383,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         self.num_classes, self.augment, self.drop_last = num_classes, augment, drop_last
         self.unannotated_dir, self.annotated_ratio = unannotated_dir, annotated_ratio
         self.seed, self.index_dir, self.decode_device = seed, index_dir, decode_device
+        self.compact_batches = compact_batches
         self.class_names: list[str] | None = None
         self._unannotated: list[tuple[str, int]] | None = None
         self._records: dict[str, ClickMeRecords] = {}
@@ -393,7 +437,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         records = self.records(self.train_shards, "train_shards")
         unannotated = self.unannotated_samples() if self.unannotated_dir else []
         transform = train_transform(self.image_size) if self.augment else None
-        preprocessing = ClickMePreprocessing(self.image_size, transform)
+        preprocessing = ClickMePreprocessing(self.image_size, transform, compact=self.compact_batches)
         dataset = ClickMeSamples(records, preprocessing, unannotated, decode=self.decode_device is None)
         self._train_preprocessing = preprocessing
         # a BatchSampler subclass with a `sampler` argument: Lightning re-creates it with its DistributedSampler
@@ -427,11 +471,14 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------- device side
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Decode a raw training batch on ``decode_device`` (when set)."""
-        if isinstance(batch, dict) and "image_jpeg" in batch:
+        """Decode a raw training batch on ``decode_device`` (when set), finish a compact one (:func:`finish_batch`)."""
+        if not isinstance(batch, dict):
+            return batch
+        if "image_jpeg" in batch:
             device = torch.device(self.decode_device)
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("decode_device='cuda' but no GPU is available: use decode_device=None or 'cpu'")
             target = batch["label"].device
-            batch = {key: value.to(target) for key, value in decode_batch(batch, self._train_preprocessing, device).items()}
-        return batch
+            decoded = decode_batch(batch, self._train_preprocessing, device)
+            batch = {key: value.to(target) for key, value in decoded.items()}
+        return finish_batch(batch)

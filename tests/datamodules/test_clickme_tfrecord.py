@@ -13,7 +13,7 @@ from PIL import Image
 from datamodules import ClickMeTFRecordDataModule, ClickMeTFRecordDataset, clickme_heatmap
 from datamodules.clickme_heatmap import clickme_kernel
 from datamodules.clickme_synthetic import synthetic_record, write_image_folder, write_shard
-from datamodules.clickme_tfrecord import ClickMeRecords, expand_shards
+from datamodules.clickme_tfrecord import ClickMeRecords, expand_shards, finish_batch
 from datamodules.tfrecord_index import CorruptShardError, index_candidates, masked_crc32c, shard_index
 
 CONTRACT = {"image": torch.float32, "label": torch.int64, "heatmap": torch.float32, "has_heatmap": torch.bool}
@@ -171,6 +171,70 @@ def test_decoding_after_transfer_is_the_workers_decoding(shards, tmp_path):
             torch.testing.assert_close(decoded[key], plain[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="decode_device"):
         ClickMeTFRecordDataModule(shards, shards, decode_device="tpu")
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("decode_device", [None, "cpu"])
+def test_compact_batches_finish_to_the_workers_batches(shards, tmp_path, augment, decode_device):
+    """compact_batches ships uint8 images and blurred 64x64 maps; on_after_batch_transfer makes them the batches
+    of the default path (same values), with and without augmentation, mix, and batched decoding."""
+    options = dict(image_size=24, batch_size=5, num_workers=0, num_classes=20, augment=augment, seed=3,
+                   unannotated_dir=imagenet_folder(tmp_path), annotated_ratio=0.4)
+    full = ClickMeTFRecordDataModule(shards, shards, **options)
+    compact = ClickMeTFRecordDataModule(shards, shards, compact_batches=True, decode_device=decode_device, **options)
+    torch.manual_seed(0)  # the augmentation's random draws: the same sequence on both sides
+    plain = list(full.train_dataloader())
+    torch.manual_seed(0)
+    raw = list(compact.train_dataloader())
+    assert len(raw) == len(plain) == 6
+    for plain_batch, raw_batch in zip(plain, raw, strict=True):
+        if decode_device is None:
+            assert raw_batch["image"].dtype == torch.uint8
+            assert ("heatmap_blurred" in raw_batch) != augment and ("heatmap" in raw_batch) == augment
+            if not augment:
+                assert raw_batch["heatmap_blurred"].shape == (5, 64, 64)
+        finished = compact.on_after_batch_transfer(raw_batch, 0)
+        assert finished.keys() == plain_batch.keys()
+        for key, dtype in CONTRACT.items():
+            assert finished[key].dtype == dtype, key
+        torch.testing.assert_close(finished["image"], plain_batch["image"], rtol=0, atol=0)
+        torch.testing.assert_close(finished["heatmap"], plain_batch["heatmap"], rtol=0, atol=1e-6)
+        peaks = finished["heatmap"][:2].amax(dim=(1, 2))  # min-max scaled before the crop of the augmentation
+        assert (finished["heatmap"][2:] == 0).all() and ((peaks > 0) if augment else (peaks == 1)).all()
+        for key in ("label", "has_heatmap"):
+            assert finished[key].tolist() == plain_batch[key].tolist()
+    # a finished (or never compact) batch passes through unchanged
+    again = compact.on_after_batch_transfer(finished, 0)
+    assert all(again[key] is finished[key] for key in finished)
+    with pytest.raises(ValueError, match="compact_batches"):
+        ClickMeTFRecordDataModule(shards, shards, compact_batches="yes")
+
+
+def test_compact_dataset_heatmap_is_the_reference_pipeline(shards):
+    """The compact sample's blurred map, finished alone, is the reference preprocessing (as the full sample)."""
+    dataset = ClickMeTFRecordDataset(shards[:1], image_size=48, num_classes=20, compact=True)
+    sample = dataset[0]
+    assert sample["image"].dtype == torch.uint8 and sample["heatmap_blurred"].shape == (64, 64)
+    batch = finish_batch({key: value[None] for key, value in sample.items()})
+    raw = np.asarray(Image.open(io.BytesIO(record(0, seed=0)["heatmap"][0])))  # decoded by Pillow
+    np.testing.assert_allclose(batch["heatmap"][0].numpy(), reference_preprocessing(raw, (48, 48)), atol=2e-3)
+    full = ClickMeTFRecordDataset(shards[:1], image_size=48, num_classes=20)[0]
+    torch.testing.assert_close(batch["image"][0], full["image"], rtol=0, atol=0)
+
+
+def test_photo_like_records_are_smooth_jpegs(tmp_path):
+    """kind="photo" (the benchmark's natural-image stand-in): a valid record whose picture is far smoother than
+    noise (neighbouring pixels close) and compresses better; the dataset reads it like any other."""
+    photo, noise = record(0, size=256, kind="photo"), record(0, size=256)
+    pixels = {name: np.asarray(Image.open(io.BytesIO(r["image"][0])), dtype=np.float64) for name, r in
+              (("photo", photo), ("noise", noise))}
+    steps = {name: np.abs(np.diff(p, axis=1)).mean() for name, p in pixels.items()}
+    assert pixels["photo"].shape == (256, 256, 3) and steps["photo"] < steps["noise"] / 4
+    assert len(photo["image"][0]) < len(noise["image"][0]) / 2
+    shard = write_shard(tmp_path / "photo.tfrecords", [photo])
+    assert ClickMeTFRecordDataset(shard, image_size=32, num_classes=5)[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="kind"):
+        record(0, kind="drawing")
 
 
 def test_batched_decoding_names_the_bad_record(tmp_path):
