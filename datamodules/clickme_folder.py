@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
+from typing_extensions import override
 
 from datamodules.augmentation import PairedTransform, eval_transform, make_sample, train_transform
 from datamodules.folds import assign_folds, check_fold
@@ -282,6 +283,7 @@ class ClickMeFolderDataModule(SplitDataModule):
                     warn_shared_images(("train.csv", self._rows["train"]), (f"{other}.csv", self._rows[other]))
         return self._rows[split]
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.fold_of_sample = assign_folds(len(self._read("train")), self.num_folds, self.seed)

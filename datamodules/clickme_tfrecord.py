@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
+from typing_extensions import override
 
 from datamodules.augmentation import PairedTransform, make_sample, train_transform
 from datamodules.clickme_heatmap import BLUR_SIZE, blurred_heatmap, clickme_heatmap, expand_heatmap
@@ -389,6 +390,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         self._records: dict[str, ClickMeRecords] = {}
 
     # ------------------------------------------------------------------ data
+    @override
     def prepare_data(self) -> None:
         """Build (or check) the index of every shard once per node, before the ranks read them."""
         for shards, argument in self._shard_sets():
@@ -433,6 +435,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
             **options,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         records = self.records(self.train_shards, "train_shards")
         unannotated = self.unannotated_samples() if self.unannotated_dir else []
@@ -456,6 +459,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         dataset = ClickMeSamples(self.records(shards, argument), ClickMePreprocessing(self.image_size))
         return self._loader(dataset, batch_size=self.batch_size, shuffle=False)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_shards, "val_shards")
 
@@ -464,12 +468,14 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         """Whether ``test_shards`` is set (``run.test_after_fit`` skips the test when it is not)."""
         return self.test_shards is not None
 
+    @override
     def test_dataloader(self) -> DataLoader:
         if self.test_shards is None:
             raise ValueError("test_shards is not set: pass test_shards (a glob or a list) to test")
         return self._eval_loader(self.test_shards, "test_shards")
 
     # ---------------------------------------------------------- device side
+    @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Decode a raw training batch on ``decode_device`` (when set), finish a compact one (:func:`finish_batch`)."""
         if not isinstance(batch, dict):
