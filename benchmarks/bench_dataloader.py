@@ -12,6 +12,9 @@ Three sides, alternating pass by pass over the same shards (so a change of machi
 * ``compact to GPU``: the same compact batches, not finished: what the workers deliver when training on a GPU,
   where ``on_after_batch_transfer`` finishes them on the device (two small kernels per batch, not timed here).
   Not the same end product as the reference's: read it as the loader's throughput, not as the target ratio.
+* ``ours threads``: ``worker_threads=True`` of the DataModule: a ``ThreadedDataLoader`` whose ``--workers``
+  workers are threads of this process (tf.data's model), compact samples finished on those threads into reused
+  memory (``FinishingCollate``): the batches of the data contract, as ``ours`` (tested).
 * ``reference``: ``benchmarks/tf_clickme_reference.py`` (serre-lab/Harmonization's pipeline: ``TFRecordDataset(
   num_parallel_reads=AUTOTUNE).map(parse, AUTOTUNE).batch(64).prefetch(AUTOTUNE)``), run by the Python of a
   separate TensorFlow environment (``--tf-python``, default ``/tmp/tfenv/bin/python``; ``python3 -m venv
@@ -49,7 +52,8 @@ from torch.utils.data import DataLoader
 
 from datamodules import ClickMeTFRecordDataset
 from datamodules.clickme_synthetic import write_shards
-from datamodules.clickme_tfrecord import finish_batch
+from datamodules.clickme_tfrecord import FinishingCollate, finish_batch
+from datamodules.threaded_loader import ThreadedDataLoader
 
 HERE = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -137,6 +141,7 @@ def bench(kind: str, args: argparse.Namespace) -> None:
         "ours": (ClickMeTFRecordDataset(shards, args.image_size, 1000), None),
         "ours compact": (ClickMeTFRecordDataset(shards, args.image_size, 1000, compact=True), finish_batch),
         "compact to GPU": (ClickMeTFRecordDataset(shards, args.image_size, 1000, compact=True), None),
+        "ours threads": (ClickMeTFRecordDataset(shards, args.image_size, 1000, compact=True), None),
     }  # building the indexes is not timed
     jpeg_kb = np.mean([len(datasets["ours"][0].records[i]["image_jpeg"]) for i in range(0, args.records, 16)]) / 1e3
     reference = None
@@ -146,9 +151,13 @@ def bench(kind: str, args: argparse.Namespace) -> None:
         print(f"no TensorFlow environment at {args.tf_python}: only our side is measured")
     sides: dict[str, Ours | Reference] = {}
     for name, (dataset, finish) in datasets.items():
-        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                            persistent_workers=args.workers > 0,
-                            prefetch_factor=args.prefetch if args.workers else None)
+        if name == "ours threads":
+            loader = ThreadedDataLoader(dataset, batch_size=args.batch_size, num_threads=args.workers,
+                                        prefetch_batches=args.prefetch * args.workers, collate_fn=FinishingCollate())
+        else:
+            loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                persistent_workers=args.workers > 0,
+                                prefetch_factor=args.prefetch if args.workers else None)
         sides[name] = Ours(loader, finish)  # runs a warm-up pass
     if reference is not None:
         reference.run()  # warm-up: TensorFlow's tracing and autotuning
@@ -176,7 +185,7 @@ def bench(kind: str, args: argparse.Namespace) -> None:
               f"{statistics.median(cpu_ms[name]):6.2f} CPU ms/record{note}")
     if reference is not None:
         theirs = statistics.median(rates["reference"])
-        for name in ("ours", "ours compact"):
+        for name in ("ours", "ours compact", "ours threads"):
             print(f"  ratio {name} / reference: {statistics.median(rates[name]) / theirs:.2f} (target >= 1.0)")
         reference.close()
     with open("/proc/loadavg") as file:

@@ -41,7 +41,7 @@ import torch
 from google.protobuf.message import DecodeError
 from tfrecord import example_pb2
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as F
@@ -50,6 +50,7 @@ from typing_extensions import override
 from datamodules.augmentation import PairedTransform, make_sample, train_transform
 from datamodules.clickme_heatmap import BLUR_SIZE, blurred_heatmap, clickme_heatmap, expand_heatmap
 from datamodules.mix_sampler import MixedBatchSampler, annotated_per_batch
+from datamodules.threaded_loader import BufferPool, ThreadedDataLoader
 from datamodules.tfrecord_index import read_record, shard_index
 from explain.validation import in_interval, non_negative_int, one_of, positive_int
 
@@ -196,17 +197,43 @@ class ClickMePreprocessing:
         return make_sample(image, label, human, heatmap is not None)
 
 
-def finish_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def finish_batch(batch: dict[str, Tensor], buffers: BufferPool | None = None) -> dict[str, Tensor]:
     """A collated compact batch (:class:`ClickMePreprocessing` with ``compact=True``) -> the batch of the data
     contract, on the batch's device: uint8 images to float32 in [0, 1], blurred 64x64 maps to the image size
     (bilinear) and min-max. The values are those of the non-compact samples (same operations, batched).
-    A batch that is not compact is returned as it is."""
+    ``buffers``: CPU batches are written into tensors of this pool (reused memory). A batch that is not compact is
+    returned as it is."""
     batch = dict(batch)
-    if batch["image"].dtype == torch.uint8:
-        batch["image"] = F.to_dtype(batch["image"], torch.float32, scale=True)
+
+    def empty(shape: Sequence[int], like: Tensor) -> Tensor | None:
+        return buffers.empty(shape, torch.float32) if buffers is not None and like.device.type == "cpu" else None
+
+    images = batch["image"]
+    if images.dtype == torch.uint8:
+        out = empty(images.shape, images)
+        if out is None:
+            batch["image"] = F.to_dtype(images, torch.float32, scale=True)
+        else:  # the operations of F.to_dtype(scale=True): image.to(float32).mul_(1 / 255)
+            batch["image"] = out.copy_(images).mul_(1 / 255)
     if "heatmap_blurred" in batch:
-        batch["heatmap"] = expand_heatmap(batch.pop("heatmap_blurred"), tuple(batch["image"].shape[-2:]))
+        blurred, size = batch.pop("heatmap_blurred"), tuple(batch["image"].shape[-2:])
+        batch["heatmap"] = expand_heatmap(blurred, size, out=empty((*blurred.shape[:-2], *size), blurred))
     return batch
+
+
+class FinishingCollate:
+    """``collate_fn`` that turns compact samples into a batch of the data contract: ``default_collate``, then
+    :func:`finish_batch` into the reused buffers of a :class:`~datamodules.threaded_loader.BufferPool`.
+
+    For loaders whose workers are threads (:class:`~datamodules.threaded_loader.ThreadedDataLoader`): the finishing
+    runs on the loader's threads, and a batch's memory serves again once nothing holds the batch. Not for worker
+    processes, whose batches must be collated into shared memory (``default_collate`` does that)."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.buffers = BufferPool(capacity)
+
+    def __call__(self, samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return finish_batch(default_collate(samples), self.buffers)
 
 
 class ClickMeSamples(Dataset):
@@ -344,6 +371,13 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
             (:func:`finish_batch`; same values). About 5x fewer bytes from the workers to the main process and
             to the GPU: on 2 CPU cores it cuts the workers' time per record by half (BENCHMARKS.md). The batches
             of ``train_dataloader()`` itself are then compact; the LightningModule sees the contract.
+        worker_threads: the ``num_workers`` workers are threads of the training process
+            (:class:`~datamodules.threaded_loader.ThreadedDataLoader`, tf.data's model) instead of processes. The
+            training batches are then finished on those threads into reused memory (:class:`FinishingCollate`;
+            with ``compact_batches`` they stay compact for the device). On 2 CPU cores this is the fastest loader
+            (1.2-1.6x the reference tf.data pipeline, BENCHMARKS.md); worker processes keep the training loop's
+            Python apart from the loader's, which matters on a GPU machine with many cores. Augmentation draws are
+            then not reproducible run to run (the threads share torch's global generator).
     """
 
     test_split_names: tuple[str, ...] = ("test",)
@@ -365,6 +399,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         index_dir: str | None = None,
         decode_device: str | None = None,
         compact_batches: bool = False,
+        worker_threads: bool = False,
     ) -> None:
         super().__init__()
         in_interval("annotated_ratio", annotated_ratio, 0, 1, low_open=True)
@@ -374,6 +409,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         positive_int("num_classes", num_classes)
         non_negative_int("seed", seed, allow_none=True)
         one_of("compact_batches", compact_batches, (False, True))
+        one_of("worker_threads", worker_threads, (False, True))
         if decode_device is not None:
             one_of("decode_device", str(decode_device).split(":")[0], ("cpu", "cuda"))
         if unannotated_dir is not None:
@@ -384,7 +420,7 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         self.num_classes, self.augment, self.drop_last = num_classes, augment, drop_last
         self.unannotated_dir, self.annotated_ratio = unannotated_dir, annotated_ratio
         self.seed, self.index_dir, self.decode_device = seed, index_dir, decode_device
-        self.compact_batches = compact_batches
+        self.compact_batches, self.worker_threads = compact_batches, worker_threads
         self.class_names: list[str] | None = None
         self._unannotated: list[tuple[str, int]] | None = None
         self._records: dict[str, ClickMeRecords] = {}
@@ -427,6 +463,10 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         return self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def _loader(self, dataset: Dataset, **options: Any) -> DataLoader:
+        if self.worker_threads and self.num_workers > 0:
+            return ThreadedDataLoader(
+                dataset, num_threads=self.num_workers, pin_memory=torch.cuda.is_available(), **options
+            )
         return DataLoader(
             dataset,
             num_workers=self.num_workers,
@@ -440,7 +480,9 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
         records = self.records(self.train_shards, "train_shards")
         unannotated = self.unannotated_samples() if self.unannotated_dir else []
         transform = train_transform(self.image_size) if self.augment else None
-        preprocessing = ClickMePreprocessing(self.image_size, transform, compact=self.compact_batches)
+        # on loader threads, samples are compact and batches are finished there, into reused memory
+        finish_on_threads = self.worker_threads and self.num_workers > 0 and not self.compact_batches
+        preprocessing = ClickMePreprocessing(self.image_size, transform, self.compact_batches or finish_on_threads)
         dataset = ClickMeSamples(records, preprocessing, unannotated, decode=self.decode_device is None)
         self._train_preprocessing = preprocessing
         # a BatchSampler subclass with a `sampler` argument: Lightning re-creates it with its DistributedSampler
@@ -453,7 +495,8 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
             num_unannotated=len(unannotated),
             seed=self._seed(),
         )
-        return self._loader(dataset, batch_sampler=batch_sampler)
+        collate = FinishingCollate() if finish_on_threads and self.decode_device is None else None
+        return self._loader(dataset, batch_sampler=batch_sampler, collate_fn=collate)
 
     def _eval_loader(self, shards: str | list[str], argument: str) -> DataLoader:
         dataset = ClickMeSamples(self.records(shards, argument), ClickMePreprocessing(self.image_size))

@@ -70,17 +70,21 @@ def test_kernel_matches_the_reference_formula():
     assert kernel.sum(dim=1).argmax() == 4 and kernel.sum(dim=0).argmax() == 5
 
 
-@pytest.mark.parametrize("size", [(224, 224), (32, 32), (64, 64)])
-def test_heatmap_preprocessing_matches_independent_computation(size):
+@pytest.mark.parametrize(
+    ("size", "raw_shape"),
+    [((224, 224), (256, 256)), ((32, 32), (256, 256)), ((64, 64), (256, 256)),
+     ((224, 224), (192, 320)), ((224, 224), (200, 130)), ((48, 48), (64, 64))],
+)  # whole factors 4, 3 and 5 (picked pixels), 1; other sides (resize matrices)
+def test_heatmap_preprocessing_matches_independent_computation(size, raw_shape):
     rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (256, 256)).astype(np.uint8)
-    raw[100:140, 30:90] = 255  # some structure, off-centre
+    raw = rng.integers(0, 256, raw_shape).astype(np.uint8)
+    raw[40:70, 30:90] = 255  # some structure, off-centre
     out = clickme_heatmap(torch.from_numpy(raw), size)
     assert out.shape == size and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), reference_preprocessing(raw, size), atol=2e-5)
     assert out.min() == 0 and out.max() == 1
     # batched input gives the same per map; a constant map gives zeros, not NaN
-    batch = clickme_heatmap(torch.stack([torch.from_numpy(raw), torch.zeros(256, 256, dtype=torch.uint8)]), size)
+    batch = clickme_heatmap(torch.stack([torch.from_numpy(raw), torch.zeros(raw_shape, dtype=torch.uint8)]), size)
     torch.testing.assert_close(batch[0], out)
     assert (batch[1] == 0).all()
 
