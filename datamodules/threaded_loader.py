@@ -133,6 +133,9 @@ class ThreadedDataLoader(DataLoader):
 
     @override
     def __iter__(self) -> Iterator[Any]:
+        # DataLoader's iterator draws its workers' base seed from `generator` first: so do we, so that a seeded
+        # generator gives a shuffling sampler the same order as under a DataLoader
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
         sampler = self.batch_sampler if self.batch_sampler is not None else self.sampler
         return _ordered_prefetch(self._fetch, iter(sampler), self.num_threads, self.prefetch_batches)
 

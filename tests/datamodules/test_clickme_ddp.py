@@ -17,7 +17,8 @@ LENGTHS = (7, 13, 3, 11, 6)  # 40 records; label k for record k
 
 
 @pytest.mark.slow
-def test_two_process_fit_of_the_clickme_config(tmp_path):
+@pytest.mark.parametrize("worker_threads", [False, True])
+def test_two_process_fit_of_the_clickme_config(tmp_path, worker_threads):
     write_shards(tmp_path / "clickme", LENGTHS, num_classes=40, size=48)
     write_shards(tmp_path / "clickme", (6,), num_classes=40, size=48, prefix="val")
     write_image_folder(tmp_path / "imagenet", [4] * 5, size=40)
@@ -32,6 +33,7 @@ def test_two_process_fit_of_the_clickme_config(tmp_path):
         f"--data.init_args.unannotated_dir={tmp_path / 'imagenet'}",
         "--data.init_args.num_classes=40", "--data.init_args.image_size=32", "--data.init_args.batch_size=8",
         "--data.init_args.annotated_ratio=0.5", "--data.init_args.num_workers=2",
+        f"--data.init_args.worker_threads={str(worker_threads).lower()}",
         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_epochs=2",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.callbacks={callbacks}", "--run.root", str(tmp_path / "runs"), "--run.test_after_fit=false",

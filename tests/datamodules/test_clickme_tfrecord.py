@@ -14,6 +14,7 @@ from datamodules import ClickMeTFRecordDataModule, ClickMeTFRecordDataset, click
 from datamodules.clickme_heatmap import clickme_kernel
 from datamodules.clickme_synthetic import synthetic_record, write_image_folder, write_shard
 from datamodules.clickme_tfrecord import ClickMeRecords, expand_shards, finish_batch
+from datamodules.threaded_loader import ThreadedDataLoader
 from datamodules.tfrecord_index import CorruptShardError, index_candidates, masked_crc32c, shard_index
 
 CONTRACT = {"image": torch.float32, "label": torch.int64, "heatmap": torch.float32, "has_heatmap": torch.bool}
@@ -212,6 +213,57 @@ def test_compact_batches_finish_to_the_workers_batches(shards, tmp_path, augment
     assert all(again[key] is finished[key] for key in finished)
     with pytest.raises(ValueError, match="compact_batches"):
         ClickMeTFRecordDataModule(shards, shards, compact_batches="yes")
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("compact_batches", [False, True])
+def test_worker_threads_give_the_batches_of_the_plain_loader(shards, tmp_path, augment, compact_batches):
+    """worker_threads=True: a ThreadedDataLoader of num_workers threads whose batches (finished on the threads, or
+    compact and finished by on_after_batch_transfer) are those of the plain loader: same values without
+    augmentation, same labels and mix with it; the validation loader too."""
+    options = dict(image_size=24, batch_size=5, num_classes=20, augment=augment, seed=3,
+                   unannotated_dir=imagenet_folder(tmp_path), annotated_ratio=0.4)
+    plain = ClickMeTFRecordDataModule(shards, shards, num_workers=0, **options)
+    threaded = ClickMeTFRecordDataModule(shards, shards, num_workers=2, worker_threads=True,
+                                         compact_batches=compact_batches, **options)
+    loader = threaded.train_dataloader()
+    assert isinstance(loader, ThreadedDataLoader) and loader.num_threads == 2
+    ours = [threaded.on_after_batch_transfer(batch, 0) for batch in loader]
+    theirs = list(plain.train_dataloader())
+    assert len(ours) == len(theirs) == 6
+    for batch, expected in zip(ours, theirs, strict=True):
+        assert batch.keys() == expected.keys()
+        for key, dtype in CONTRACT.items():
+            assert batch[key].dtype == dtype and batch[key].shape == expected[key].shape, key
+        for key in ("label", "has_heatmap"):
+            assert batch[key].tolist() == expected[key].tolist()
+        if augment:  # random crops: only where the maps are
+            assert ((batch["heatmap"].amax(dim=(1, 2)) > 0) == batch["has_heatmap"]).all()
+        else:
+            torch.testing.assert_close(batch["image"], expected["image"], rtol=0, atol=0)
+            torch.testing.assert_close(batch["heatmap"], expected["heatmap"], rtol=0, atol=1e-6)
+    val = threaded.val_dataloader()
+    assert isinstance(val, ThreadedDataLoader)
+    for batch, expected in zip(val, plain.val_dataloader(), strict=True):
+        for key in CONTRACT:
+            torch.testing.assert_close(batch[key], expected[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="worker_threads"):
+        ClickMeTFRecordDataModule(shards, shards, worker_threads="yes")
+
+
+def test_threaded_batches_reuse_the_memory_of_released_ones(shards):
+    """FinishingCollate writes the images into pooled buffers: a batch nobody holds gives its memory to a later
+    one, a batch still held keeps it."""
+    dm = ClickMeTFRecordDataModule(shards, shards, image_size=24, batch_size=2, num_workers=2, num_classes=20,
+                                   augment=False, worker_threads=True)
+    loader = dm.train_dataloader()
+    pointers = [batch["image"].data_ptr() for _ in range(3) for batch in loader]  # each batch dropped at once
+    assert len(pointers) == 18 and len(set(pointers)) <= 2 * loader.prefetch_batches
+    kept = list(loader)  # all held: no two share memory
+    assert len({batch["image"].data_ptr() for batch in kept}) == len(kept)
+    first = kept[0]["image"].clone()
+    list(loader)
+    torch.testing.assert_close(kept[0]["image"], first, rtol=0, atol=0)  # not overwritten by the next epoch
 
 
 def test_compact_dataset_heatmap_is_the_reference_pipeline(shards):
