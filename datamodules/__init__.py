@@ -10,14 +10,17 @@ from datamodules.clickme_heatmap import clickme_heatmap
 from datamodules.clickme_tfrecord import ClickMeTFRecordDataModule, ClickMeTFRecordDataset
 from datamodules.mix_sampler import MixedBatchSampler
 from datamodules.shortcut import ShortcutShapesDataModule
+from datamodules.threaded_loader import BufferPool, ThreadedDataLoader
 
 __all__ = [
+    "BufferPool",
     "ClickMeFolderDataModule",
     "ClickMeTFRecordDataModule",
     "ClickMeTFRecordDataset",
     "MixedBatchSampler",
     "PairedTransform",
     "ShortcutShapesDataModule",
+    "ThreadedDataLoader",
     "clickme_heatmap",
     "eval_transform",
     "train_transform",
