@@ -211,8 +211,7 @@ def finish_batch(batch: dict[str, Tensor], buffers: BufferPool | None = None) ->
         else:  # the operations of F.to_dtype(scale=True): image.to(float32).mul_(1 / 255)
             batch["image"] = buffers.empty(images.shape, torch.float32).copy_(images).mul_(1 / 255)
     if "heatmap_blurred" in batch:
-        blurred, size = batch.pop("heatmap_blurred"), tuple(batch["image"].shape[-2:])
-        batch["heatmap"] = expand_heatmap(blurred, size)
+        batch["heatmap"] = expand_heatmap(batch.pop("heatmap_blurred"), tuple(batch["image"].shape[-2:]))
     return batch
 
 
@@ -370,8 +369,8 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
             (:class:`~datamodules.threaded_loader.ThreadedDataLoader`, tf.data's model) instead of processes. The
             training batches are then finished on those threads into reused memory (:class:`FinishingCollate`;
             with ``compact_batches`` they stay compact for the device). On 2 CPU cores this is the fastest loader
-            (1.2-1.6x the reference tf.data pipeline, BENCHMARKS.md); worker processes keep the training loop's
-            Python apart from the loader's, which matters on a GPU machine with many cores. Augmentation draws are
+            (1.0-1.4x the reference tf.data pipeline's records/s, BENCHMARKS.md); worker processes keep the
+            training loop's Python apart from the loader's, which matters on a GPU machine with many cores. Augmentation draws are
             then not reproducible run to run (the threads share torch's global generator).
     """
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import override
@@ -82,17 +83,6 @@ class BufferPool:
         self.__init__(state["capacity"])
 
 
-def pin(batch: Any) -> Any:
-    """``batch`` with every tensor in page-locked memory (dicts, lists and tuples are walked)."""
-    if isinstance(batch, Tensor):
-        return batch.pin_memory()
-    if isinstance(batch, dict):
-        return {key: pin(value) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(pin(value) for value in batch)
-    return batch
-
-
 class ThreadedDataLoader(DataLoader):
     """A ``DataLoader`` whose ``num_threads`` workers are threads of this process (module docstring).
 
@@ -129,7 +119,9 @@ class ThreadedDataLoader(DataLoader):
             batch = self.collate_fn(self.dataset[indices])
         else:
             batch = self.collate_fn([self.dataset[i] for i in indices])
-        return pin(batch) if self.pin_memory and torch.cuda.is_available() else batch
+        if self.pin_memory and torch.cuda.is_available():
+            return apply_to_collection(batch, Tensor, Tensor.pin_memory)
+        return batch
 
     @override
     def __iter__(self) -> Iterator[Any]:
