@@ -141,8 +141,9 @@ def bench(kind: str, args: argparse.Namespace) -> None:
         "ours": (ClickMeTFRecordDataset(shards, args.image_size, 1000), None),
         "ours compact": (ClickMeTFRecordDataset(shards, args.image_size, 1000, compact=True), finish_batch),
         "compact to GPU": (ClickMeTFRecordDataset(shards, args.image_size, 1000, compact=True), None),
-        "ours threads": (ClickMeTFRecordDataset(shards, args.image_size, 1000, compact=True), None),
     }  # building the indexes is not timed
+    if args.workers > 0:  # threads need at least one
+        datasets["ours threads"] = (ClickMeTFRecordDataset(shards, args.image_size, 1000, compact=True), None)
     jpeg_kb = np.mean([len(datasets["ours"][0].records[i]["image_jpeg"]) for i in range(0, args.records, 16)]) / 1e3
     reference = None
     if Path(args.tf_python).exists():
@@ -185,7 +186,7 @@ def bench(kind: str, args: argparse.Namespace) -> None:
               f"{statistics.median(cpu_ms[name]):6.2f} CPU ms/record{note}")
     if reference is not None:
         theirs = statistics.median(rates["reference"])
-        for name in ("ours", "ours compact", "ours threads"):
+        for name in [name for name in ("ours", "ours compact", "ours threads") if name in sides]:
             print(f"  ratio {name} / reference: {statistics.median(rates[name]) / theirs:.2f} (target >= 1.0)")
         reference.close()
     with open("/proc/loadavg") as file:
