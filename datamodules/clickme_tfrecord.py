@@ -179,22 +179,53 @@ class ClickMePreprocessing:
         self.image_size, self.transform, self.compact = image_size, transform, compact
 
     def __call__(self, image: Tensor, heatmap: Tensor | None, label: int) -> dict[str, Tensor]:
-        if self.transform is None:  # bilinear without antialiasing, as the reference's tf.image.resize; resized
-            size = [self.image_size, self.image_size]  # in uint8 (40% faster; within 1/255 of resizing floats)
+        return self.many([image], [heatmap], [label])[0]
+
+    def many(
+        self, images: Sequence[Tensor], heatmaps: Sequence[Tensor | None], labels: Sequence[int]
+    ) -> list[dict[str, Tensor]]:
+        """Several samples at once, the values of one by one: without ``transform``, the maps of one size are
+        resized to 64x64 and blurred together (3 operations for the batch instead of 5 per map, which is what
+        DataLoader threads meet on at the GIL; BENCHMARKS.md)."""
+        if self.transform is not None:
+            return [self._augmented(image, heatmap, label) for image, heatmap, label in zip(images, heatmaps, labels)]
+        size = [self.image_size, self.image_size]  # bilinear without antialiasing, as the reference's
+        samples = []  # tf.image.resize; resized in uint8 (40% faster; within 1/255 of resizing floats)
+        for image, blurred, label in zip(images, blurred_heatmaps(heatmaps), labels):
             image = F.resize(image, size, antialias=False)
             if self.compact:
-                blurred = blurred_heatmap(heatmap) if heatmap is not None else torch.zeros(BLUR_SIZE, BLUR_SIZE)
-                sample = make_sample(image, label, blurred, heatmap is not None)
+                has_map = blurred is not None
+                sample = make_sample(image, label, blurred if has_map else BLURRED_ZEROS, has_map)
                 sample["heatmap_blurred"] = sample.pop("heatmap")
-                return sample
-            image = F.to_dtype(image, torch.float32, scale=True)
-            human = clickme_heatmap(heatmap, tuple(size)) if heatmap is not None else image.new_zeros(size)
-        else:
-            human = clickme_heatmap(heatmap, tuple(image.shape[-2:])) if heatmap is not None else None
-            image, human = self.transform(image, human if human is not None else image.new_zeros(image.shape[-2:]))
-            if self.compact:  # the augmented image is a whole number of 255ths: exactly back to uint8
-                image = F.to_dtype(image, torch.uint8, scale=True)
+            else:
+                human = expand_heatmap(blurred, tuple(size)) if blurred is not None else image.new_zeros(size).float()
+                sample = make_sample(F.to_dtype(image, torch.float32, scale=True), label, human, blurred is not None)
+            samples.append(sample)
+        return samples
+
+    def _augmented(self, image: Tensor, heatmap: Tensor | None, label: int) -> dict[str, Tensor]:
+        """The map prepared at the image's resolution, then cropped and flipped with it by ``transform``."""
+        human = clickme_heatmap(heatmap, tuple(image.shape[-2:])) if heatmap is not None else None
+        image, human = self.transform(image, human if human is not None else image.new_zeros(image.shape[-2:]))
+        if self.compact:  # the augmented image is a whole number of 255ths: exactly back to uint8
+            image = F.to_dtype(image, torch.uint8, scale=True)
         return make_sample(image, label, human, heatmap is not None)
+
+
+BLURRED_ZEROS = torch.zeros(BLUR_SIZE, BLUR_SIZE)  #: the blurred map of an image without one
+
+
+def blurred_heatmaps(heatmaps: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """:func:`~datamodules.clickme_heatmap.blurred_heatmap` of each map (None stays None), the maps of the most
+    common size in one call."""
+    present = [heatmap for heatmap in heatmaps if heatmap is not None]
+    if not present:
+        return [None] * len(heatmaps)
+    shape = max({m.shape for m in present}, key=[m.shape for m in present].count)
+    together = iter(blurred_heatmap(torch.stack([m for m in present if m.shape == shape])).unbind(0))
+    return [
+        None if m is None else next(together) if m.shape == shape else blurred_heatmap(m) for m in heatmaps
+    ]
 
 
 def finish_batch(batch: dict[str, Tensor], buffers: BufferPool | None = None) -> dict[str, Tensor]:
@@ -270,15 +301,21 @@ class ClickMeSamples(Dataset):
         return {"image_jpeg": data, "heatmap_jpeg": b"", "label": label, "where": where}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.raw(i)
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """``[self[i] for i in indices]``, preprocessed together (:meth:`ClickMePreprocessing.many`). PyTorch's
+        DataLoader calls it with the indices of a batch, and so does :class:`ThreadedDataLoader`."""
+        items = [self.raw(i) for i in indices]
         if not self.decode:
-            return item
-        where = item["where"]
-        image = decode_one(item["image_jpeg"], ImageReadMode.RGB, f"{where}: feature 'image'")
-        heatmap = None
-        if item["heatmap_jpeg"]:
-            heatmap = decode_one(item["heatmap_jpeg"], ImageReadMode.GRAY, f"{where}: feature 'heatmap'")[0]
-        return self.preprocessing(image, heatmap, item["label"])
+            return items
+        images, heatmaps = [], []
+        for item in items:
+            where = item["where"]
+            images.append(decode_one(item["image_jpeg"], ImageReadMode.RGB, f"{where}: feature 'image'"))
+            data = item["heatmap_jpeg"]
+            heatmaps.append(decode_one(data, ImageReadMode.GRAY, f"{where}: feature 'heatmap'")[0] if data else None)
+        return self.preprocessing.many(images, heatmaps, [item["label"] for item in items])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The ClickMe records in order (the unannotated images are reached by index only)."""
@@ -327,8 +364,7 @@ def decode_batch(batch: dict[str, Any], preprocessing: ClickMePreprocessing, dev
     heatmaps: list[Tensor | None] = [None] * len(images)
     for k, heatmap in zip(with_map, maps):
         heatmaps[k] = heatmap[0]
-    labels = torch.as_tensor(batch["label"]).tolist()
-    samples = [preprocessing(image, heatmap, label) for image, heatmap, label in zip(images, heatmaps, labels)]
+    samples = preprocessing.many(images, heatmaps, torch.as_tensor(batch["label"]).tolist())
     return {key: torch.stack([sample[key] for sample in samples]).to(device) for key in samples[0]}
 
 
@@ -369,9 +405,9 @@ class ClickMeTFRecordDataModule(L.LightningDataModule):
             (:class:`~datamodules.threaded_loader.ThreadedDataLoader`, tf.data's model) instead of processes. The
             training batches are then finished on those threads into reused memory (:class:`FinishingCollate`;
             with ``compact_batches`` they stay compact for the device). On 2 CPU cores this is the fastest loader
-            (1.0-1.4x the reference tf.data pipeline's records/s, BENCHMARKS.md); worker processes keep the
-            training loop's Python apart from the loader's, which matters on a GPU machine with many cores. Augmentation draws are
-            then not reproducible run to run (the threads share torch's global generator).
+            (at or above the reference tf.data pipeline's records/s, BENCHMARKS.md); worker processes keep the
+            training loop's Python apart from the loader's, which matters on a GPU machine with many cores.
+            Augmentation draws are then not reproducible run to run (the threads share torch's global generator).
     """
 
     test_split_names: tuple[str, ...] = ("test",)

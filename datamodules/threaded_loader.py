@@ -9,8 +9,8 @@ nobody holds any more to the next batch.
 
 What stays the DataLoader's: the dataset, the sampler or batch sampler (so Lightning's ``DistributedSampler``
 injection and ``len()`` work as usual), ``collate_fn`` and ``pin_memory``. Each thread fetches whole batches
-(``collate_fn([dataset[i] for i in batch])``); up to ``prefetch_batches`` batches are in flight and they come out in
-the sampler's order.
+(``collate_fn([dataset[i] for i in batch])``, or the dataset's ``__getitems__(batch)`` when it has one, as
+PyTorch's fetcher); up to ``prefetch_batches`` batches are in flight and they come out in the sampler's order.
 
 Trade-offs: the Python parts of the pipeline (record parsing, the sampler) share the GIL with the training loop, and
 random augmentations draw from torch's global generator from several threads, so their draws are random but not
@@ -117,8 +117,9 @@ class ThreadedDataLoader(DataLoader):
     def _fetch(self, indices: int | list[int]) -> Any:
         if self.batch_sampler is None:  # batch_size=None: one item at a time, converted, not collated
             batch = self.collate_fn(self.dataset[indices])
-        else:
-            batch = self.collate_fn([self.dataset[i] for i in indices])
+        else:  # as PyTorch's own fetcher: the dataset's __getitems__ when it has one
+            getitems = getattr(self.dataset, "__getitems__", None)
+            batch = self.collate_fn(getitems(indices) if getitems else [self.dataset[i] for i in indices])
         if self.pin_memory and torch.cuda.is_available():
             return apply_to_collection(batch, Tensor, Tensor.pin_memory)
         return batch

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from datamodules import ClickMeTFRecordDataModule, ClickMeTFRecordDataset, clickme_heatmap
-from datamodules.clickme_heatmap import clickme_kernel
+from datamodules.clickme_heatmap import blurred_heatmap, clickme_kernel
 from datamodules.clickme_synthetic import synthetic_record, write_image_folder, write_shard
-from datamodules.clickme_tfrecord import ClickMeRecords, expand_shards, finish_batch
+from datamodules.clickme_tfrecord import ClickMeRecords, blurred_heatmaps, expand_shards, finish_batch
 from datamodules.threaded_loader import ThreadedDataLoader
 from datamodules.tfrecord_index import CorruptShardError, index_candidates, masked_crc32c, shard_index
 
@@ -264,6 +264,34 @@ def test_threaded_batches_reuse_the_memory_of_released_ones(shards):
     first = kept[0]["image"].clone()
     list(loader)
     torch.testing.assert_close(kept[0]["image"], first, rtol=0, atol=0)  # not overwritten by the next epoch
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_batch_of_items_is_the_items_one_by_one(shards, compact):
+    """__getitems__ (what the DataLoaders call) prepares the maps of a batch together: the same samples as one
+    index at a time, in the order asked."""
+    dataset = ClickMeTFRecordDataset(shards, image_size=24, num_classes=20, compact=compact)
+    order = [7, 0, 11, 3, 3]
+    together = dataset.__getitems__(order)
+    assert [int(sample["label"]) for sample in together] == order
+    for sample, i in zip(together, order, strict=True):
+        alone = dataset[i]
+        assert sample.keys() == alone.keys()
+        for key in sample:
+            torch.testing.assert_close(sample[key], alone[key], rtol=0, atol=1e-6 if "heatmap" in key else 0)
+
+
+def test_blurred_maps_of_several_sizes_keep_their_order():
+    rng = np.random.default_rng(1)
+    maps = [torch.from_numpy(rng.integers(0, 256, shape).astype(np.uint8))
+            for shape in ((256, 256), (192, 320), (256, 256), (64, 64))]
+    listed = [maps[0], None, maps[1], maps[2], None, maps[3]]
+    blurred = blurred_heatmaps(listed)
+    assert blurred[1] is None and blurred[4] is None
+    for got, heatmap in zip(blurred, listed, strict=True):
+        if heatmap is not None:
+            torch.testing.assert_close(got, blurred_heatmap(heatmap), rtol=1e-5, atol=1e-4)
+    assert blurred_heatmaps([None, None]) == [None, None]
 
 
 def test_compact_dataset_heatmap_is_the_reference_pipeline(shards):

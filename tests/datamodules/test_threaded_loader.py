@@ -57,6 +57,22 @@ def test_same_batches_in_the_same_order_as_a_dataloader(threads, options):
     assert not loader_threads()  # the pool is gone at the end of the epoch
 
 
+class Batched(Slow):
+    """``Slow`` with ``__getitems__``, counting its calls."""
+
+    calls = 0
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        Batched.calls += 1
+        return [self[i] for i in indices]
+
+
+def test_a_dataset_with_getitems_is_fetched_a_batch_at_a_time():
+    Batched.calls = 0
+    batches = list(ThreadedDataLoader(Batched(10), batch_size=4, num_threads=2))
+    assert Batched.calls == 3 and [b["x"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 def test_lightning_injects_its_distributed_sampler_and_keeps_the_threads():
     """Lightning's re-creation of the loader under DDP (as test_mix_sampler.py): the subclass, its thread count and
     the mixed batch sampler survive; every record is served once across 2 ranks, the same number of batches each."""
