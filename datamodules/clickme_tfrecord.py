@@ -189,17 +189,18 @@ class ClickMePreprocessing:
         DataLoader threads meet on at the GIL; BENCHMARKS.md)."""
         if self.transform is not None:
             return [self._augmented(image, heatmap, label) for image, heatmap, label in zip(images, heatmaps, labels)]
-        size = [self.image_size, self.image_size]  # bilinear without antialiasing, as the reference's
-        samples = []  # tf.image.resize; resized in uint8 (40% faster; within 1/255 of resizing floats)
+        size, samples = [self.image_size, self.image_size], []
         for image, blurred, label in zip(images, blurred_heatmaps(heatmaps), labels):
+            # bilinear without antialiasing, as the reference's tf.image.resize; in uint8 (40% faster; within
+            # 1/255 of resizing floats)
             image = F.resize(image, size, antialias=False)
+            has_map = blurred is not None
             if self.compact:
-                has_map = blurred is not None
-                sample = make_sample(image, label, blurred if has_map else BLURRED_ZEROS, has_map)
+                sample = make_sample(image, label, blurred if has_map else torch.zeros(BLUR_SIZE, BLUR_SIZE), has_map)
                 sample["heatmap_blurred"] = sample.pop("heatmap")
             else:
-                human = expand_heatmap(blurred, tuple(size)) if blurred is not None else image.new_zeros(size).float()
-                sample = make_sample(F.to_dtype(image, torch.float32, scale=True), label, human, blurred is not None)
+                human = expand_heatmap(blurred, tuple(size)) if has_map else torch.zeros(size)
+                sample = make_sample(F.to_dtype(image, torch.float32, scale=True), label, human, has_map)
             samples.append(sample)
         return samples
 
@@ -210,9 +211,6 @@ class ClickMePreprocessing:
         if self.compact:  # the augmented image is a whole number of 255ths: exactly back to uint8
             image = F.to_dtype(image, torch.uint8, scale=True)
         return make_sample(image, label, human, heatmap is not None)
-
-
-BLURRED_ZEROS = torch.zeros(BLUR_SIZE, BLUR_SIZE)  #: the blurred map of an image without one
 
 
 def blurred_heatmaps(heatmaps: Sequence[Tensor | None]) -> list[Tensor | None]:
