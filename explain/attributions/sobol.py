@@ -174,7 +174,7 @@ class Sobol(Explainer):
         amplitude_sigma: float = 1.0,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
-        _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, batch_size)
+        _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, self.batch_size)
         self.grid_size = grid_size
         self.nb_design = nb_design
         self.perturbation = perturbation
