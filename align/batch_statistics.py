@@ -49,20 +49,44 @@ def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def recorded_batch_statistics(model: nn.Module) -> Iterator[Statistics]:
-    """Within the block, each batch-statistics BatchNorm layer of ``model`` records the mean and biased variance
-    of its input over every axis but the channels (what it normalises with) into the yielded dict; the layers
-    themselves run unchanged (they normalise and update their running statistics as usual)."""
-    statistics: Statistics = {}
+    """Within the block, each batch-statistics BatchNorm layer of ``model`` records the mean and biased variance it
+    normalises with into the yielded dict; the layers themselves run unchanged (they normalise and update their
+    running statistics as usual).
 
-    def record(layer: nn.Module, args: tuple) -> None:
+    A layer that updates running statistics gives them back for free: with ``r' = (1 - f) r + f s`` (``f`` the
+    momentum, or ``1 / num_batches_tracked`` when it is None), ``s = (r' - (1 - f) r) / f``, and its running
+    variance holds the unbiased variance ``n / (n - 1)`` times the biased one (``n`` values per channel). Under DDP
+    a ``SyncBatchNorm`` then gives the synchronised statistics (its ``n`` is all processes'; this takes the local
+    one, a relative error below ``1 / n`` on the variance). Other layers (no running statistics, momentum 0) get
+    ``torch.var_mean`` of their input, which costs a pass over it.
+    """
+    statistics: Statistics = {}
+    previous: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def from_running(layer: nn.Module) -> bool:
+        return layer.training and layer.running_mean is not None and layer.momentum != 0
+
+    def before(layer: nn.Module, args: tuple) -> None:
+        if from_running(layer):
+            previous[layer] = (layer.running_mean.clone(), layer.running_var.clone())
+
+    def after(layer: nn.Module, args: tuple, output: Tensor) -> None:
+        x = args[0]
         with torch.no_grad():
-            x = args[0]
-            dims = [0, *range(2, x.ndim)]
-            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            if layer in previous:
+                old_mean, old_var = previous.pop(layer)
+                f = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
+                n = x.numel() // x.shape[1]
+                mean = (layer.running_mean - (1 - f) * old_mean) / f
+                var = (layer.running_var - (1 - f) * old_var) / f * ((n - 1) / n)
+            else:
+                var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)], correction=0)
             dtype = torch.promote_types(x.dtype, torch.float32)  # float32 under bf16/fp16 autocast, as BatchNorm's
             statistics[layer] = (mean.to(dtype), var.to(dtype))
 
-    handles = [layer.register_forward_pre_hook(record) for layer in batch_norm_layers(model)]
+    layers = batch_norm_layers(model)
+    handles = [layer.register_forward_pre_hook(before) for layer in layers]
+    handles += [layer.register_forward_hook(after) for layer in layers]
     try:
         yield statistics
     finally:

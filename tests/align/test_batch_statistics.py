@@ -17,7 +17,9 @@ from explain.attributions.saliency import reduce_channels
 ANNOTATED = torch.tensor([1, 4, 6])
 
 
-def network():
+def network(running="momentum"):
+    """small_cnn with BatchNorm keeping running statistics with a momentum, a cumulative average
+    (``momentum=None``, from its second step), or none."""
     torch.manual_seed(0)
     model = small_cnn(4, widths=(6, 8), depth=1).double()
     for layer in model.modules():  # running statistics away from (0, 1), so a mix-up would show
@@ -26,6 +28,12 @@ def network():
             layer.running_var.uniform_(0.5, 2.0)
             layer.weight.data.uniform_(0.5, 1.5)
             layer.bias.data.uniform_(-0.2, 0.2)
+            if running == "cumulative":
+                layer.momentum = None
+                layer.num_batches_tracked.fill_(1)
+            if running == "none":
+                layer.track_running_stats = False
+                layer.running_mean = layer.running_var = layer.num_batches_tracked = None
     return model
 
 
@@ -67,21 +75,21 @@ def test_eval_mode_is_the_full_batch_exactly():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_train_mode_saliency_treats_the_batch_statistics_as_constants():
+@pytest.mark.parametrize("running", ["momentum", "cumulative", "none"])
+def test_train_mode_saliency_treats_the_batch_statistics_as_constants(running):
     """In training mode: the logits are the plain full-batch ones; the gradient is that of the same network in
     eval mode with the batch statistics as running statistics (computed here by hand), i.e. the full-batch
     saliency without the paths through the statistics; and that differs from the exact full-batch saliency."""
-    model = network().train()
+    model = network(running).train()
     images, labels, _ = batch()
+    plain = copy.deepcopy(model)
     logits, gradient = frozen_statistics_input_gradient(model, images, labels, ANNOTATED)
 
-    plain = copy.deepcopy(model)
     torch.testing.assert_close(logits, plain(images), rtol=1e-12, atol=1e-13)
-    frozen = copy.deepcopy(model).eval()
+    frozen = copy.deepcopy(plain).eval()
     norms = [layer for layer in frozen.modules() if isinstance(layer, nn.BatchNorm2d)]
     for layer, (mean, var) in zip(norms, hand_batch_statistics(model, images), strict=True):
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(var)
+        layer.running_mean, layer.running_var = mean.clone(), var.clone()
     _, expected = input_gradient(frozen, images[ANNOTATED], labels[ANNOTATED], create_graph=True)
     torch.testing.assert_close(gradient, expected, rtol=1e-10, atol=1e-12)
     # the parameter gradient of the saliency is the frozen network's too
