@@ -10,7 +10,8 @@ repeated steps, the two sides alternating step by step (machine drift hits both 
 * ``resnet18``: torchvision ResNet-18 (BatchNorm), 64 px, batch 16, all annotated (target <= 2.5);
 * ``resnet18_mix``: ResNet-18, 64 px, batch 64, 20% annotated, the exact step (BatchNorm in training mode: the
   full-batch double backprop); ``resnet18_frozen``: the same with ``frozen_batch_statistics=True`` (a plain pass of
-  the whole batch, the double backprop on the 13 annotated images with its statistics held constant; target <= 1.5);
+  the whole batch, the double backprop on the 13 annotated images with its statistics held constant; target <= 1.5),
+  with the exact step as a third side alternating with the two (``exact ratio``);
 * ``vit``: ``timm`` ``vit_tiny_patch16_224`` at 32 px, patch 4, 20% annotated (LayerNorm: the split is exact).
 
 ``--floor`` adds a third side, alternating with the two: the bare PyTorch double backprop of the same network on
@@ -122,19 +123,23 @@ def run(name: str, case: Case, repeats: int, warmup: int, split: bool, floor: bo
         "has_heatmap": annotated,
     }
     steps = {}
-    for side in ("without", "with", "floor") if floor else ("without", "with"):
+    sides = ["without", "with"] + (["floor"] if floor else []) + (["exact"] if case.frozen_batch_statistics else [])
+    for side in sides:
         torch.manual_seed(0)
         module = HarmonizedClassifier(backbone(case.model), task_loss=case.task_loss, split_annotated=split,
-                                      frozen_batch_statistics=case.frozen_batch_statistics).train()
+                                      frozen_batch_statistics=case.frozen_batch_statistics and side != "exact")
+        module.train()
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
         steps[side] = make_floor_step(module, optimizer) if side == "floor" else make_step(module, optimizer,
-                                                                                           side == "with")
+                                                                                           side != "without")
     times = interleaved_medians(steps, batch, warmup, repeats)
     ratio = times["with"] / times["without"]
     coupled = case.model == "resnet18" and not case.frozen_batch_statistics
     how = "full batch" if not split or coupled or case.annotated == 1 else "annotated only"
     how += ", frozen BN" if case.frozen_batch_statistics else ""
     extra = f" | floor {times['floor'] * 1e3:7.1f} ms, floor ratio {times['floor'] / times['without']:.2f}" if floor else ""
+    if "exact" in times:  # the same step without the option (full batch), alternating with the two others
+        extra += f" | exact {times['exact'] * 1e3:7.1f} ms, exact ratio {times['exact'] / times['without']:.2f}"
     print(
         f"{name:15s} {case.model:8s} {size:3d} px batch {b:3d} annotated {int(annotated.sum()):3d} ({how:25s}) | "
         f"without {times['without'] * 1e3:7.1f} ms | with {times['with'] * 1e3:7.1f} ms | "
