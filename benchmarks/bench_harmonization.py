@@ -61,10 +61,8 @@ def backbone(name: str, num_classes: int = 4) -> torch.nn.Module:
         return lip_vgg(num_classes)
     if name == "resnet18":
         return resnet18(num_classes)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=num_classes)
-    for block in model.blocks:  # the fused attention kernels have no double backward
-        block.attn.fused_attn = False
-    return model
+    # timm's fused attention: the double-backprop pass swaps in align.models.attention's double backward
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=num_classes)
 
 
 def make_step(module: HarmonizedClassifier, optimizer: torch.optim.Optimizer, harmonize: bool):

@@ -129,3 +129,22 @@ def test_harmonized_vit_step_with_fused_attention_equals_the_math_path():
     torch.testing.assert_close(loss, math_loss, rtol=1e-12, atol=1e-14)
     for a, b in zip(grads, math_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_rrr_input_gradient_of_a_fused_vit_is_differentiable_and_equals_the_math_path():
+    """The RRR term's input gradient also takes the double backward (the fused kernels alone have none)."""
+    timm = pytest.importorskip("timm")
+    from align.losses.rrr import log_probability_gradient
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, num_classes=3, depth=1).double()
+    images = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def parameter_gradient(fused):
+        backbone.blocks[0].attn.fused_attn = fused
+        _, gradient = log_probability_gradient(backbone, images)
+        return torch.autograd.grad(gradient.square().sum(), list(backbone.parameters()), allow_unused=True,
+                                   materialize_grads=True)
+
+    for a, b in zip(parameter_gradient(True), parameter_gradient(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
