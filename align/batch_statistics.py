@@ -106,7 +106,9 @@ def frozen_batch_statistics(model: nn.Module, statistics: Statistics) -> Iterato
     """
     missing = [layer for layer in batch_norm_layers(model) if layer not in statistics]
     if missing:
-        raise ValueError(f"{len(missing)} BatchNorm layer(s) of the model have no recorded statistics, e.g. {missing[0]}")
+        raise ValueError(
+            f"{len(missing)} BatchNorm layer(s) of the model have no recorded statistics, e.g. {missing[0]}"
+        )
     saved = [(layer, layer.training, layer.running_mean, layer.running_var) for layer in statistics]
     try:
         for layer, (mean, var) in statistics.items():

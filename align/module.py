@@ -241,7 +241,8 @@ class HarmonizedClassifier(LightningModule):
         through one forward with the double backprop, exactly as the reference (its statistics, and so every
         logit and gradient, are those of the full batch); see :func:`batch_coupled`. With
         ``frozen_batch_statistics``, a plain forward of the whole batch and the double backprop on the annotated
-        images with its statistics held constant instead (:func:`~align.batch_statistics.frozen_statistics_input_gradient`).
+        images with its statistics held constant instead
+        (:func:`~align.batch_statistics.frozen_statistics_input_gradient`).
         """
         annotated = has_heatmap.reshape(-1).to(torch.bool)
         coupled = batch_coupled(self.backbone)

@@ -140,7 +140,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--memory-of", choices=("fused", "math", "explicit"), help=argparse.SUPPRESS)  # the subprocess's job
+    # the subprocess's job
+    parser.add_argument("--memory-of", choices=("fused", "math", "explicit"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         print(json.dumps(peak_memory(args.memory_of, args)))
@@ -168,7 +169,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[side].append(time.perf_counter() - start)
     median = {side: statistics.median(values) for side, values in times.items()}
-    print(f"median of {args.repeats} alternating steps: " + ", ".join(f"{s} {t * 1e3:.1f} ms" for s, t in median.items()))
+    listed = ", ".join(f"{side} {seconds * 1e3:.1f} ms" for side, seconds in median.items())
+    print(f"median of {args.repeats} alternating steps: {listed}")
     print(f"  harmonized / plain: fused attention {median['fused'] / median['plain']:.2f} (target <= 1.3), "
           f"math kernel {median['math'] / median['plain']:.2f}, explicit {median['explicit'] / median['plain']:.2f}; "
           f"fused / math {median['fused'] / median['math']:.2f}")
@@ -183,7 +185,8 @@ def main() -> None:
     for index, what in enumerate(("autograd graph at loss.backward()", "peak of the step above its start")):
         mib = {side: values[index] for side, values in memory.items()}
         print(f"  {what}: " + ", ".join(f"{side} {value:.0f} MiB" for side, value in mib.items())
-              + f"; fused / math {mib['fused'] / mib['math']:.2f}, fused / explicit {mib['fused'] / mib['explicit']:.2f}"
+              + f"; fused / math {mib['fused'] / mib['math']:.2f}, "
+              + f"fused / explicit {mib['fused'] / mib['explicit']:.2f}"
               + (" (target <= 0.7)" if index == 0 else ""))
 
 

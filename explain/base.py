@@ -131,7 +131,8 @@ class Explainer(ABC):
                 maps = self.explain(images, targets, **options)
             else:
                 key = (tuple(images.shape[1:]), images.dtype, device)
-                maps = self.auto_batch_size(key, device, lambda size: self._explain_with(size, images, targets, options))
+                run = lambda size: self._explain_with(size, images, targets, options)  # noqa: E731
+                maps = self.auto_batch_size(key, device, run)
         if maps.shape != (images.shape[0], *images.shape[-2:]):
             raise RuntimeError(
                 f"{type(self).__name__}.explain returned shape {tuple(maps.shape)}, "

@@ -141,8 +141,8 @@ def test_module_step_is_plain_task_loss_plus_frozen_harmonization():
         _, gradient = input_gradient(module.backbone, images[ANNOTATED], labels[ANNOTATED], create_graph=True)
     saliency = torch.zeros(len(images), *images.shape[-2:], dtype=images.dtype)
     saliency = saliency.index_copy(0, ANNOTATED, reduce_channels(gradient, "mean"))
-    expected = module.task_loss(task_logits, labels) + 3.0 * harmonization_loss(saliency, human * has_heatmap[:, None, None],
-                                                                                has_heatmap, levels=2)
+    human = human * has_heatmap[:, None, None]
+    expected = module.task_loss(task_logits, labels) + 3.0 * harmonization_loss(saliency, human, has_heatmap, levels=2)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-13)
     theirs = torch.autograd.grad(expected, list(module.backbone.parameters()))
     for a, b in zip(ours, theirs, strict=True):
