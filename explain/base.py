@@ -18,12 +18,11 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from explain.batching import AutoBatchSize
+from explain.batching import AutoBatchSize, BatchSize
 from explain.validation import batch_size_or_auto
 
 
@@ -103,7 +102,7 @@ class Explainer(ABC):
             :func:`check_images_targets` refuses.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int | Literal["auto"] = 64, seed: int | None = 0) -> None:
+    def __init__(self, model: nn.Module, batch_size: BatchSize = 64, seed: int | None = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model

@@ -19,11 +19,13 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import Literal, TypeVar, Union
 
 import torch
 
 T = TypeVar("T")
+#: an explainer's ``batch_size``: inputs per pass, or ``"auto"`` (the largest that fits)
+BatchSize = Union[int, Literal["auto"]]
 log = logging.getLogger(__name__)
 
 #: first batch size tried on an accelerator (CUDA, MPS, ...) and on the CPU

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from explain.attributions.perturbations import PERTURBATIONS, Perturbation, apply_masks, perturbation_terms
 from explain.attributions.saliency import check_logits
 from explain.base import Explainer
+from explain.batching import BatchSize
 from explain.registry import register_explainer
 from explain.sensitivity import ESTIMATORS, Estimator, sobol_design, total_sobol_indices
 from explain.validation import one_of, positive_int
@@ -167,7 +168,7 @@ class Sobol(Explainer):
         nb_design: int = 32,
         perturbation: Perturbation = "inpainting",
         estimator: Estimator = "jansen",
-        batch_size: int = 256,
+        batch_size: BatchSize = 256,
         baseline: float | Tensor = 0.0,
         seed: int | None = 0,
         blur_size: int = 10,

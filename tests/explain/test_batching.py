@@ -108,3 +108,14 @@ def test_batch_size_must_be_a_positive_int_or_auto():
         with pytest.raises(ValueError, match="batch_size must be a positive int, got .* \\(or 'auto'"):
             Saliency(model, batch_size=bad)
     assert "batch_size='auto'" in repr(Saliency(model, batch_size="auto"))
+
+
+@pytest.mark.parametrize("explainer", [Saliency, SmoothGrad, Sobol, CaptumExplainer])
+def test_configs_accept_auto(explainer):
+    """YAML configs go through jsonargparse, which checks the type hints: ``batch_size: auto`` must pass them."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(explainer, "explainer", skip={"model", "method"})
+    assert parser.parse_args(["--explainer.batch_size=auto"]).explainer.batch_size == "auto"
+    assert parser.parse_args(["--explainer.batch_size=8"]).explainer.batch_size == 8
