@@ -63,7 +63,7 @@ def profile_step(args, harmonized: bool) -> None:
             step(batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = profiler.key_averages()
     attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(event, attribute) for event in averages)
