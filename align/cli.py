@@ -13,16 +13,22 @@ On top of Lightning's CLI (subclass mode for the model and the data, every ``--t
 * a ``checkpoint`` group (``ModelCheckpoint``: ``last.ckpt`` plus the best ``val/acc``);
 * a rich progress bar;
 * ``run.test_after_fit``: after ``fit``, test the best checkpoint on the datamodule's test splits (skipped with a
-  notice when it has none: :func:`has_test_split`).
+  notice when it has none: :func:`has_test_split`);
+* after every test, a compact summary (one row per test split, :mod:`align.summary`) and one sentence that reads
+  it, instead of Lightning's per-dataloader tables (back with ``--run.lightning_tables=true``);
+* a quiet start: library notices that are not about the run are filtered by message and module
+  (:func:`quiet_library_notices`).
 """
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from align.module import HarmonizedClassifier
+from explain.metrics.functional.alignment import CLICKME_CEILING
+from align.summary import print_summary
 
 #: environment variable through which the DDP processes that Lightning launches get the run version of rank 0
 VERSION_ENV = "ALIGN_RUN_VERSION"
@@ -141,6 +149,30 @@ def choose_wandb_mode(environ: Mapping[str, str] | None = None, timeout: float =
     return "offline"
 
 
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ..." adverts (litlogger, litmodels) from its rank-zero logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_library_notices() -> None:
+    """Filter the start-up notices of our libraries that say nothing about the user's run, each by its message and
+    the module that emits it (nothing else is hidden):
+
+    * Lightning's litlogger / litmodels adverts (INFO records of ``lightning.pytorch.utilities.rank_zero``);
+    * the ``FutureWarning`` that torch's ``_pytree`` raises when ``lightning.pytorch.utilities._pytree`` builds a
+      ``LeafSpec`` (Lightning's code, fixed upstream, not the user's).
+    """
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(existing, _DropLightningTips) for existing in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropLightningTips())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 class LoggedConfigCallback(SaveConfigCallback):
     """Writes the resolved ``config.yaml`` into the run directory and logs the same config to every logger."""
 
@@ -236,6 +268,7 @@ class AlignCLI(LightningCLI):
     _asked_model: Namespace | None = None  # the model config asked for, when a --ckpt_path will replace it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_library_notices()
         kwargs.setdefault("model_class", HarmonizedClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -264,6 +297,11 @@ class AlignCLI(LightningCLI):
         )
         parser.add_argument(
             "--run.test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint."
+        )
+        parser.add_argument(
+            "--run.lightning_tables", type=bool, default=False,
+            help="Also print Lightning's per-dataloader tables of every test metric (default: the summary only; "
+            "this flag sets Lightning's `verbose` of `test`).",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True})
@@ -340,6 +378,8 @@ class AlignCLI(LightningCLI):
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             self._place_logger(logger, run_dir, config)
+        if self.subcommand == "test":  # the summary replaces Lightning's tables (its `verbose`)
+            config.verbose = config.run.lightning_tables
 
     @staticmethod
     def _place_logger(logger: Any, run_dir: Path, config: Namespace) -> None:
@@ -369,7 +409,13 @@ class AlignCLI(LightningCLI):
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+                # Lightning always passes anonymous=None to wandb.init, which then warns "The anonymous setting has
+                # no effect"; leave the setting out (it does nothing in wandb >= 0.19)
+                logger._wandb_init.pop("anonymous")
+        return trainer
 
     # ---------------------------------------------------------------- subcommands
     def after_fit(self) -> None:
@@ -381,14 +427,27 @@ class AlignCLI(LightningCLI):
         elif self.config.fit.run.test_after_fit:
             checkpoint = self.trainer.checkpoint_callback
             best = checkpoint.best_model_path if checkpoint is not None else ""
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None,
+                              verbose=self.config.fit.run.lightning_tables)
+            self._print_summary()
         self._finish_wandb()
 
     def after_validate(self) -> None:
         self._finish_wandb()
 
     def after_test(self) -> None:
+        self._print_summary()
         self._finish_wandb()
+
+    def _print_summary(self) -> None:
+        """The test's answer on rank zero: :func:`align.summary.print_summary` of the logged test metrics."""
+        if not self.trainer.is_global_zero:
+            return
+        config = self.config[self.subcommand]
+        ceiling = getattr(self.model, "hparams", {}).get("alignment_ceiling", CLICKME_CEILING)
+        print_summary(self.trainer.callback_metrics, ceiling,
+                      splits=getattr(self.datamodule, "test_split_names", None),
+                      title=f"Test of {config.run.experiment}/{config.run.version}")
 
     def after_predict(self) -> None:
         self._finish_wandb()
