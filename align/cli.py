@@ -26,6 +26,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -463,6 +464,59 @@ class AlignCLI(LightningCLI):
             wandb.finish()
 
 
+def configs_root() -> Path:
+    """The configs shipped with the package (``align/configs``; in the repository, a link to ``configs/``)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged experiment configs, e.g. ``shortcut/harmonized_lipschitz`` (the parts that others
+    reference, ``data/``, ``trainer/`` and ``callbacks/``, are left out)."""
+    root = configs_root()
+    parts = ("data", "trainer", "callbacks")
+    return sorted(str(path.relative_to(root).with_suffix("")) for path in root.glob("*/*.yaml")
+                  if path.parent.name not in parts)
+
+
+def resolve_config(value: str) -> str:
+    """``--config`` value -> a path: an existing file as given, else a packaged config by name (``shortcut/
+    harmonized_lipschitz``, ``.yaml`` optional, ``configs/`` prefix optional). Inline YAML (anything with ``:``
+    or a brace) is returned unchanged.
+
+    Raises:
+        FileNotFoundError: neither a file nor a packaged config; the message lists the packaged ones.
+    """
+    if Path(value).is_file() or any(char in value for char in ":{}\n"):
+        return value
+    name = value.removeprefix("configs/").removesuffix(".yaml")
+    candidate = configs_root() / f"{name}.yaml"
+    if name and candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError(
+        f"--config {value}: no such file, and no packaged config of that name; packaged configs: "
+        f"{', '.join(packaged_configs())}"
+    )
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    """Every ``--config X`` / ``--config=X`` of a command line through :func:`resolve_config`."""
+    resolved = list(args)
+    for index, arg in enumerate(resolved):
+        if arg == "--config" and index + 1 < len(resolved):
+            resolved[index + 1] = resolve_config(resolved[index + 1])
+        elif arg.startswith("--config="):
+            resolved[index] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return resolved
+
+
 def main(args: Any = None) -> AlignCLI:
-    """Entry point of ``train.py``; ``args`` as for ``LightningCLI`` (None: the command line)."""
+    """Entry point of ``train.py`` and ``python -m align.train``; ``args`` as for ``LightningCLI`` (None: the
+    command line). ``--config`` also takes the name of a packaged config (:func:`resolve_config`)."""
+    if args is None:  # resolved in place: LightningCLI warns when given both args and a command line
+        try:
+            sys.argv[1:] = _resolve_config_args(sys.argv[1:])
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+    elif isinstance(args, (list, tuple)):
+        args = _resolve_config_args([str(arg) for arg in args])
     return AlignCLI(args=args)
