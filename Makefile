@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench docs install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,docs]'
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
@@ -30,8 +34,12 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
+# the documentation site, strictly (a broken reference or link fails), into site/
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(VENV)/.installed-bench
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs wandb lightning_logs
+	rm -rf $(VENV) runs wandb lightning_logs site
