@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
+# setuptools' notice on every editable install of a flat layout ("Please be careful with folders ... same name as
+# your package"), by its message only: it is about setuptools' mechanism, not the user's run
+EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: demo test test-slow bench docs install clean
 
@@ -12,15 +15,15 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(EDITABLE_QUIET) $(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 $(VENV)/.installed-docs: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,docs]'
+	$(EDITABLE_QUIET) $(PY) -m pip install --quiet -e '.[dev,docs]'
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(EDITABLE_QUIET) $(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 install: $(VENV)/.installed
