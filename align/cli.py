@@ -47,8 +47,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from align.module import HarmonizedClassifier
-from explain.metrics.functional.alignment import CLICKME_CEILING
 from align.summary import print_summary
+from explain.metrics.functional.alignment import CLICKME_CEILING
 
 #: environment variable through which the DDP processes that Lightning launches get the run version of rank 0
 VERSION_ENV = "ALIGN_RUN_VERSION"
