@@ -415,7 +415,7 @@ class AlignCLI(LightningCLI):
             if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
                 # Lightning always passes anonymous=None to wandb.init, which then warns "The anonymous setting has
                 # no effect"; leave the setting out (it does nothing in wandb >= 0.19)
-                logger._wandb_init.pop("anonymous")
+                logger._wandb_init.pop("anonymous", None)
         return trainer
 
     # ---------------------------------------------------------------- subcommands
