@@ -37,7 +37,8 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
-# the documentation site, strictly (a broken reference or link fails), into site/
+# the documentation site, strictly (a broken reference or link fails), into site/; NO_MKDOCS_2_WARNING hides
+# Material's banner about its successor (nothing about the site)
 docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
