@@ -59,8 +59,9 @@ def _number(value: Any) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def split_results(metrics: Mapping[str, Any], prefix: str = "test", splits: Sequence[str] | None = None) -> list[
-        SplitResult]:
+def split_results(
+    metrics: Mapping[str, Any], prefix: str = "test", splits: Sequence[str] | None = None
+) -> list[SplitResult]:
     """Read ``<prefix>/<split>/{acc, alignment, certified_acc}``, ``<prefix>/<split>/explain/<explainer>/
     spurious_mass`` and ``<prefix>/<split>/explain/spurious_area`` (or the same keys without ``<split>`` when the
     data has a single test split) from logged metrics, e.g. ``trainer.callback_metrics``.
@@ -70,28 +71,28 @@ def split_results(metrics: Mapping[str, Any], prefix: str = "test", splits: Sequ
         prefix: the stage prefix of the keys.
         splits: the order of the rows (e.g. ``datamodule.test_split_names``); by default the order of the keys.
     """
-    found: list[str] = []
+    found: list[str] = []  # "" for the keys without a split
     for key in metrics:
         match = _ACCURACY.match(key)
         if match and match["prefix"] == prefix and (match["split"] or "") not in found:
             found.append(match["split"] or "")
-    order = [split for split in splits or () if split in found] + [split for split in found if split not in (splits or ())]
-    results = []
-    for split in order:
-        base = f"{prefix}/{split}" if split else prefix
+    wanted = list(splits or ())
+    order = [split for split in wanted if split in found] + [split for split in found if split not in wanted]
+    return [_split_result(metrics, split, f"{prefix}/{split}" if split else prefix) for split in order]
 
-        def get(name: str, base: str = base) -> float | None:
-            value = metrics.get(f"{base}/{name}")
-            return None if value is None else _number(value)
 
-        spurious = {}
-        for key, value in metrics.items():
-            match = _SPURIOUS.search(key)
-            if match and key == f"{base}/explain/{match['explainer']}/spurious_mass":
-                spurious[match["explainer"]] = _number(value)
-        results.append(SplitResult(split or prefix, get("acc"), get("alignment"), get("certified_acc"), spurious,
-                                   get("explain/spurious_area")))
-    return results
+def _split_result(metrics: Mapping[str, Any], split: str, base: str) -> SplitResult:
+    def get(name: str) -> float | None:
+        value = metrics.get(f"{base}/{name}")
+        return None if value is None else _number(value)
+
+    spurious = {}
+    for key, value in metrics.items():
+        match = _SPURIOUS.search(key)
+        if match and key == f"{base}/explain/{match['explainer']}/spurious_mass":
+            spurious[match["explainer"]] = _number(value)
+    return SplitResult(split or base, get("acc"), get("alignment"), get("certified_acc"), spurious,
+                       get("explain/spurious_area"))
 
 
 def _cell(value: float | None) -> str:
@@ -111,7 +112,7 @@ def _spurious_cell(mass: float | None, area: float | None) -> str:
     return f"{_percent(mass)} {ratio:.0f}x" if ratio >= 10 else f"{_percent(mass)} {ratio:.1f}x"
 
 
-def summary_table(results: Sequence[SplitResult], ceiling: float, title: str | None = None) -> Table:
+def summary_table(results: Sequence[SplitResult], title: str | None = None) -> Table:
     """A rich table: one row per split; columns that no split has are left out. A spurious-mass cell reads
     ``27% 17x``: the share of the explainer's mass on the spurious region and that share over the region's
     area share (1x: no more than a uniform map)."""
@@ -138,9 +139,11 @@ def summary_table(results: Sequence[SplitResult], ceiling: float, title: str | N
 
 
 def footnotes(results: Sequence[SplitResult], ceiling: float) -> list[str]:
-    """What the table's ``*`` and ``†`` mean."""
-    notes = [f"* alignment: Spearman(saliency, human map) / {ceiling:.4g}, the human inter-rater ceiling; 1 is "
-             "human-level agreement, and above 1 is possible."]
+    """What the table's ``*`` and ``†`` mean (``ceiling``: the one that divided the alignment)."""
+    notes = []
+    if any(result.alignment is not None for result in results):
+        notes.append(f"* alignment: Spearman(saliency, human map) / {ceiling:.4g}, the human inter-rater ceiling; 1 "
+                     "is human-level agreement, and above 1 is possible.")
     if any(result.spurious_mass for result in results):
         notes.append("† share of each explainer's map on the spurious region (area: the region's share of the "
                      "image), then mass / area: 1x for a uniform map.")
@@ -180,13 +183,13 @@ def interpret(results: Sequence[SplitResult]) -> str:
 
 def print_summary(metrics: Mapping[str, Any], ceiling: float, splits: Sequence[str] | None = None,
                   title: str | None = None, console: Console | None = None) -> list[SplitResult]:
-    """Print :func:`summary_table`, its :func:`footnotes` and :func:`interpret` of ``metrics`` (nothing when no test accuracy was
-    logged); return the rows."""
+    """Print :func:`summary_table`, its :func:`footnotes` and :func:`interpret` of ``metrics`` (nothing when no test
+    accuracy was logged); return the rows."""
     results = split_results(metrics, splits=splits)
     if not results:
         return results
     console = console or Console()
-    console.print(summary_table(results, ceiling, title=title))
+    console.print(summary_table(results, title=title))
     for note in footnotes(results, ceiling):
         console.print(note, style="dim", highlight=False)
     console.print(interpret(results), style="bold", highlight=False)

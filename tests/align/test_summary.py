@@ -6,7 +6,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from align.summary import POINTS_AT, SHORTCUT_GAP, interpret, print_summary, split_results, summary_table
+from align.summary import (
+    POINTS_AT, SHORTCUT_GAP, footnotes, interpret, print_summary, split_results, summary_table,
+)
 
 SHORTCUT_RUN = {
     "test/iid/acc": torch.tensor(0.955),
@@ -51,13 +53,13 @@ def test_a_single_unnamed_test_split_and_missing_columns():
 
 
 def test_the_table_shows_every_column_and_leaves_out_those_no_split_has():
-    text = render(summary_table(split_results(SHORTCUT_RUN), ceiling=0.65753))
+    text = render(summary_table(split_results(SHORTCUT_RUN)))
     header, rule, iid, flipped = [line for line in text.splitlines() if line.strip()][:4]
     assert header.split() == ["split", "acc", "align*", "certified", "sobol†", "eva†", "area†"]
     # 0.27 / 0.015625 = 17.28: the mass and its ratio to the area share; eva 0.04 / 0.015625 = 2.56
     assert iid.split() == ["iid", "0.955", "1.035", "0.790", "27%", "17x", "4.0%", "2.6x", "1.6%"]
     assert flipped.split()[:3] == ["flipped", "0.674", "0.860"]
-    plain = render(summary_table(split_results({"test/acc": 0.7}), ceiling=0.65753))
+    plain = render(summary_table(split_results({"test/acc": 0.7})))
     assert plain.split()[:2] == ["split", "acc"] and "align" not in plain and "certified" not in plain
 
 
@@ -92,3 +94,10 @@ def test_print_summary_prints_the_table_the_footnotes_and_the_sentence():
     assert "/ 0.6575, the human inter-rater ceiling" in text and "above 1 is possible" in text
     assert text.rstrip().endswith("(17x its area).")
     assert math.isclose(rows[0].accuracy, 0.955, rel_tol=1e-6)
+
+
+def test_footnotes_explain_only_the_columns_shown():
+    only_accuracy = split_results({"test/acc": 0.7})
+    assert footnotes(only_accuracy, ceiling=0.65753) == []
+    notes = footnotes(split_results(SHORTCUT_RUN), ceiling=0.5)
+    assert notes[0].startswith("* alignment: Spearman(saliency, human map) / 0.5,") and notes[1].startswith("†")
