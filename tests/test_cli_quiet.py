@@ -13,6 +13,8 @@ import pytest
 
 from align.cli import main, quiet_library_notices
 
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "shortcut" / "harmonized_lipschitz.yaml"
 TINY = ["--data.train_size=32", "--data.image_size=16", "--data.val_size=16", "--data.test_size=16", "--data.batch_size=16",
