@@ -4,11 +4,13 @@
 * ``bash`` blocks: each command line is checked: a ``make`` target exists in the Makefile, a ``train.py`` /
   ``python -m align.train`` line parses with its overrides (``--print_config``), a ``scripts/`` script exists and
   takes the options given, ``pip install`` names extras that exist; any other command fails the test;
-* ``yaml`` blocks parse; ``text`` blocks are output or file trees and are not run.
+* ``yaml`` and ``json`` blocks parse; ``text`` blocks are output or file trees and are not run.
 
 The site itself builds with ``mkdocs build --strict`` (``make docs``, in CI); a slow test runs it here too.
 """
 
+import importlib.util
+import json
 import os
 import re
 import shlex
@@ -27,9 +29,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
-LANGUAGES = {"python", "bash", "yaml", "text"}
-#: commands the docs may show that are not ours to run here (they need a login, a cluster or a browser)
-OTHER_TOOLS = {"wandb", "tensorboard", "mkdocs", "git", "cd"}
+SHELL = {"bash", "sh", "shell", "console"}
+LANGUAGES = {"python", "yaml", "json", "text", *SHELL}
+#: commands the docs may show that are not ours to run here (they need a login, a cluster, a browser or files of
+#: the reader's own)
+OTHER_TOOLS = {"wandb", "tensorboard", "mkdocs", "git", "cd", "export", "ls", "cat", "mkdir", "chromium", "xdg-open",
+               "open", "nvidia-smi"}
 LAUNCHERS = {"srun", "torchrun"}
 
 
@@ -110,7 +115,10 @@ def check_command(line: str, cli_lines: list[list[str]]) -> None:
         cli_lines.append(args)
     elif words[0] == "make":
         assert set(words[1:]) <= _makefile_targets(), f"{line}: no such Makefile target"
-    elif words[0] == "python" and len(words) > 1 and words[1].startswith("scripts/"):
+    elif words[:2] == ["python", "-m"] and len(words) > 2 and words[2].split(".")[0] in ("align", "explain",
+                                                                                       "datamodules"):
+        assert importlib.util.find_spec(words[2]) is not None, f"{line}: no module {words[2]}"
+    elif words[0] == "python" and len(words) > 1 and words[1].split("/")[0] in ("scripts", "benchmarks", "docs"):
         script = ROOT / words[1]
         assert script.is_file(), f"{line}: no {words[1]}"
         source = script.read_text()
@@ -127,15 +135,18 @@ def check_command(line: str, cli_lines: list[list[str]]) -> None:
         assert words[0] in OTHER_TOOLS, f"{line}: a command this test cannot check; add a rule for it"
 
 
-BASH_PAGES = [page for page in PAGES if any(lang == "bash" for lang, _ in blocks(page))]
+BASH_PAGES = [page for page in PAGES if any(lang in SHELL for lang, _ in blocks(page))]
 
 
 @pytest.mark.parametrize("page", BASH_PAGES, ids=page_id)
 def test_command_lines_exist_and_the_cli_lines_parse(page, tmp_path, capsys):
     cli_lines: list[list[str]] = []
     for lang, body in blocks(page):
-        if lang == "bash":
-            for line in commands(body):
+        if lang in SHELL:
+            lines = commands(body)
+            if lang == "console":  # a session: the commands are the lines after a "$ " prompt, the rest is output
+                lines = [line.removeprefix("$ ") for line in lines if line.startswith("$ ")]
+            for line in lines:
                 check_command(line, cli_lines)
     for args in cli_lines:
         args = [arg for index, arg in enumerate(args)  # a checkpoint path is checked at run time, not here
@@ -146,12 +157,14 @@ def test_command_lines_exist_and_the_cli_lines_parse(page, tmp_path, capsys):
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("page", [page for page in PAGES if any(lang == "yaml" for lang, _ in blocks(page))],
+@pytest.mark.parametrize("page", [page for page in PAGES if any(lang in ("yaml", "json") for lang, _ in blocks(page))],
                          ids=page_id)
-def test_yaml_blocks_parse(page):
+def test_yaml_and_json_blocks_parse(page):
     for lang, body in blocks(page):
         if lang == "yaml":
             assert yaml.safe_load(body) is not None
+        elif lang == "json":
+            json.loads(body)
 
 
 def test_the_readme_is_a_landing_page_whose_links_exist():
