@@ -15,7 +15,7 @@ inside the atlas, existing) before they reach an attribute.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -130,13 +130,12 @@ def class_folders(root: Path, name: str = "class.json") -> dict[int, str]:
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # plain open: the file gets the umask's mode
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
