@@ -108,7 +108,8 @@ def render_comparison(root: Path) -> Path:
         page_dir = root / "classes" / folder
         view = _comparison_view(data, manifest, sides, page_dir)
         write_text(page_dir / "index.html", template.render(up="../../", **view))
-        rows.append(entry | {"href": f"classes/{quote(folder)}/index.html", "search": _search_key(entry)})
+        rows.append(entry | _comparison_summary(data) | {
+            "href": f"classes/{quote(folder)}/index.html", "search": _search_key(entry)})
     copy_assets(root)
     index = root / "index.html"
     titles = {side: sides[side].title for side in sides}
@@ -156,6 +157,22 @@ def percent(value: float | None) -> str | None:
         return None
     text = f"{abs(value) * 100:.0f}%" if abs(value) >= 0.095 else f"{abs(value) * 100:.1f}%"
     return ("−" if value < 0 else "") + text
+
+
+def concepts_holding(fraction: float, importances: list[float]) -> int:
+    """How many of the most important concepts it takes to reach ``fraction`` of the total importance (Lens's "number
+    of important concepts"); 0 when there is no positive importance.
+
+    >>> concepts_holding(0.8, [0.5, 0.3, 0.15, 0.05])
+    2
+    """
+    ranked = sorted((max(v, 0.0) for v in importances), reverse=True)
+    total, held = sum(ranked), 0.0
+    for count, value in enumerate(ranked, 1):
+        held += value
+        if held >= fraction * total - 1e-9:
+            return count if total > 0 else 0
+    return 0
 
 
 def concept_color(rank: int) -> str:
@@ -258,6 +275,7 @@ def _class_view(data: dict, pages: dict[int, str], up: str) -> dict[str, Any]:
         "index": data["index"],
         "name": data["name"],
         "n_images": data["n_images"],
+        "n_main": concepts_holding(0.8, [c["importance"] for c in concepts]),
         "logit_share_available": available,
         "concepts": views,
         "points": points,
@@ -376,6 +394,18 @@ def _comparison_view(data: dict, manifest: dict, sides: dict[str, _Side], page_d
         "matched": matched,
         "lost": lost,
         "born": born,
+    }
+
+
+def _comparison_summary(data: dict) -> dict[str, Any]:
+    """One row of the comparison's index: how much importance vanished and appeared, and the largest shift."""
+    lost = sum(item["importance_a"] for item in data["lost"])
+    born = sum(item["importance_b"] for item in data["born"])
+    shift = max((m["shift"] for m in data["matched"]), key=abs, default=0.0)
+    return {
+        "lost_importance": lost, "lost_pct": percent(lost),
+        "born_importance": born, "born_pct": percent(born),
+        "shift": shift, "shift_text": f"{'+' if shift >= 0 else '−'}{abs(shift) * 100:.0f} pts",
     }
 
 

@@ -108,6 +108,16 @@ def test_index_search_and_two_class_pages_in_chromium(browser, atlas):
     box.clear()
     box.send_keys("no such class")
     assert visible_rows(browser) == [] and browser.find_element(By.ID, "no-match").is_displayed()
+    box.clear()
+    box.send_keys(" ")  # an empty query shows every class again
+    names = visible_rows(browser)
+    header = browser.find_element(By.XPATH, "//th[text()='Class']")
+    header.click()
+    assert visible_rows(browser) == sorted(names, key=str.lower)
+    header.click()
+    assert visible_rows(browser) == sorted(names, key=str.lower, reverse=True)
+    browser.find_element(By.XPATH, "//th[text()='Images']").click()  # numbers: largest first
+    assert visible_rows(browser)[-1] == names[-1]  # the skipped class has the fewest images
 
     open_page(browser, atlas / "classes" / "0000" / "index.html")
     assert browser.find_element(By.TAG_NAME, "h1").text == "tabby cat"

@@ -26,10 +26,15 @@ class Page(HTMLParser):
         self.path = path
         self.tags: list[tuple[str, dict[str, str | None]]] = []
         self.text: list[str] = []
+        self.rows: list[tuple[dict, list[dict]]] = []  # each table row's attributes and its cells' attributes
         self.feed(path.read_text(encoding="utf-8"))
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
+        if tag == "tr":
+            self.rows.append((dict(attrs), []))
+        elif tag in ("td", "th") and self.rows:
+            self.rows[-1][1].append(dict(attrs))
 
     def handle_data(self, data):
         self.text.append(data)
@@ -188,6 +193,10 @@ def test_comparison_pages_show_matched_vanished_and_appeared_concepts_with_image
         for m in data["matched"]:
             sign = "+" if m["shift"] >= 0 else "−"
             assert f"{sign}{abs(m['shift']) * 100:.0f} pts" in text
+        cells = next(cells for tr, cells in Page(index).rows if tr.get("data-search", "").endswith(f" {entry['index']}"))
+        assert float(cells[3]["data-sort"]) == pytest.approx(max(abs(m["shift"]) for m in data["matched"]))
+        assert float(cells[5]["data-sort"]) == pytest.approx(sum(x["importance_b"] for x in data["born"]))
+        assert float(cells[7]["data-sort"]) == pytest.approx(sum(x["importance_a"] for x in data["lost"]))
         images = [page.resolve(img["src"]) for img in page.all("img")]
         assert images and all(p.is_file() for p in images)
         assert {p.parents[2] for p in images} == {a.resolve(), b.resolve()}  # images of both atlases, linked in place
