@@ -288,17 +288,17 @@ def _map_points(images: list[dict], colors: dict[int, str], up: str) -> list[dic
     if not images:
         return []
     xs, ys = [im["x"] for im in images], [im["y"] for im in images]
+    x_low, x_high, y_low, y_high = min(xs), max(xs), min(ys), max(ys)
     width, height = MAP_SIZE[0] - 2 * MAP_MARGIN, MAP_SIZE[1] - 2 * MAP_MARGIN
-    span = max(max(xs) - min(xs), max(ys) - min(ys)) or 1.0
-    scale = min(width, height) / span
-    x0 = MAP_MARGIN + (width - scale * (max(xs) - min(xs))) / 2
-    y0 = MAP_MARGIN + (height - scale * (max(ys) - min(ys))) / 2
+    scale = min(width, height) / (max(x_high - x_low, y_high - y_low) or 1.0)
+    x0 = MAP_MARGIN + (width - scale * (x_high - x_low)) / 2
+    y0 = MAP_MARGIN + (height - scale * (y_high - y_low)) / 2
     points = []
     for i, im in enumerate(images):
         source = im.get("source") or f"image {i}"
         points.append({
-            "cx": f"{x0 + scale * (im['x'] - min(xs)):.1f}",
-            "cy": f"{y0 + scale * (max(ys) - im['y']):.1f}",  # y grows upwards, as on a plot
+            "cx": f"{x0 + scale * (im['x'] - x_low):.1f}",
+            "cy": f"{y0 + scale * (y_high - im['y']):.1f}",  # y grows upwards, as on a plot
             "color": colors[im["dominant"]],
             "concept": im["dominant"],
             "thumb": _src(im["thumb"], up) if im.get("thumb") else None,
