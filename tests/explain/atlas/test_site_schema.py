@@ -4,6 +4,7 @@ written by the format passes untouched."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,26 @@ from explain.atlas.schema import AtlasFormatError  # noqa: E402
 from explain.atlas.site import render_comparison, render_site  # noqa: E402
 
 CLASS = "classes/0000/class.json"
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """Atlases A and B and their comparison, written once; each test edits its own copy."""
+    root = tmp_path_factory.mktemp("pristine")
+    write_fake_atlas(root / "a", n_classes=3)
+    write_fake_atlas(root / "b", n_classes=3, seed=1)
+    write_fake_comparison(root / "c", root / "a", root / "b")
+    return root
+
+
+@pytest.fixture
+def copy(pristine, tmp_path) -> Path:
+    for name in ("a", "b", "c"):
+        shutil.copytree(pristine / name, tmp_path / name)
+    (tmp_path / "c" / "compare.json").write_text(
+        (tmp_path / "c" / "compare.json").read_text().replace(str((pristine / "b").resolve()), str(tmp_path / "b"))
+    )
+    return tmp_path
 
 
 def edit(root: Path, name: str, change) -> None:
@@ -57,25 +78,25 @@ def swap_first_two_importances(data):
         (CLASS, lambda d: d.update(logit_share_available="yes"), f"{CLASS}: logit_share_available: must be true or false"),
     ],
 )
-def test_a_file_off_the_format_is_named_with_its_field(tmp_path, name, change, message):
-    write_fake_atlas(tmp_path, n_classes=3)
-    edit(tmp_path, name, change)
+def test_a_file_off_the_format_is_named_with_its_field(copy, name, change, message):
+    render_site(copy / "a")  # the pristine copy renders
+    (copy / "a" / "index.html").unlink()
+    edit(copy / "a", name, change)
     with pytest.raises(AtlasFormatError) as error:
-        render_site(tmp_path)
+        render_site(copy / "a")
     assert message in str(error.value)
-    assert not (tmp_path / "index.html").exists()  # no half-written site
+    assert not (copy / "a" / "index.html").exists()  # the index is written last: no index of a half-written site
 
 
-def test_missing_or_broken_json_is_named(tmp_path):
+def test_missing_or_broken_json_is_named(copy, tmp_path):
     with pytest.raises(AtlasFormatError, match="atlas.json: missing"):
-        render_site(tmp_path)
-    write_fake_atlas(tmp_path, n_classes=3)
-    (tmp_path / CLASS).write_text('{"index": 0,')
+        render_site(tmp_path / "empty")
+    (copy / "a" / CLASS).write_text('{"index": 0,')
     with pytest.raises(AtlasFormatError, match=f"{CLASS}: not valid JSON"):
-        render_site(tmp_path)
-    (tmp_path / CLASS).write_text("[1, 2]")
+        render_site(copy / "a")
+    (copy / "a" / CLASS).write_text("[1, 2]")
     with pytest.raises(AtlasFormatError, match=f"{CLASS}: must hold a JSON object, got list"):
-        render_site(tmp_path)
+        render_site(copy / "a")
 
 
 @pytest.mark.parametrize(
@@ -89,11 +110,9 @@ def test_missing_or_broken_json_is_named(tmp_path):
         ("classes/0000/compare.json", lambda d: d["born"][0].update(importance_b="?"), "classes/0000/compare.json: born[0].importance_b: must be"),
     ],
 )
-def test_a_comparison_off_the_format_is_named_with_its_field(tmp_path, name, change, message):
-    write_fake_atlas(tmp_path / "a", n_classes=3)
-    write_fake_atlas(tmp_path / "b", n_classes=3, seed=1)
-    write_fake_comparison(tmp_path / "c", tmp_path / "a", tmp_path / "b")
-    edit(tmp_path / "c", name, change)
+def test_a_comparison_off_the_format_is_named_with_its_field(copy, name, change, message):
+    render_comparison(copy / "c")  # the pristine copy renders
+    edit(copy / "c", name, change)
     with pytest.raises(AtlasFormatError) as error:
-        render_comparison(tmp_path / "c")
+        render_comparison(copy / "c")
     assert message in str(error.value)
