@@ -31,14 +31,12 @@ def _png(path: Path, array: np.ndarray) -> str:
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth coloured texture: a few random sinusoids per channel."""
+    """A smooth texture: sinusoidal stripes of one random hue over a pale ground."""
     y, x = np.mgrid[0:size, 0:size] / size
-    channels = []
-    for _ in range(3):
-        f = rng.uniform(1, 6, size=2)
-        phase = rng.uniform(0, 2 * np.pi)
-        channels.append(0.5 + 0.5 * np.sin(2 * np.pi * (f[0] * x + f[1] * y) + phase))
-    return (np.stack(channels, -1) * 255).astype(np.uint8)
+    f = rng.uniform(1, 4, size=2)
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * (f[0] * x + f[1] * y) + rng.uniform(0, 2 * np.pi))
+    hue = rng.uniform(0.15, 0.85, size=3)
+    return (255 * (0.92 - wave[..., None] * (0.92 - hue))).astype(np.uint8)
 
 
 def _overlay(rng: np.random.Generator, size: int) -> np.ndarray:
