@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,10 @@ def render_site(root: Path) -> Path:
                     f"folder classes/{entry['index']:04d}/ holds its class.json"
                 )
             pages[entry["index"]] = folders[entry["index"]]
+    unlisted = sorted(set(folders) - {entry["index"] for entry in atlas["classes"]})
+    if unlisted:
+        names = ", ".join(f"classes/{folders[i]}/class.json" for i in unlisted[:5]) + (" ..." if len(unlisted) > 5 else "")
+        warnings.warn(f"{len(unlisted)} class.json not listed in atlas.json get no page: {names}", stacklevel=2)
     env = _environment()
     common = _atlas_header(atlas)
     template = env.get_template("class.html.j2")

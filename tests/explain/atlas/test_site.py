@@ -203,3 +203,13 @@ def test_comparison_pages_show_matched_vanished_and_appeared_concepts_with_image
         links = {page.resolve(x["href"]) for x in page.all("a")}
         assert (a / "classes" / folder / "index.html").resolve() in links  # A's site is rendered, B's is not
         assert not any(str(p).startswith(str(b.resolve())) for p in links)
+
+
+def test_a_class_json_that_atlas_json_does_not_list_is_reported_not_silently_ignored(tmp_path):
+    write_fake_atlas(tmp_path, n_classes=3)
+    edit = json.loads((tmp_path / "atlas.json").read_text())
+    edit["classes"] = [c for c in edit["classes"] if c["index"] != 1]
+    (tmp_path / "atlas.json").write_text(json.dumps(edit))
+    with pytest.warns(UserWarning, match=r"1 class.json not listed in atlas.json get no page: classes/0001/class.json"):
+        render_site(tmp_path)
+    assert not (tmp_path / "classes" / "0001" / "index.html").exists()
