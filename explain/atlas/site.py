@@ -50,40 +50,21 @@ def render_site(root: Path) -> Path:
     """
     root = Path(root)
     atlas = check_atlas(read_json(root / "atlas.json", "atlas.json"))
-    folders = class_folders(root)
-    pages = {}  # class index -> folder name, for the classes that get a page (links between pages use it)
-    for i, entry in enumerate(atlas["classes"]):
-        if entry["status"] == "done":
-            if entry["index"] not in folders:
-                raise AtlasFormatError(
-                    f"atlas.json: classes[{i}]: class {entry['index']} ({entry['name']!r}) is 'done' but no "
-                    f"folder classes/{entry['index']:04d}/ holds its class.json"
-                )
-            pages[entry["index"]] = folders[entry["index"]]
-    unlisted = sorted(set(folders) - {entry["index"] for entry in atlas["classes"]})
-    if unlisted:
-        names = ", ".join(f"classes/{folders[i]}/class.json" for i in unlisted[:5]) + (" ..." if len(unlisted) > 5 else "")
-        warnings.warn(f"{len(unlisted)} class.json not listed in atlas.json get no page: {names}", stacklevel=2)
+    pages = _class_pages(atlas, root)
     env = _environment()
     common = _atlas_header(atlas)
     template = env.get_template("class.html.j2")
     for entry in atlas["classes"]:
-        if entry["status"] != "done":
-            continue
-        folder = pages[entry["index"]]
-        label = f"classes/{folder}/class.json"
-        data = check_class(read_json(root / label, label), label, root)
-        for key in ("index", "name"):
-            if data[key] != entry[key]:
-                raise AtlasFormatError(f"{label}: {key}: {data[key]!r} differs from atlas.json's {entry[key]!r}")
-        html = template.render(up="../../", **common, **_class_view(data, pages, up="../../"))
-        write_text(root / "classes" / folder / "index.html", html)
+        if entry["index"] in pages:
+            data = _read_class(root, pages[entry["index"]], entry)
+            html = template.render(up="../../", **common, **_class_view(data, pages, up="../../"))
+            write_text(root / "classes" / pages[entry["index"]] / "index.html", html)
     rows = [_index_row(entry, pages) for entry in atlas["classes"]]
     counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "pending")}
     html = env.get_template("index.html.j2").render(up="", rows=rows, counts=counts | {"total": len(rows)}, **common)
     copy_assets(root)
     index = root / "index.html"
-    write_text(index, html)
+    write_text(index, html)  # last: an index never links to a page that a failed run did not write
     return index
 
 
@@ -110,6 +91,9 @@ def render_comparison(root: Path) -> Path:
             )
         label = f"classes/{folder}/compare.json"
         data = check_class_compare(read_json(root / label, label), label)
+        for key in ("index", "name"):
+            if data[key] != entry[key]:
+                raise AtlasFormatError(f"{label}: {key}: {data[key]!r} differs from compare.json's {entry[key]!r}")
         page_dir = root / "classes" / folder
         view = _comparison_view(data, manifest, sides, page_dir)
         write_text(page_dir / "index.html", template.render(up="../../", **view))
@@ -153,7 +137,7 @@ def copy_assets(root: Path) -> None:
 
 
 def percent(value: float | None) -> str | None:
-    """``0.39 -> '39%'``, ``0.042 -> '4.2%'``, ``-0.05 -> '−5.0%'``; one decimal under 10% so small shares stay distinct.
+    """``0.39 -> '39%'``, ``0.042 -> '4.2%'``, ``-0.05 -> '−5.0%'``: one decimal under 10%, so small shares differ.
 
     >>> percent(0.39), percent(0.042), percent(-0.05), percent(None)
     ('39%', '4.2%', '−5.0%', None)
@@ -187,6 +171,37 @@ def concept_color(rank: int) -> str:
     return f"hsl({(rank * 137.508) % 360:.0f}, 55%, 50%)"
 
 
+def _class_pages(atlas: dict, root: Path) -> dict[int, str]:
+    """``{class index: folder}`` of the classes that get a page: the ones ``done`` in ``atlas.json``, each of which
+    must have its ``class.json``. A ``class.json`` that ``atlas.json`` does not list is reported, not rendered."""
+    folders = class_folders(root)
+    pages = {}
+    for i, entry in enumerate(atlas["classes"]):
+        if entry["status"] == "done":
+            if entry["index"] not in folders:
+                raise AtlasFormatError(
+                    f"atlas.json: classes[{i}]: class {entry['index']} ({entry['name']!r}) is 'done' but no "
+                    f"folder classes/{entry['index']:04d}/ holds its class.json"
+                )
+            pages[entry["index"]] = folders[entry["index"]]
+    unlisted = sorted(set(folders) - {entry["index"] for entry in atlas["classes"]})
+    if unlisted:
+        names = ", ".join(f"classes/{folders[i]}/class.json" for i in unlisted[:5])
+        names += " ..." if len(unlisted) > 5 else ""
+        warnings.warn(f"{len(unlisted)} class.json not listed in atlas.json get no page: {names}", stacklevel=3)
+    return pages
+
+
+def _read_class(root: Path, folder: str, entry: dict) -> dict:
+    """The checked ``class.json`` in ``folder``, which must name the class as ``atlas.json``'s ``entry`` does."""
+    label = f"classes/{folder}/class.json"
+    data = check_class(read_json(root / label, label), label, root)
+    for key in ("index", "name"):
+        if data[key] != entry[key]:
+            raise AtlasFormatError(f"{label}: {key}: {data[key]!r} differs from atlas.json's {entry[key]!r}")
+    return data
+
+
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.PackageLoader("explain.atlas", "templates"),
@@ -198,7 +213,7 @@ def _environment() -> jinja2.Environment:
 
 
 def _src(path: str, up: str) -> str:
-    """URL of an atlas-relative file from a page ``up`` levels deep (``%``-encoded: ``#``, ``?`` and spaces are safe)."""
+    """URL of an atlas-relative file from a page below ``up`` (``%``-encoded: ``#``, ``?`` and spaces are safe)."""
     return up + quote(path)
 
 
@@ -331,7 +346,9 @@ class _Side:
     def concepts(self, index: int) -> dict[int, dict]:
         """``{concept id: concept}`` of class ``index`` in this atlas, from its checked ``class.json``."""
         if index not in self.folders:
-            raise AtlasFormatError(f"{self.root / 'classes'}: atlas {self.side.upper()} has no class.json for class {index}")
+            raise AtlasFormatError(
+                f"{self.root / 'classes'}: atlas {self.side.upper()} has no class.json for class {index}"
+            )
         path = self.root / "classes" / self.folders[index] / "class.json"
         return {c["id"]: c for c in check_class(read_json(path, str(path)), str(path), self.root)["concepts"]}
 

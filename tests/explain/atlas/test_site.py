@@ -94,7 +94,8 @@ def test_class_page_ranks_concepts_by_importance_as_cards_with_their_share(atlas
         assert f"Concept {c['id']} (importance {shown})" in text
         assert f"{percent(c['logit_share'])} of the class logit" in text
     # the chart's bars: one per concept, widths proportional to importance (the largest fills the track)
-    widths = [float(s["style"].split("width:")[1].split("%")[0]) for s in page.all("span") if s.get("class") == "bar importance"]
+    bars = page.all("span", **{"class": "bar importance"})
+    widths = [float(bar["style"].split("width:")[1].split("%")[0]) for bar in bars]
     top = by_importance[0]["importance"]
     assert widths == pytest.approx([100 * c["importance"] / top for c in by_importance], abs=0.06)
 
@@ -193,7 +194,8 @@ def test_comparison_pages_show_matched_vanished_and_appeared_concepts_with_image
         for m in data["matched"]:
             sign = "+" if m["shift"] >= 0 else "−"
             assert f"{sign}{abs(m['shift']) * 100:.0f} pts" in text
-        cells = next(cells for tr, cells in Page(index).rows if tr.get("data-search", "").endswith(f" {entry['index']}"))
+        key = f"{entry['name'].lower()} {entry['index']}"
+        cells = next(cells for tr, cells in Page(index).rows if tr.get("data-search") == key)
         assert float(cells[3]["data-sort"]) == pytest.approx(max(abs(m["shift"]) for m in data["matched"]))
         assert float(cells[5]["data-sort"]) == pytest.approx(sum(x["importance_b"] for x in data["born"]))
         assert float(cells[7]["data-sort"]) == pytest.approx(sum(x["importance_a"] for x in data["lost"]))
