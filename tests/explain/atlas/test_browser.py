@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -21,7 +22,8 @@ from explain.atlas.site import render_comparison, render_site  # noqa: E402
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,900")
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1200,900",
+         "--disable-dev-shm-usage")  # containers often have a tiny /dev/shm
 # records any alert() before the page's own scripts run: a hostile name that executed would leave a trace here
 CATCH_ALERTS = "window.__alerts = []; window.alert = (m) => window.__alerts.push(String(m));"
 # every <img> src and every map thumbnail, each loaded afresh, so lazy loading cannot hide a broken URL
@@ -144,7 +146,7 @@ def test_index_search_and_two_class_pages_in_chromium(browser, atlas):
     link.click()
     fragment = browser.current_url.split("#")[1]
     assert browser.find_element(By.ID, fragment).tag_name == "article"
-    open_page(browser, Path(browser.current_url.split("#")[0].removeprefix("file://")))
+    open_page(browser, Path(unquote(urlsplit(browser.current_url).path)))
 
 
 def test_comparison_pages_in_chromium(browser, tmp_path):
