@@ -296,11 +296,30 @@ def _class_view(data: dict, pages: dict[int, str], up: str) -> dict[str, Any]:
         "name": data["name"],
         "n_images": data["n_images"],
         "n_main": concepts_holding(0.8, [c["importance"] for c in concepts]),
+        "related": _related_classes(concepts, pages),
         "logit_share_available": available,
         "concepts": views,
         "points": points,
         "map_size": MAP_SIZE,
     }
+
+
+def _related_classes(concepts: list[dict], pages: dict[int, str], top: int = 6) -> list[dict[str, Any]]:
+    """The other classes whose concepts are nearest to this class's (best cosine over the concepts' ``nearest``)."""
+    best: dict[int, dict] = {}
+    for c in concepts:
+        for n in c.get("nearest", []):
+            if n["class_index"] not in best or n["cosine"] > best[n["class_index"]]["cosine"]:
+                best[n["class_index"]] = n
+    ranked = sorted(best.values(), key=lambda n: (-n["cosine"], n["class_index"]))[:top]
+    return [
+        {
+            "name": n["class_name"],
+            "cosine": f"{n['cosine']:.2f}",
+            "href": f"../{quote(pages[n['class_index']])}/index.html" if n["class_index"] in pages else None,
+        }
+        for n in ranked
+    ]
 
 
 def _map_points(images: list[dict], colors: dict[int, str], up: str) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ must resolve to a file on disk."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -138,6 +139,12 @@ def test_every_image_and_link_resolves_and_nearest_concepts_link_to_their_cards(
     expected = [f"../{n['class_index']:04d}/index.html#concept-{n['concept']}"
                 for c in class_json(atlas, 0)["concepts"] for n in c["nearest"]]
     assert nearest == expected
+    # the closest classes: each other class once, ordered by its best cosine with any concept of this class
+    best = {}
+    for n in (n for c in class_json(atlas, 0)["concepts"] for n in c["nearest"]):
+        best[n["class_index"]] = max(best.get(n["class_index"], -1.0), n["cosine"])
+    related = [a["href"] for a in page.all("a") if re.fullmatch(r"\.\./\d+/index\.html", a["href"])]
+    assert related == [f"../{i:04d}/index.html" for i in sorted(best, key=lambda i: -best[i])]
 
 
 def test_hostile_strings_render_as_text_and_no_page_runs_inline_script(atlas):
