@@ -41,7 +41,7 @@ MAP_SIZE = (420, 300)
 MAP_MARGIN = 12
 
 
-def render_site(root: Path) -> Path:
+def render_site(root: Path | str) -> Path:
     """Write the site of the atlas in ``root`` (``index.html``, ``classes/NNNN/index.html``, ``assets/``).
 
     Reads only ``atlas.json`` and ``classes/*/class.json``; re-running it rewrites the pages. Raises
@@ -68,7 +68,7 @@ def render_site(root: Path) -> Path:
     return index
 
 
-def render_comparison(root: Path) -> Path:
+def render_comparison(root: Path | str) -> Path:
     """Write the pages of the comparison in ``root`` (from ``compare.json`` and ``classes/*/compare.json``).
 
     Each class page shows the concepts matched between atlas A and atlas B with their importance shift, the ones that
