@@ -359,7 +359,7 @@ class _Side:
         root = path if path.is_absolute() else compare_root / path
         if not (root / "atlas.json").is_file():
             raise AtlasFormatError(f"compare.json: {side}.path: no atlas.json in {root}")
-        title = entry.get("title") or check_atlas(read_json(root / "atlas.json", str(root / "atlas.json")))["title"]
+        title = entry.get("title") or check_atlas(read_json(root / "atlas.json", str(root / "atlas.json"))).get("title")
         return cls(root, title or str(path), side)
 
     def concepts(self, index: int) -> dict[int, dict]:

@@ -222,3 +222,14 @@ def test_a_class_json_that_atlas_json_does_not_list_is_reported_not_silently_ign
     with pytest.warns(UserWarning, match=r"1 class.json not listed in atlas.json get no page: classes/0001/class.json"):
         render_site(tmp_path)
     assert not (tmp_path / "classes" / "0001" / "index.html").exists()
+
+
+def test_comparison_without_titles_takes_them_from_the_atlases(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_fake_atlas(a, n_classes=2, title="ResNet baseline")
+    write_fake_atlas(b, n_classes=2, seed=1, title="ResNet harmonized")
+    manifest = write_fake_comparison(c, a, b)
+    manifest["a"]["title"] = manifest["b"]["title"] = None
+    (c / "compare.json").write_text(json.dumps(manifest))
+    text = Page(render_comparison(c)).joined_text()
+    assert "What changed from ResNet baseline to ResNet harmonized" in text
