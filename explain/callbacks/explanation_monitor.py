@@ -127,7 +127,8 @@ class ExplanationMonitor(MonitorCallback):
         on_test: also compute the dataset-level metrics on each test dataloader when ``trainer.test`` runs.
         simulatability: add :class:`~explain.metrics.Simulatability` (key ``simulatability``: the utility of each
             explainer's maps for a meta-predictor of the model's decisions, with its interval and the random and
-            oracle controls) unless the metrics hold one; it needs a few hundred images: raise ``max_images``.
+            oracle controls) unless the metrics hold one; a dict gives its options (``{"seeds": 3, "steps": 100}``).
+            It needs a few hundred images for a meaningful score: raise ``max_images``.
 
     Raises:
         ValueError: ``num_samples`` not a positive int, ``max_images`` negative, an unknown ``target``, explainers or
@@ -152,7 +153,7 @@ class ExplanationMonitor(MonitorCallback):
         model_attr: str | None = None,
         spurious_mass: bool = True,
         on_test: bool = True,
-        simulatability: bool = False,
+        simulatability: Union[bool, dict[str, Any]] = False,
     ) -> None:
         super().__init__(every_n_epochs, on_error, model_attr, batch_adapter, seed)
         self.num_samples = positive_int("ExplanationMonitor: num_samples", num_samples)
@@ -161,7 +162,8 @@ class ExplanationMonitor(MonitorCallback):
         self.log_images = bool(log_images)
         self.spurious_mass = bool(spurious_mass)
         self.on_test = bool(on_test)
-        self.simulatability = bool(simulatability)
+        # True, or the options of Simulatability (checked now)
+        self.simulatability = Simulatability(**simulatability) if isinstance(simulatability, dict) else simulatability
         self._explainer_request = explainers
         self._specs: list[ExplainerSpec] | None = None if explainers is None else resolve_explainers(explainers)
         self._metric_templates = None if metrics is None else resolve_metrics(metrics)
@@ -293,7 +295,7 @@ class ExplanationMonitor(MonitorCallback):
     # ------------------------------------------------------------------ an evaluation
     def _metrics_wanted(self) -> bool:
         wanted = self._metric_templates is None or bool(self._metric_templates)
-        return wanted or self.spurious_mass or self.simulatability
+        return wanted or self.spurious_mass or bool(self.simulatability)
 
     def _start(self, model: nn.Module, keys: dict[int, set[str]], device: torch.device) -> None:
         """Build the explainers and, per dataloader, fresh metrics for data with these ``keys``."""
@@ -329,8 +331,10 @@ class ExplanationMonitor(MonitorCallback):
                 )
         if has_mask and self.spurious_mass and not any(isinstance(m, SpuriousMass) for m in templates.values()):
             templates[SPURIOUS_KEY] = SpuriousMass()
-        if self.simulatability and not any(isinstance(m, Simulatability) for m in templates.values()):
-            templates["simulatability"] = Simulatability()  # the mask, when there is one, is its oracle control
+        if self.simulatability is not False and not any(isinstance(m, Simulatability) for m in templates.values()):
+            # the data's spurious_mask, when there is one, is its oracle control
+            templates["simulatability"] = self.simulatability if isinstance(self.simulatability, Simulatability) \
+                else Simulatability()
         metrics = {
             spec.name: {key: metric.clone().to(device) for key, metric in templates.items()}
             for spec in self._specs or []

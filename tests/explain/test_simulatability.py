@@ -148,3 +148,22 @@ def test_metric_accumulates_decisions_and_reports_controls():
     without_mask = Simulatability(seeds=1, steps=5)
     without_mask.update(maps=region[:8], images=images[:8], model=RegionModel())
     assert "oracle" not in without_mask.compute()
+
+
+def test_monitor_option_logs_the_utility_and_its_controls(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))  # pytest's importlib mode does not put this folder on the path
+    from test_callbacks import Recorder, TinyData, fit, monitor
+
+    recorder = Recorder()
+    callback = monitor(
+        explainers=["saliency"], metrics=[], max_images=None, simulatability={"seeds": 2, "steps": 5}
+    )
+    fit(tmp_path, [callback], epochs=1, logger=recorder, data=TinyData(spurious=True))
+    for key in ("", "/utility_low", "/utility_high", "/accuracy_without", "/random", "/oracle"):
+        values = recorder.values(f"explain/saliency/simulatability{key}")
+        assert len(values) == 1 and values[0] == values[0], key  # logged once, not NaN
+    with pytest.raises(ValueError, match="steps"):
+        monitor(simulatability={"steps": 0})
