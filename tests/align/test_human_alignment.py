@@ -86,12 +86,13 @@ def test_three_networks_write_the_csv_and_the_figure(shards, tmp_path):
     main(["--shards", shards, "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
           "--model", f"a=timm:test_resnet:{timm_weights(tmp_path, seed=1)}",
           "--model", f"b=timm:test_vit:{timm_weights(tmp_path, name='test_vit')}",
-          "--model", f"torchvision:mobilenet_v3_small:{vgg}", "--halves", str(halves),
+          "--model", f"torchvision:mobilenet_v3_small:{vgg}", "--halves", str(halves), "--explainer", "gradient_input",
           "--num-workers", "0", "--accelerator", "cpu", "--devices", "1", "--out", str(out)])
     with open(out / "alignment.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["model"] for row in rows] == ["a", "b", "mobilenet_v3_small"]
     assert all(row["ceiling_source"] == "split-half of halves.npz" for row in rows)
+    assert all(row["explainer"] == "gradient_input" and row["maps"] == "24" for row in rows)
     ceiling = float(rows[0]["ceiling"])
     for row in rows:
         assert float(row["alignment"]) == pytest.approx(float(row["spearman"]) / ceiling, rel=1e-5)
