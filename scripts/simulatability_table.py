@@ -7,6 +7,9 @@ spurious mass.
 
 Scenarios (the observations, pairs of an image and the model's decision on it):
 
+The data are those each checkpoint was trained with (the datamodule's options saved in the checkpoint), with
+``--scenes`` test scenes.
+
 * ``bias``: bias detection. ``--scenes`` scenes of the shortcut data's test set, each twice: as in the ``iid``
   split (the watermark agrees with the label 90% of the time) and as in ``flipped`` (it names a wrong class), so
   the watermark and the shape disagree on about half of the images; a model that reads the watermark decides by
@@ -24,6 +27,7 @@ the Spearman correlation of the explainers' ranking by utility with their rankin
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from collections.abc import Sequence
@@ -67,6 +71,13 @@ def observations(data: ShortcutShapesDataModule, scenes: int) -> dict[str, torch
     return batch
 
 
+def shortcut_options(checkpoint: Path) -> dict:
+    """The options of the shortcut datamodule the checkpoint was trained with (Lightning saves them in it)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters", {})
+    names = inspect.signature(ShortcutShapesDataModule).parameters
+    return {key: value for key, value in saved.items() if key in names}
+
+
 @torch.no_grad()
 def decide(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(chunk).argmax(1) for chunk in images.split(256)])
@@ -74,7 +85,7 @@ def decide(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def evaluate(name: str, checkpoint: Path, args: argparse.Namespace) -> list[dict]:
     model = HarmonizedClassifier.load_from_checkpoint(checkpoint, map_location="cpu").backbone.eval()
-    data = ShortcutShapesDataModule(test_size=max(args.scenes, 1), seed=args.data_seed)
+    data = ShortcutShapesDataModule(**{**shortcut_options(checkpoint), "test_size": args.scenes})
     pool = observations(data, args.scenes)
     pool["decision"] = decide(model, pool["image"])
     if args.scenario == "failure":
@@ -86,8 +97,15 @@ def evaluate(name: str, checkpoint: Path, args: argparse.Namespace) -> list[dict
     maps, rows = {}, []
     for spec in resolve_explainers([EXPLAINERS[e] for e in args.explainers]):
         start = time.perf_counter()
-        explainer = spec.build(model)
-        maps[spec.name] = torch.cat([explainer(x, y) for x, y in zip(images.split(64), decisions.split(64))])
+        cached = None if args.cache is None else args.cache / f"{name}-{args.scenario}-{args.scenes}-{spec.name}.pt"
+        if cached is not None and cached.is_file():
+            maps[spec.name] = torch.load(cached)
+        else:
+            explainer = spec.build(model)
+            maps[spec.name] = torch.cat([explainer(x, y) for x, y in zip(images.split(64), decisions.split(64))])
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(maps[spec.name], cached)
         deletion, spurious = Deletion(), SpuriousMass()
         deletion.update(model=model, images=images, targets=decisions, maps=maps[spec.name])
         spurious.update(maps=maps[spec.name], spurious_mask=pool["spurious_mask"])
@@ -145,12 +163,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a HarmonizedClassifier checkpoint trained on the shortcut data (repeat)")
     parser.add_argument("--scenario", choices=("bias", "failure"), default="bias")
     parser.add_argument("--scenes", type=int, default=300, help="test scenes, each as an iid and a flipped image")
-    parser.add_argument("--data-seed", type=int, default=0, help="the shortcut data's seed (the configs': 0)")
     parser.add_argument("--explainers", nargs="+", default=list(EXPLAINERS), choices=list(EXPLAINERS))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budget", type=int, default=None, help="training observations (default: the train side)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table there")
+    parser.add_argument("--cache", type=Path, default=None, help="keep the maps there (reused by the next run)")
     args = parser.parse_args(argv)
     args.checkpoints = {}
     for item in args.checkpoint:
