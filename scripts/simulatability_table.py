@@ -182,7 +182,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse(argv)
     torch.set_grad_enabled(True)
-    rows = [row for name, path in args.checkpoints.items() for row in evaluate(name, path, args)]
+    rows = []
+    for name, path in args.checkpoints.items():
+        rows += evaluate(name, path, args)
+        print(table([row for row in rows if row["model"] == name]), flush=True)
     text = table(rows) + "\n\nRanking agreement over the explainers:\n\n" + rank_agreement(rows)
     print(text)
     if args.out is not None:
