@@ -149,3 +149,25 @@ def test_bad_weights_classes_and_data_say_which_model_and_file(shards, tmp_path,
         main(["--folder", str(root), "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
               "--model", f"timm:test_resnet:{timm_weights(tmp_path)}", "--num-workers", "0",
               "--accelerator", "cpu", "--devices", "1", "--out", str(tmp_path / "none")])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_scores_of_one(shards, tmp_path):
+    """``--devices 2`` (DDP on CPU, gloo): the metrics sync across the processes (24 records split 12/12)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    weights = timm_weights(tmp_path)
+    scores = []
+    for devices in (1, 2):
+        out = tmp_path / f"out{devices}"
+        command = [sys.executable, "-m", "align.human_alignment", "--shards", shards, "--num-classes",
+                   str(NUM_CLASSES), "--image-size", str(SIZE), "--model", f"timm:test_resnet:{weights}",
+                   "--num-workers", "0", "--accelerator", "cpu", "--devices", str(devices), "--batch-size", "4",
+                   "--out", str(out)]
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[2], capture_output=True)
+        with open(out / "alignment.csv") as handle:
+            scores.append(next(csv.DictReader(handle)))
+    for key in ("accuracy", "alignment", "spearman", "dice", "iou", "maps"):
+        assert float(scores[0][key]) == pytest.approx(float(scores[1][key]), rel=1e-6), key
