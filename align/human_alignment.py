@@ -152,10 +152,10 @@ def build_model(spec: ModelSpec, num_classes: int, normalize: bool = True) -> nn
         from align.module import HarmonizedClassifier
 
         try:
-            model = HarmonizedClassifier.load_from_checkpoint(spec.path, map_location="cpu").backbone
+            module = HarmonizedClassifier.load_from_checkpoint(spec.path, map_location="cpu")
         except Exception as error:
             raise ValueError(f"model {spec.label!r}: cannot load the checkpoint {spec.path}: {error}") from error
-        outputs = getattr(model, "num_classes", None)
+        model, outputs = module.backbone, module.num_classes
     else:
         if spec.kind == "timm":
             import timm
@@ -179,9 +179,6 @@ def build_model(spec: ModelSpec, num_classes: int, normalize: bool = True) -> nn
         model = Normalized(model) if normalize else model
         outputs = num_classes
     model.eval()
-    if outputs is None:
-        with torch.no_grad():
-            outputs = model(torch.zeros(1, 3, 32, 32)).shape[-1]
     if outputs != num_classes:
         raise ValueError(f"model {spec.label!r} ({spec.path}) has {outputs} classes, the data {num_classes}: the "
                          "classes do not match (pass --num-classes, or a model trained on these classes)")
