@@ -18,10 +18,10 @@ learned meta-predictor stands in for the participant:
   initial weights, shared by the two predictors of that seed (a paired comparison).
 
 Why attention guidance. Masking the training images by the explanation shows the predictor images out of the
-distribution of the test images (which it sees whole), so what it learns transfers by luck. The project's
-harmonization term between the predictor's input gradient and the explanation (tried first) needs double
-backprop through a small network with a noisy gradient: on the toy task of the tests it left the predictor at
-chance with the oracle map on one seed in three. Supervising the attention is first order, leaves the inputs as
+distribution of the test images (which it sees whole), so what it learns transfers by luck. A guidance term on the
+predictor's input gradient, in the spirit of the harmonization loss (``1 - pearson(|grad|, explanation)``, tried
+first), needs double backprop through a small network with a noisy gradient: on the toy task of the tests it left
+the predictor at chance with the oracle map on all three seeds. Supervising the attention is first order, leaves the inputs as
 they are in both phases and says exactly what an explanation tells a person: where the evidence is.
 
 Controls, always reported beside a score (:func:`with_controls`): a **random** map (uniform noise on a coarse grid,
