@@ -56,6 +56,7 @@ from explain.callbacks.media import log_images, log_table
 from explain.callbacks.overlays import explanation_panel
 from explain.callbacks.registry import ExplainerItem, ExplainerSpec, MetricItem, resolve_explainers, resolve_metrics
 from explain.metrics.drift import ExplanationDrift
+from explain.metrics.simulatability import Simulatability
 from explain.metrics.functional.alignment import per_image_spearman
 from explain.metrics.functional.spurious import spurious_area, spurious_mass
 from explain.metrics.spurious import SpuriousMass
@@ -124,6 +125,10 @@ class ExplanationMonitor(MonitorCallback):
             (key ``spurious_mass``) to the metrics unless they hold one already, and log
             ``explain/spurious_area``. Batches without the mask never get it.
         on_test: also compute the dataset-level metrics on each test dataloader when ``trainer.test`` runs.
+        simulatability: add :class:`~explain.metrics.Simulatability` (key ``simulatability``: the utility of each
+            explainer's maps for a meta-predictor of the model's decisions, with its interval and the random and
+            oracle controls) unless the metrics hold one; a dict gives its options (``{"seeds": 3, "steps": 100}``).
+            It needs a few hundred images for a meaningful score: raise ``max_images``.
 
     Raises:
         ValueError: ``num_samples`` not a positive int, ``max_images`` negative, an unknown ``target``, explainers or
@@ -148,6 +153,7 @@ class ExplanationMonitor(MonitorCallback):
         model_attr: str | None = None,
         spurious_mass: bool = True,
         on_test: bool = True,
+        simulatability: Union[bool, dict[str, Any]] = False,
     ) -> None:
         super().__init__(every_n_epochs, on_error, model_attr, batch_adapter, seed)
         self.num_samples = positive_int("ExplanationMonitor: num_samples", num_samples)
@@ -156,6 +162,8 @@ class ExplanationMonitor(MonitorCallback):
         self.log_images = bool(log_images)
         self.spurious_mass = bool(spurious_mass)
         self.on_test = bool(on_test)
+        # True, or the options of Simulatability (checked now)
+        self.simulatability = Simulatability(**simulatability) if isinstance(simulatability, dict) else simulatability
         self._explainer_request = explainers
         self._specs: list[ExplainerSpec] | None = None if explainers is None else resolve_explainers(explainers)
         self._metric_templates = None if metrics is None else resolve_metrics(metrics)
@@ -286,7 +294,8 @@ class ExplanationMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ an evaluation
     def _metrics_wanted(self) -> bool:
-        return self._metric_templates is None or bool(self._metric_templates) or self.spurious_mass
+        wanted = self._metric_templates is None or bool(self._metric_templates)
+        return wanted or self.spurious_mass or bool(self.simulatability)
 
     def _start(self, model: nn.Module, keys: dict[int, set[str]], device: torch.device) -> None:
         """Build the explainers and, per dataloader, fresh metrics for data with these ``keys``."""
@@ -315,13 +324,17 @@ class ExplanationMonitor(MonitorCallback):
                     f"ExplanationMonitor: metric {metric_name!r} needs human maps but the validation batches have no "
                     "'heatmap'; remove the metric or give heatmaps through batch_adapter"
                 )
-            if "spurious_mask" in metric.requires and not has_mask:
+            if "spurious_mask" in metric.requires and not has_mask and not isinstance(metric, Simulatability):
                 raise ValueError(
                     f"ExplanationMonitor: metric {metric_name!r} needs a 'spurious_mask' in the batches, which they "
                     "do not carry; remove the metric or give the mask through batch_adapter"
                 )
         if has_mask and self.spurious_mass and not any(isinstance(m, SpuriousMass) for m in templates.values()):
             templates[SPURIOUS_KEY] = SpuriousMass()
+        if self.simulatability is not False and not any(isinstance(m, Simulatability) for m in templates.values()):
+            # the data's spurious_mask, when there is one, is its oracle control
+            templates["simulatability"] = self.simulatability if isinstance(self.simulatability, Simulatability) \
+                else Simulatability()
         metrics = {
             spec.name: {key: metric.clone().to(device) for key, metric in templates.items()}
             for spec in self._specs or []

@@ -5,6 +5,7 @@ from explain.metrics.base import UPDATE_KEYS, ExplanationMetric
 from explain.metrics.drift import ExplanationDrift
 from explain.metrics.fidelity import Deletion, Insertion, MuFidelity
 from explain.metrics.functional.stability import mege_reco
+from explain.metrics.simulatability import Simulatability
 from explain.metrics.spurious import SpuriousMass
 from explain.metrics.stability import AverageStability
 
@@ -16,6 +17,7 @@ __all__ = [
     "HumanAlignment",
     "Insertion",
     "MuFidelity",
+    "Simulatability",
     "SpuriousMass",
     "UPDATE_KEYS",
     "mege_reco",
