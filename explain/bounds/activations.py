@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from explain.bounds.alpha import LowerSlopes
 from explain.bounds.convert import converts, exact_type, lipschitz_factor, unsupported
 from explain.bounds.node import Gain, Node, Records
+from explain.bounds.patches import Patches
 from explain.bounds.relaxations import relu_relaxation
 
 
@@ -55,12 +56,35 @@ class ReLU(Node):
         A_in, offset = relaxed_backward(A, *records[id(self)], records.slopes, id(self))
         return A_in, bias + offset
 
+    def backward_patches(self, A, bias, records):
+        lower, upper = records[id(self)]
+        if records.slopes is not None or lower.ndim != 4:
+            return super().backward_patches(A, bias, records)
+        return patches_relaxed_backward(A, bias, relu_relaxation(lower, upper))
+
     def unstable(self, lower, upper):
         return crosses_zero(lower, upper)
+
+    def settled(self, records, exact_input):
+        """The row ``e_j`` of ``relu(z_j)`` goes back as ``s e_j`` on ``z_j`` (slope ``s >= 0``), so its CROWN
+        bounds are the relaxation's lines at ``z_j``'s own CROWN bounds, never inside the recorded box when
+        ``z_j``'s box was tightened (unstable neurons), exact (``exact_input``) or the output is 0 (inactive)."""
+        lower = records[id(self)][0]
+        return torch.ones_like(lower, dtype=torch.bool) if exact_input else lower < 0
 
     def gain(self, gain, x, constants):
         constants[id(self)] = Gain(gain.whole, gain.coord)
         return Gain(gain.whole, gain.coord), self.interval(x, x, Records())[0]
+
+
+def patches_relaxed_backward(A: Patches, bias: Tensor, relaxation: tuple[Tensor, Tensor, Tensor]
+                             ) -> tuple[Patches, Tensor]:
+    """:func:`relaxed_backward` on patches: the relaxation ``(s_l, s_u, t_u)`` [n, C, H, W] read at the windows."""
+    lower_slope, upper_slope, upper_offset = A.window(torch.cat(relaxation, dim=1)).chunk(3, dim=2)
+    positive = A.coef.clamp(min=0)
+    coef = A.coef * lower_slope
+    coef.addcmul_(positive, upper_slope - lower_slope)
+    return A.with_coef(coef), bias + (positive * upper_offset).flatten(2).sum(-1)
 
 
 class PairSort(Node):

@@ -185,6 +185,22 @@ class Conv2d(_Weighted):
         )
         return out.reshape(*A.shape[:2], *in_shape), bias
 
+    def backward_patches(self, A, bias, records):
+        """The window at ``top`` of the output becomes the window at ``top * stride - padding`` of the input,
+        ``(K - 1) stride + dilation (k - 1) + 1`` cells wide: the transposed convolution of the coefficients."""
+        if not self.fast_transpose:
+            return super().backward_patches(A, bias, records)
+        if self.bias is not None:
+            bias = bias + A.channel_sums() @ self.bias
+        coef = A.coef.flatten(0, 1)
+        if A.kernel == (1, 1) and self.groups == 1 and tuple(self.dilation) == (1, 1):  # a single cell: the kernels weighted by its coefficients
+            out = (coef.flatten(1) @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
+        else:
+            out = F.conv_transpose2d(coef, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
+        in_size = tuple(records[id(self)][0].shape[-2:])
+        return A.moved(out.view(*A.coef.shape[:2], *out.shape[1:]), A.top * self.stride[0] - self.padding[0],
+                       A.left * self.stride[1] - self.padding[1], in_size), bias
+
 
 class ChannelAffine(Node):
     """``y = scale_c x + shift_c`` along dim 1 (BatchNorm in eval: ``scale = gamma / sqrt(var + eps)``)."""
@@ -209,6 +225,9 @@ class ChannelAffine(Node):
     def backward(self, A, bias, records):
         bias = bias + _sum_bias(A, self.shift)
         return A * self._view(self.scale, A.ndim - 1), bias
+
+    def backward_patches(self, A, bias, records):
+        return A.with_coef(A.coef * self._view(self.scale, 4)), bias + A.channel_sums() @ self.shift
 
     def gain(self, gain, x, constants):
         out = self.interval(x, x, Records())[0]
@@ -238,6 +257,16 @@ class PositiveLinear(Node):
         if self.transpose is not None:
             return self.transpose(A, in_shape), bias
         return transpose_by_autograd(self.fn, A, in_shape), bias
+
+
+class Identity(PositiveLinear):
+    """``nn.Identity`` and dropout in eval: rows pass unchanged, patches included."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(lambda x: x, path, transpose=lambda A, shape: A, coordinatewise=True)
+
+    def backward_patches(self, A, bias, records):
+        return A, bias
 
     def gain(self, gain, x, constants):
         out = self.interval(x, x, Records())[0]
@@ -280,9 +309,9 @@ _IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDrop
 
 
 @converts(*_IDENTITIES)
-def _identity(module: nn.Module, path: str) -> PositiveLinear:
+def _identity(module: nn.Module, path: str) -> Identity:
     exact_type(module, path, *_IDENTITIES)  # a subclass could compute anything
-    return PositiveLinear(lambda x: x, path, transpose=lambda A, shape: A, coordinatewise=True)
+    return Identity(path)
 
 
 @converts(nn.Flatten, nn.Unflatten)

@@ -123,6 +123,28 @@ class MaxPool(Node):
         A_in = A_in[..., pad_h : size[0] - pad_h, pad_w : size[1] - pad_w]
         return A_in.reshape(n, r, *lower.shape[1:]), bias + offset
 
+    def backward_patches(self, A, bias, records):
+        """Each output cell's coefficient goes to its window's selected entry (or to the ceiling's offset): the
+        window at ``top`` of the output becomes ``(K - 1) stride + dilation (k - 1) + 1`` input cells at
+        ``top * stride - padding``."""
+        lower, upper = records[id(self)]
+        low, up, index, dominated = self._dominated(lower, upper)
+        out_size = A.size
+        ceiling = torch.where(dominated, torch.zeros_like(dominated, dtype=up.dtype), up.amax(dim=2))
+        maps = torch.cat([dominated.to(up.dtype), ceiling, index.squeeze(2).to(up.dtype)], dim=1)
+        dominated, ceiling, index = A.window(maps.view(*maps.shape[:2], *out_size)).chunk(3, dim=2)
+        positive = A.coef.clamp(min=0)
+        coefficient = A.coef - positive + positive * dominated
+        offset = (positive * ceiling).flatten(2).sum(-1)
+        n, r, channels, kh, kw = A.coef.shape
+        taps = self.kernel[0] * self.kernel[1]
+        entries = A.coef.new_zeros(n * r, channels, taps, kh * kw)
+        entries.scatter_(2, index.long().reshape(n * r, channels, 1, kh * kw), coefficient.reshape(n * r, channels, 1, -1))
+        span = [(k - 1) * s + d * (t - 1) + 1 for k, s, d, t in zip((kh, kw), self.stride, self.dilation, self.kernel)]
+        coef = F.fold(entries.view(n * r, -1, kh * kw), span, self.kernel, self.dilation, 0, self.stride)
+        return A.moved(coef.view(n, r, channels, *span), A.top * self.stride[0] - self.padding[0],
+                       A.left * self.stride[1] - self.padding[1], tuple(lower.shape[-2:])), bias + offset
+
 
 # ------------------------------------------------------------------------------------------- builders
 @converts(nn.MaxPool2d)
