@@ -68,11 +68,14 @@ def trained_network(path: str, steps: int, count: int) -> tuple[nn.Module, Tenso
 class AutoLirpa:
     """auto_LiRPA's bounds of the margin specification on a network (one ``BoundedModule``)."""
 
-    def __init__(self, model: nn.Module, shape: tuple[int, ...], alpha_iterations: int) -> None:
+    def __init__(self, model: nn.Module, shape: tuple[int, ...], alpha_iterations: int, num_classes: int = 4) -> None:
         from auto_LiRPA import BoundedModule
 
-        self.module = BoundedModule(model, torch.zeros(1, *shape), device="cpu", verbose=False)
+        # conv_mode "patches" is auto_LiRPA's default: stated, since the speed comparison is against it
+        self.module = BoundedModule(model, torch.zeros(1, *shape), device="cpu", verbose=False,
+                                    bound_opts={"conv_mode": "patches"})
         self.module.set_bound_opts({"optimize_bound_args": {"iteration": alpha_iterations}, "verbosity": 0})
+        self.num_classes = num_classes
 
     def upper(self, lower: Tensor, upper: Tensor, targets: Tensor, method: str) -> Tensor:
         """Upper bounds [n, K-1] of ``f_c - f_y`` over ``[lower, upper]`` by auto_LiRPA's ``method``."""
@@ -81,7 +84,7 @@ class AutoLirpa:
         x = BoundedTensor((lower + upper) / 2, PerturbationLpNorm(norm=float("inf"), x_L=lower, x_U=upper))
         # auto_LiRPA's usual form: the lower bound of the robustness margins f_y - f_c (its alpha-CROWN optimises
         # lower bounds), so max f_c - f_y = -min f_y - f_c
-        spec = -margin_spec(targets, 4)
+        spec = -margin_spec(targets, self.num_classes)
         with torch.enable_grad() if method == "CROWN-Optimized" else torch.no_grad():  # the slopes need gradients
             bound, _ = self.module.compute_bounds(x=(x,), C=spec, method=method, bound_upper=False)
         bound = -bound
@@ -121,6 +124,57 @@ def compare(args: argparse.Namespace) -> None:
             print(f"  {method:11s} ours {gap_ours:9.4g} ({ours_wall:6.2f} s, {ours_cpu:6.2f} cpu-s)   "
                   f"auto_LiRPA {pairs[method]:15s} {gap_theirs:9.4g} ({their_wall:6.2f} s, {their_cpu:6.2f} cpu-s)"
                   f"   ratio {gap_ours / gap_theirs:6.3f}   max|diff| {exact:.2g}")
+
+
+def pool_cnn(num_classes: int = 3) -> nn.Sequential:
+    """Issue 21's CNN at 32 px: conv 3->16, ReLU, max-pool, conv 16->32, ReLU, max-pool, linear 2048->64, ReLU,
+    linear 64->classes."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, num_classes),
+    )
+
+
+def speed_pool_cnn(args: argparse.Namespace) -> None:
+    """Full CROWN on issue 21's CNN (trained ``--train-steps`` Adam steps on 3-class shortcut data, seed 0): ours
+    (rows as patches) against auto_LiRPA's CROWN (conv_mode "patches"), one image at a time, alternating, at
+    ``--pool-eps``; then EVA's default map (full CROWN, 8x8 grid, shared relaxation) per image."""
+    from explain import EVA
+
+    data = ShortcutShapesDataModule(num_classes=3, image_size=32, train_size=2000, val_size=200, batch_size=64)
+    data.setup("fit")
+    torch.manual_seed(0)
+    model = pool_cnn(3)
+    accuracy = train(model, data, 0.0, lipschitz=False, steps=args.train_steps)
+    model.eval()
+    batch = next(iter(data.val_dataloader()))
+    images, labels = batch["image"][: args.images], batch["label"][: args.images]
+    graph = build_graph(model)
+    lirpa = AutoLirpa(model, tuple(images.shape[1:]), args.alpha_iterations, num_classes=3)
+    eps = args.pool_eps
+    print(f"pool_cnn trained {args.train_steps} steps (val accuracy {accuracy:.2f}); {len(images)} images, eps {eps}, "
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
+    ours_time = theirs_time = eva_time = 0.0
+    diff = 0.0
+    explainer = EVA(model, eps=eps, grid_size=8)
+    with torch.no_grad():
+        for x, y in zip(images, labels):
+            lower, upper, y = x[None] - eps, x[None] + eps, y[None]
+            start = time.perf_counter()
+            theirs = lirpa.upper(lower, upper, y, "CROWN")
+            theirs_time += time.perf_counter() - start
+            start = time.perf_counter()
+            ours = margin_upper_bounds(graph, lower, upper, y, "crown", lipschitz_boxes=False)
+            ours_time += time.perf_counter() - start
+            start = time.perf_counter()
+            explainer(x[None], y)
+            eva_time += time.perf_counter() - start
+            diff = max(diff, (ours - theirs).abs().max().item())
+            scale = theirs.abs().max().item()
+    n = len(images)
+    print(f"  full CROWN per image: ours {ours_time / n:.3f} s, auto_LiRPA {theirs_time / n:.3f} s, "
+          f"ratio {ours_time / theirs_time:.3f}; max|diff| of the bounds {diff:.2g} (bounds up to {scale:.3g})")
+    print(f"  EVA (crown, 8x8 grid, shared) per image: {eva_time / n:.3f} s")
 
 
 def tiny_network() -> nn.Sequential:
@@ -183,6 +237,9 @@ def main() -> None:
                         help="compare alpha-crown with auto_LiRPA's CROWN-Optimized (else with its CROWN)")
     parser.add_argument("--fixture", default=None, help="also write the test fixture there")
     parser.add_argument("--skip-compare", action="store_true", help="only write the fixture")
+    parser.add_argument("--pool-cnn", action="store_true",
+                        help="instead: full CROWN speed on issue 21's max-pooling CNN, ours vs auto_LiRPA (patches)")
+    parser.add_argument("--pool-eps", type=float, default=0.05, help="radius of --pool-cnn (input units)")
     args = parser.parse_args()
     sys.path[:0] = args.lirpa_path
     if args.threads:
@@ -194,7 +251,9 @@ def main() -> None:
         raise SystemExit(f"auto_LiRPA is not importable ({error}); see this script's docstring") from error
     if args.fixture:
         write_fixture(args.fixture, args.alpha_iterations)
-    if not args.skip_compare:
+    if args.pool_cnn:
+        speed_pool_cnn(args)
+    elif not args.skip_compare:
         compare(args)
 
 

@@ -60,7 +60,8 @@ class ReLU(Node):
         lower, upper = records[id(self)]
         if records.slopes is not None or lower.ndim != 4:
             return super().backward_patches(A, bias, records)
-        return patches_relaxed_backward(A, bias, relu_relaxation(lower, upper))
+        maps = records.derived(self, lambda low, up: torch.cat(relu_relaxation(low, up), dim=1))
+        return patches_relaxed_backward(A, bias, maps)
 
     def unstable(self, lower, upper):
         return crosses_zero(lower, upper)
@@ -77,14 +78,15 @@ class ReLU(Node):
         return Gain(gain.whole, gain.coord), self.interval(x, x, Records())[0]
 
 
-def patches_relaxed_backward(A: Patches, bias: Tensor, relaxation: tuple[Tensor, Tensor, Tensor]
-                             ) -> tuple[Patches, Tensor]:
-    """:func:`relaxed_backward` on patches: the relaxation ``(s_l, s_u, t_u)`` [n, C, H, W] read at the windows."""
-    lower_slope, upper_slope, upper_offset = A.window(torch.cat(relaxation, dim=1)).chunk(3, dim=2)
+def patches_relaxed_backward(A: Patches, bias: Tensor, relaxation: Tensor) -> tuple[Patches, Tensor]:
+    """:func:`relaxed_backward` on patches: the relaxation ``(s_l, s_u, t_u)``, concatenated along the channels
+    [n, 3C, H, W], read at the windows."""
+    lower_slope, upper_slope, upper_offset = A.window(relaxation).chunk(3, dim=2)
     positive = A.coef.clamp(min=0)
     coef = A.coef * lower_slope
     coef.addcmul_(positive, upper_slope - lower_slope)
-    return A.with_coef(coef), bias + (positive * upper_offset).flatten(2).sum(-1)
+    # the maps are zero outside the layer, so are the new coefficients
+    return A.with_coef(coef, clean=True), bias + (positive * upper_offset).flatten(2).sum(-1)
 
 
 class PairSort(Node):

@@ -190,6 +190,7 @@ class Conv2d(_Weighted):
         ``(K - 1) stride + dilation (k - 1) + 1`` cells wide: the transposed convolution of the coefficients."""
         if not self.fast_transpose:
             return super().backward_patches(A, bias, records)
+        A = A.cleaned()  # the transposed convolution would carry outside cells inside
         if self.bias is not None:
             bias = bias + A.channel_sums() @ self.bias
         coef = A.coef.flatten(0, 1)
@@ -198,8 +199,7 @@ class Conv2d(_Weighted):
         else:
             out = F.conv_transpose2d(coef, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
         in_size = tuple(records[id(self)][0].shape[-2:])
-        return A.moved(out.view(*A.coef.shape[:2], *out.shape[1:]), A.top * self.stride[0] - self.padding[0],
-                       A.left * self.stride[1] - self.padding[1], in_size), bias
+        return A.moved(out.view(*A.coef.shape[:2], *out.shape[1:]), self.stride, self.padding, in_size), bias
 
 
 class ChannelAffine(Node):

@@ -53,6 +53,16 @@ class Records(dict):
         self.inputs = inputs
         self.crown = crown
         self.slopes: Any = None
+        self._derived: dict[int, tuple] = {}
+
+    def derived(self, node: Node, make: Any) -> Any:
+        """``make(*records[id(node)])`` (say a relaxation of the node's recorded box), computed once per box."""
+        box = self[id(node)]
+        hit = self._derived.get(id(node))
+        if hit is None or hit[0] is not box:
+            hit = (box, make(*box))
+            self._derived[id(node)] = hit
+        return hit[1]
 
 
 @dataclass

@@ -14,6 +14,9 @@ of a window whose top-left corner is ``(top, left)`` [n, r] on a layer of spatia
   (:meth:`Patches.window`); max pooling places each output coefficient on its window's selected entry;
 * cells of a window outside the layer are zero-padding of the forward pass: their coefficients are zeroed.
 
+All rows start as unit rows of one layer, so their windows on a layer are those of a strided convolution
+over it (stride and padding the product of the layers passed): reading a map at the windows unfolds it once.
+
 Any other operation gets the row as a dense tensor (:meth:`Patches.to_dense`), and so does a window that grew
 as large as its layer. The bounds are those of the dense rows, to float round-off.
 """
@@ -29,14 +32,22 @@ from torch import Tensor
 
 @dataclass
 class Patches:
-    """Rows ``coef`` [n, r, C, KH, KW] over windows at ``(top, left)`` [n, r] of a layer of spatial ``size``;
-    ``peak``: the largest number of coefficients per row met so far (sizes the chunks of rows)."""
+    """Rows ``coef`` [n, r, C, KH, KW] on a layer of spatial ``size``. Every row started as a unit row at the
+    cell ``origin`` [n, r] (flat index) of a layer of spatial ``origin_size``; the window of a row that started
+    at ``(i, j)`` has its top-left corner at ``(i s_h - p_h, j s_w - p_w)``, with ``stride`` ``(s_h, s_w)`` and
+    ``padding`` ``(p_h, p_w)`` accumulated by the layers passed. ``peak``: the largest number of coefficients
+    per row met so far (sizes the chunks of rows)."""
 
     coef: Tensor
-    top: Tensor
-    left: Tensor
+    origin: Tensor
+    origin_size: tuple[int, int]
     size: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
     peak: int = 0
+    #: False while cells outside the layer may hold coefficients (zeroed by :meth:`cleaned`, or by any
+    #: multiplication with a map read by :meth:`window`, which is zero there)
+    clean: bool = True
 
     def __post_init__(self) -> None:
         self.peak = max(self.peak, self.coef[0, 0].numel() if self.coef.shape[1] else 0)
@@ -48,31 +59,53 @@ class Patches:
         n, r = flat_index.shape
         coef = torch.zeros(n, r, channels, 1, 1, dtype=dtype, device=flat_index.device)
         coef.scatter_(2, (flat_index // (height * width)).view(n, r, 1, 1, 1), signs.to(dtype).view(n, r, 1, 1, 1))
-        position = flat_index % (height * width)
-        return cls(coef, position // width, position % width, (height, width))
+        return cls(coef, flat_index % (height * width), (height, width), (height, width))
 
     @property
     def kernel(self) -> tuple[int, int]:
         return self.coef.shape[-2], self.coef.shape[-1]
 
-    def moved(self, coef: Tensor, top: Tensor, left: Tensor, size: tuple[int, int]) -> Patches | Tensor:
-        """The rows ``coef`` on a new window (cells outside the layer zeroed), dense once the window covers
-        as many cells as the layer."""
-        patches = Patches(coef, top, left, size, self.peak)
-        patches.coef = patches.coef * patches._inside()
+    @property
+    def top(self) -> Tensor:
+        return (self.origin // self.origin_size[1]) * self.stride[0] - self.padding[0]
+
+    @property
+    def left(self) -> Tensor:
+        return (self.origin % self.origin_size[1]) * self.stride[1] - self.padding[1]
+
+    def moved(self, coef: Tensor, stride: tuple[int, int], padding: tuple[int, int], size: tuple[int, int]
+              ) -> Patches | Tensor:
+        """The rows ``coef`` one layer back, through a window map of ``stride`` and ``padding`` onto a layer
+        of spatial ``size`` (cells outside it zeroed); dense once the window covers as many cells as the layer."""
+        # corner (i S - P) s - p = i (S s) - (P s + p)
+        total_stride = (self.stride[0] * stride[0], self.stride[1] * stride[1])
+        total_padding = (self.padding[0] * stride[0] + padding[0], self.padding[1] * stride[1] + padding[1])
+        patches = Patches(coef, self.origin, self.origin_size, size, total_stride, total_padding, self.peak)
+        patches.clean = not patches._sticks_out()
         if coef.shape[-2] * coef.shape[-1] >= size[0] * size[1]:
             return patches.to_dense()
         return patches
 
-    def with_coef(self, coef: Tensor) -> Patches:
-        """The same windows with other coefficients (channels may change)."""
-        return Patches(coef, self.top, self.left, self.size, self.peak)
+    def with_coef(self, coef: Tensor, clean: bool | None = None) -> Patches:
+        """The same windows with other coefficients (channels may change); ``clean``: see the field (default:
+        unchanged)."""
+        clean = self.clean if clean is None else clean
+        return Patches(coef, self.origin, self.origin_size, self.size, self.stride, self.padding, self.peak, clean)
+
+    def cleaned(self) -> Patches:
+        """The same rows with the coefficients of cells outside the layer zeroed."""
+        return self if self.clean else self.with_coef(self.coef * self._inside(), clean=True)
+
+    def _sticks_out(self) -> bool:
+        """True when the window of some origin cell leaves the layer."""
+        last = [(o - 1) * s - p + k for o, s, p, k in zip(self.origin_size, self.stride, self.padding, self.kernel)]
+        return min(self.padding) > 0 or last[0] > self.size[0] or last[1] > self.size[1]
 
     def _cells(self) -> tuple[Tensor, Tensor]:
         """Layer coordinates of the window cells: rows [n, r, KH], columns [n, r, KW]."""
         kh, kw = self.kernel
-        rows = self.top.unsqueeze(-1) + torch.arange(kh, device=self.top.device)
-        cols = self.left.unsqueeze(-1) + torch.arange(kw, device=self.left.device)
+        rows = self.top.unsqueeze(-1) + torch.arange(kh, device=self.origin.device)
+        cols = self.left.unsqueeze(-1) + torch.arange(kw, device=self.origin.device)
         return rows, cols
 
     def _inside(self) -> Tensor:
@@ -83,21 +116,28 @@ class Patches:
         return (inside_rows.unsqueeze(-1) & inside_cols.unsqueeze(-2)).unsqueeze(2).to(self.coef.dtype)
 
     def window(self, values: Tensor) -> Tensor:
-        """``values`` [n, C', H, W] of the layer read at every row's window: [n, r, C', KH, KW] (zero outside)."""
-        rows, cols = self._cells()
+        """``values`` [n, C', H, W] of the layer read at every row's window: [n, r, C', KH, KW] (zero outside).
+
+        The windows of all origin cells are unfolded once (a table of ``H0 W0`` windows per box), then each row
+        takes its own: cheaper than a gather per coefficient when the rows are many."""
+        n, channels = values.shape[:2]
         kh, kw = self.kernel
-        padded = F.pad(values, (kw, kw, kh, kh)).permute(0, 2, 3, 1)  # channels last: one gather per cell
-        rows = (rows + kh).clamp(0, padded.shape[1] - 1)
-        cols = (cols + kw).clamp(0, padded.shape[2] - 1)
-        boxes = torch.arange(values.shape[0], device=values.device).view(-1, 1, 1, 1)
-        picked = padded[boxes, rows.unsqueeze(-1), cols.unsqueeze(-2)]  # [n, r, KH, KW, C']
-        return picked.permute(0, 1, 4, 2, 3)
+        (h0, w0), (sh, sw), (ph, pw) = self.origin_size, self.stride, self.padding
+        bottom = max(0, (h0 - 1) * sh - ph + kh - values.shape[-2])
+        right = max(0, (w0 - 1) * sw - pw + kw - values.shape[-1])
+        table = F.unfold(F.pad(values, (pw, right, ph, bottom)), (kh, kw), stride=(sh, sw))  # [n, C'KK, L]
+        rows_of_windows = (values.shape[-2] + ph + bottom - kh) // sh + 1
+        columns = table.shape[-1] // rows_of_windows
+        table = table.view(n, -1, rows_of_windows, columns)[:, :, :h0, :w0]
+        table = table.permute(0, 2, 3, 1).reshape(n * h0 * w0, -1)
+        index = self.origin + torch.arange(n, device=self.origin.device).unsqueeze(1) * (h0 * w0)
+        return table.index_select(0, index.flatten()).view(n, -1, channels, kh, kw)
 
     def to_dense(self) -> Tensor:
         """The rows as dense tensors [n, r, C, H, W]."""
         n, r, channels, kh, kw = self.coef.shape
         height, width = self.size
-        dense = self.coef.new_zeros(n, r, height + 2 * kh, width + 2 * kw, channels)
+        dense = self.coef.new_zeros(n, r, height + 2 * kh, width + 2 * kw, channels)  # the crop drops the outside
         rows, cols = self._cells()
         rows = (rows + kh).clamp(0, height + 2 * kh - 1)
         cols = (cols + kw).clamp(0, width + 2 * kw - 1)
@@ -107,8 +147,9 @@ class Patches:
         return dense[:, :, kh : kh + height, kw : kw + width].permute(0, 1, 4, 2, 3)
 
     def channel_sums(self) -> Tensor:
-        """[n, r, C]: the coefficients of each channel summed over the window (a bias per channel)."""
-        return self.coef.sum(dim=(-2, -1))
+        """[n, r, C]: the coefficients of each channel summed over the window's cells inside the layer (a
+        bias per channel)."""
+        return self.cleaned().coef.sum(dim=(-2, -1))
 
     def concretize_upper(self, bias: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
         """``max_{lower <= z <= upper} <coef, z> + bias`` [n, r] over the boxes [n, C, H, W] of the layer."""
@@ -116,22 +157,23 @@ class Patches:
         return (self.coef * centre + self.coef.abs() * radius).flatten(2).sum(-1) + bias
 
     def __add__(self, other: Patches) -> Patches | Tensor:
-        """The sum of two sets of rows on the same layer (a residual sum): on the union of the windows when
-        they are a fixed shift apart for every row, else dense."""
-        shift_rows, shift_cols = other.top - self.top, other.left - self.left
-        if not (bool((shift_rows == shift_rows.flatten()[0]).all()) and bool((shift_cols == shift_cols.flatten()[0]).all())):
+        """The sum of two sets of rows on the same layer from the same unit rows (a residual sum): on the union
+        of the windows when they have the same stride, else dense."""
+        if self.stride != other.stride or self.origin is not other.origin:
             return self.to_dense() + other.to_dense()
-        dy, dx = int(shift_rows.flatten()[0]), int(shift_cols.flatten()[0])
+        dy, dx = self.padding[0] - other.padding[0], self.padding[1] - other.padding[1]  # other's corner - self's
         top, left = min(0, dy), min(0, dx)  # the union's corner, relative to self's
         height = max(self.kernel[0], dy + other.kernel[0]) - top
         width = max(self.kernel[1], dx + other.kernel[1]) - left
 
         def placed(coef: Tensor, y: int, x: int) -> Tensor:
-            return F.pad(coef, (x - left, width - (x - left) - coef.shape[-1], y - top, height - (y - top) - coef.shape[-2]))
+            y, x = y - top, x - left
+            return F.pad(coef, (x, width - x - coef.shape[-1], y, height - y - coef.shape[-2]))
 
         coef = placed(self.coef, 0, 0) + placed(other.coef, dy, dx)
-        peak = max(self.peak, other.peak)
-        return Patches(coef, self.top + top, self.left + left, self.size, peak)
+        padding = (self.padding[0] - top, self.padding[1] - left)
+        return Patches(coef, self.origin, self.origin_size, self.size, self.stride, padding,
+                       max(self.peak, other.peak), self.clean and other.clean)
 
 
 def add_rows(a: Patches | Tensor, b: Patches | Tensor) -> Patches | Tensor:

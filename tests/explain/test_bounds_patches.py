@@ -84,9 +84,8 @@ def test_convolution_on_patches_is_the_dense_transpose(stride, padding, dilation
     index = torch.randint(0, out[0].numel(), (2, 5))
     signs = torch.randn(2, 5)
     rows = Patches.unit_rows(index, signs, shape, x.dtype)
-    # a first step makes windows wider than one cell (and sticking out at the borders)
-    rows = Patches(torch.randn(2, 5, 6, 3, 3), rows.top - 1, rows.left - 1, rows.size)
-    rows = rows.moved(rows.coef, rows.top, rows.left, rows.size)
+    # rows one layer further (a 3x3 window at stride 1, padding 1: sticking out at the borders)
+    rows = rows.moved(torch.randn(2, 5, 6, 3, 3), (1, 1), (1, 1), rows.size)
     bias = torch.zeros(2, 5)
     patch_A, patch_bias = node.backward_patches(rows, bias, records)
     dense_A, dense_bias = node.backward(rows.to_dense(), bias, records)
@@ -99,10 +98,15 @@ def test_convolution_on_patches_is_the_dense_transpose(stride, padding, dilation
 
 
 def test_residual_sum_of_patches_is_the_dense_sum():
+    """Two paths from the same unit rows (stride 2): a 3x3 convolution with padding 1 and a 1x1 one."""
     torch.manual_seed(2)
-    a = Patches(torch.randn(2, 3, 4, 3, 3), torch.randint(-2, 6, (2, 3)), torch.randint(-2, 6, (2, 3)), (7, 7))
-    b = Patches(torch.randn(2, 3, 4, 5, 5), a.top - 1, a.left + 2, (7, 7))
-    a, b = a.moved(a.coef, a.top, a.left, a.size), b.moved(b.coef, b.top, b.left, b.size)
-    total = a + b
-    assert isinstance(total, Patches)
-    torch.testing.assert_close(total.to_dense(), a.to_dense() + b.to_dense())
+    rows = Patches.unit_rows(torch.randint(0, 4 * 4 * 4, (2, 3)), torch.ones(2, 3), (4, 4, 4), torch.float32)
+    a = rows.moved(torch.randn(2, 3, 5, 3, 3), (2, 2), (1, 1), (8, 8))
+    b = rows.moved(torch.randn(2, 3, 5, 1, 1), (2, 2), (0, 0), (8, 8))
+    for first, second in ((a, b), (b, a)):
+        total = first + second
+        assert isinstance(total, Patches)
+        torch.testing.assert_close(total.to_dense(), first.to_dense() + second.to_dense())
+        values = torch.randn(2, 7, 8, 8)
+        torch.testing.assert_close(total.window(values)[:, :, :, 1:2, 1:2], second.window(values) if second is b
+                                   else first.window(values))
