@@ -56,12 +56,14 @@ class Records(dict):
         self._derived: dict[int, tuple] = {}
 
     def derived(self, node: Node, make: Any) -> Any:
-        """``make(*records[id(node)])`` (say a relaxation of the node's recorded box), computed once per box."""
+        """``make(*records[id(node)])`` (say a relaxation of the node's recorded box), computed once per box
+        and function."""
         box = self[id(node)]
-        hit = self._derived.get(id(node))
+        key = (id(node), getattr(make, "__qualname__", id(make)))
+        hit = self._derived.get(key)
         if hit is None or hit[0] is not box:
             hit = (box, make(*box))
-            self._derived[id(node)] = hit
+            self._derived[key] = hit
         return hit[1]
 
 

@@ -108,7 +108,7 @@ class MaxPool(Node):
 
     def backward(self, A, bias, records):
         lower, upper = records[id(self)]
-        low, up, index, dominated = self._dominated(lower, upper)  # dominated: [N, C, L]
+        low, up, index, dominated = records.derived(self, self._dominated)  # dominated: [N, C, L]
         flat = A.flatten(3)  # [n, r, C, L]
         positive = flat.clamp(min=0)
         coefficient = flat - positive + positive * dominated.unsqueeze(1)
@@ -130,7 +130,7 @@ class MaxPool(Node):
         lower = records[id(self)][0]
 
         def maps(lower: Tensor, upper: Tensor) -> Tensor:
-            _, up, index, dominated = self._dominated(lower, upper)
+            _, up, index, dominated = records.derived(self, self._dominated)
             ceiling = torch.where(dominated, torch.zeros_like(dominated, dtype=up.dtype), up.amax(dim=2))
             maps = torch.cat([dominated.to(up.dtype), ceiling, index.squeeze(2).to(up.dtype)], dim=1)
             return maps.view(*maps.shape[:2], *A.size)
