@@ -89,6 +89,65 @@ def patches_relaxed_backward(A: Patches, bias: Tensor, relaxation: Tensor) -> tu
     return A.with_coef(coef, clean=True), bias + (positive * upper_offset).flatten(2).sum(-1)
 
 
+class Clamp(Node):
+    """``clamp(x, low, high)``: ``nn.Hardtanh`` (``ReLU6`` is ``Hardtanh(0, 6)``).
+
+    ``clamp(x) = low + relu(x - low) - relu(x - high)``: ``<A, clamp(x)>`` is ``<A, relu(x - low)>`` plus
+    ``<-A, relu(x - high)>``, each relaxed as a ReLU on its shifted box (exact where the box avoids both kinks;
+    the usual ReLU triangle where it crosses one; sound, not the convex hull, where it crosses both).
+    """
+
+    def __init__(self, path: str, low: float, high: float) -> None:
+        super().__init__(path)
+        if not low < high:
+            raise ValueError(f"clamp at '{path}' needs low < high, got {low} and {high}")
+        self.low, self.high = low, high
+
+    def interval(self, lower, upper, records):
+        records[id(self)] = (lower, upper)
+        return lower.clamp(self.low, self.high), upper.clamp(self.low, self.high)
+
+    def _terms(self, A: Tensor, bias: Tensor, first: tuple, second: tuple, total: Tensor) -> tuple[Tensor, Tensor]:
+        """``A_1 + A_2`` on ``x`` and the bias, from the two ReLU terms ``(A_i on x - shift_i, offset_i)``."""
+        (A_low, offset_low), (A_high, offset_high) = first, second
+        sum_low = A_low.flatten(2).sum(-1) if not isinstance(A_low, Patches) else A_low.coef.flatten(2).sum(-1)
+        sum_high = A_high.flatten(2).sum(-1) if not isinstance(A_high, Patches) else A_high.coef.flatten(2).sum(-1)
+        bias = bias + offset_low + offset_high + self.low * total - self.low * sum_low - self.high * sum_high
+        return A_low, A_high, bias
+
+    def backward(self, A, bias, records):
+        lower, upper = records[id(self)]
+        first = relaxed_backward(A, lower - self.low, upper - self.low, records.slopes, (id(self), 0))
+        second = relaxed_backward(-A, lower - self.high, upper - self.high, records.slopes, (id(self), 1))
+        A_low, A_high, bias = self._terms(A, bias, first, second, A.flatten(2).sum(-1))
+        return A_low + A_high, bias
+
+    def backward_patches(self, A, bias, records):
+        lower, upper = records[id(self)]
+        if records.slopes is not None or lower.ndim != 4:
+            return super().backward_patches(A, bias, records)
+        A = A.cleaned()
+        maps = records.derived(self, lambda low, up: (torch.cat(relu_relaxation(low - self.low, up - self.low), 1),
+                                                      torch.cat(relu_relaxation(low - self.high, up - self.high), 1)))
+        zero = torch.zeros_like(bias)
+        first = patches_relaxed_backward(A, zero, maps[0])
+        second = patches_relaxed_backward(A.with_coef(-A.coef), zero, maps[1])
+        A_low, A_high, bias = self._terms(A, bias, first, second, A.coef.flatten(2).sum(-1))
+        return A_low.with_coef(A_low.coef + A_high.coef), bias
+
+    def unstable(self, lower, upper):
+        return crosses_zero(lower - self.low, upper - self.low) | crosses_zero(lower - self.high, upper - self.high)
+
+    def settled(self, records, exact_input):
+        """As :meth:`ReLU.settled`: every coordinate but those on the identity piece (``low <= l, u <= high``)."""
+        lower, upper = records[id(self)]
+        return torch.ones_like(lower, dtype=torch.bool) if exact_input else (lower < self.low) | (upper > self.high)
+
+    def gain(self, gain, x, constants):
+        constants[id(self)] = Gain(gain.whole, gain.coord)
+        return Gain(gain.whole, gain.coord), self.interval(x, x, Records())[0]
+
+
 class PairSort(Node):
     """deel-torchlip ``GroupSort2``: channels ``(2j, 2j+1)`` of dim 1 become ``(min, max)``, times ``scale``."""
 
@@ -187,6 +246,12 @@ class MaxMin(Node):
 def _relu(module: nn.ReLU, path: str) -> ReLU:
     exact_type(module, path, nn.ReLU)
     return ReLU(path)
+
+
+@converts(nn.Hardtanh)
+def _hardtanh(module: nn.Hardtanh, path: str) -> Clamp:
+    exact_type(module, path, nn.Hardtanh, nn.ReLU6)
+    return Clamp(path, float(module.min_val), float(module.max_val))
 
 
 @converts(GroupSort)
