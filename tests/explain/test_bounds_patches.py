@@ -1,11 +1,14 @@
 """Full CROWN with rows stored as patches (explain/bounds/patches.py) against the same with dense rows: every
 intermediate box and the final bounds agree to float round-off, on networks of every operator that keeps
-patches (strided, dilated, grouped and padded convolutions, BatchNorm, ReLU, max pooling, residual sums)
+patches (strided, dilated, grouped, padded and TF "same"-padded convolutions, BatchNorm, ReLU, ReLU6/hardtanh,
+max pooling, residual sums)
 and of operators that turn them dense (average pooling, flatten)."""
 
 import pytest
 import torch
 from torch import nn
+from timm.layers import BatchNormAct2d, Conv2dSame, SelectAdaptivePool2d
+from timm.models._efficientnet_blocks import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 
 from explain.bounds import build_graph, margin_spec
@@ -39,6 +42,10 @@ NETWORKS = {
         BasicBlock(4, 4), BasicBlock(4, 8, stride=2, downsample=nn.Sequential(nn.Conv2d(4, 8, 1, stride=2),
                                                                               nn.BatchNorm2d(8))),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)),
+    "efficientnet": lambda: nn.Sequential(
+        Conv2dSame(3, 4, 3, stride=2), BatchNormAct2d(4, act_layer=nn.ReLU6), nn.Hardtanh(-0.3, 0.4),
+        InvertedResidual(4, 4, exp_ratio=2.0, act_layer=nn.ReLU6), Conv2dSame(4, 6, 3, stride=2, groups=2),
+        nn.ReLU(), SelectAdaptivePool2d(pool_type="avg", flatten=True), nn.Linear(6, 3)),
 }
 
 
