@@ -18,6 +18,7 @@ nonlinear layers' inputs:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -29,6 +30,9 @@ Backward = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 #: default number of elements of the largest backward coefficient tensor of one chunk of rows (64 MiB in float32)
 ROW_BUDGET = 2**24
+#: when set, called with the number of backward rows each chunk of full CROWN's intermediate passes finished
+#: (:func:`explain.bounds.cost.progress_bar`)
+ROW_PROGRESS: ContextVar[Callable[[int], None] | None] = ContextVar("row_progress", default=None)
 
 
 def crown_backward(root: Node, spec: Tensor, records: Records) -> tuple[Tensor, Tensor]:
@@ -141,5 +145,8 @@ class BackwardToInput:
             new_lower.scatter_(1, index, torch.where(keep, torch.maximum(old_low, low), old_low))
             new_upper.scatter_(1, index, torch.where(keep, torch.minimum(old_up, up), old_up))
             start += k
+            report = ROW_PROGRESS.get()
+            if report is not None:
+                report(int(keep.sum()) * 2)
         new_upper = torch.maximum(new_upper, new_lower)  # against float rounding crossing the two enclosures
         return new_lower.view_as(lower), new_upper.view_as(upper)
