@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from align.models import export_plain, lip_resnet, lip_vgg, small_cnn
 from datamodules.shortcut import ShortcutShapesDataModule
 from explain import EVA, Saliency, Sobol
-from explain.attributions.eva import DEFAULT_EPS, grid_regions
+from explain.attributions.eva import DEFAULT_EPS
 from explain.bounds import build_graph, margin_upper_bounds
 from explain.metrics.functional.alignment import per_image_spearman
 from explain.metrics.functional.fidelity import auc, deletion_curve
@@ -261,7 +261,6 @@ def real_network(args: argparse.Namespace) -> None:
     of ``EVA(bound="auto", grid_size=8, crown_classes=--crown-classes)`` at eps ``--real-eps``/255 of the pixel
     range, which bound ``auto`` took, and the overlap bound of the full ball by that method against PGD."""
     from explain.attributions.eva import AUTO_BUDGET_SECONDS, adversarial_overlap_bound
-    from explain.bounds.cost import estimate_full_crown
     from explain.networks import efficientnet_lite0, efficientnet_lite0_transform, sample_photos
 
     device = torch.device(args.device)
@@ -285,18 +284,15 @@ def real_network(args: argparse.Namespace) -> None:
           f"8x8 grid, crown_classes {args.crown_classes}, device {device}, {torch.get_num_threads()} threads")
     for (name, _), x, y in zip(photos, images, labels):
         x, y = x[None], y[None]
-        start = time.perf_counter()
-        estimate = estimate_full_crown(graph, x - eps, x + eps)
-        estimate_time = time.perf_counter() - start
         explainer = EVA(model, eps=eps, grid_size=8, crown_classes=args.crown_classes, batch_size=1)
-        method = explainer._method_for(explainer._bound_graph(), x, grid_regions(224, 224, 8, device)[None])[0]
         start = time.perf_counter()
-        maps = explainer(x, y)
+        maps = explainer(x, y)  # the estimate included
         eva_time = time.perf_counter() - start
+        estimate, method = explainer.last_estimate, explainer.last_bound
         bound = adversarial_overlap_bound(model, x, y, eps, method=method, crown_classes=args.crown_classes)
         attack = pgd(model, x, y, eps, restarts=2, steps=10)
-        print(f"  {name:10s} {estimate.describe(1)} (estimated in {estimate_time:.0f} s; auto budget "
-              f"{AUTO_BUDGET_SECONDS:.0f} s) -> bound {method!r}: EVA {eva_time:.0f} s per image; overlap bound "
+        print(f"  {name:10s} {estimate.describe(1)} (auto budget {AUTO_BUDGET_SECONDS:.0f} s) -> bound {method!r}: "
+              f"EVA {eva_time:.0f} s per image (the estimate included); overlap bound "
               f"{bound.item():.4g} >= PGD {attack.item():.4g}: {bool(bound >= attack)}; map range "
               f"[{maps.min().item():.3g}, {maps.max().item():.3g}]", flush=True)
 

@@ -289,6 +289,9 @@ class EVA(Explainer):
         self.lipschitz_body = lipschitz_body
         self.crown_classes = positive_int("crown_classes", crown_classes, allow_none=True)
         self.row_budget = positive_int("row_budget", row_budget)
+        #: the bound the last call ran (``auto`` resolved) and full CROWN's cost estimate for it (None if not made)
+        self.last_bound: str | None = None
+        self.last_estimate = None
         self._graph: tuple[tuple, BoundGraph] | None = None
 
     @staticmethod
@@ -344,9 +347,11 @@ class EVA(Explainer):
         else CROWN-IBP, and logs the choice; an explicit ``crown`` above :data:`LONG_BOUND_SECONDS` logs its
         estimate and the cheaper options."""
         if self.bound not in ("auto", "crown", "alpha-crown", "best"):
+            self.last_bound = self.bound
             return self.bound, 0
         lower, upper = ball_box(images, None, self.eps, self.input_range)
         estimate = estimate_full_crown(graph, lower, upper)
+        self.last_estimate = estimate
         boxes = 1 if self.relaxation == "shared" and self.bound != "alpha-crown" else int(regions[0].unique().numel()) + 1
         per_image = estimate.seconds * boxes / len(images)
         cheaper = ("bound='crown-ibp' (interval intermediate boxes: fast, much looser on networks not trained for "
@@ -362,6 +367,7 @@ class EVA(Explainer):
             if per_image > LONG_BOUND_SECONDS:
                 logger.warning("EVA: %s (x%d boxes). Cheaper: %s.", estimate.describe(len(images)), boxes, cheaper)
         long = method != "crown-ibp" and per_image > LONG_BOUND_SECONDS
+        self.last_bound = method
         return method, estimate.rows * boxes if long else 0
 
     def __repr__(self) -> str:

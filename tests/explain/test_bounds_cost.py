@@ -54,6 +54,7 @@ def test_auto_takes_full_crown_within_the_budget_and_crown_ibp_beyond_it(monkeyp
     with caplog.at_level(logging.WARNING, logger="explain.attributions.eva"):
         maps = auto(x, y)
     torch.testing.assert_close(maps, EVA(model, eps=0.05, grid_size=2, bound="crown-ibp")(x, y))
+    assert auto.last_bound == "crown-ibp" and auto.last_estimate.rows > 0
     assert "unstable neurons" in caplog.text and "crown-ibp" in caplog.text
 
 
