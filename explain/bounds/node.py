@@ -79,7 +79,9 @@ class Gain:
 
     def capped(self) -> Gain:
         """The same gain with each coordinate's constant at most the whole vector's."""
-        return Gain(self.whole, self.coord.clamp(max=self.whole), self.pair)
+        # a deep network's constant may exceed the coordinates' dtype (then it caps nothing)
+        cap = min(self.whole, torch.finfo(self.coord.dtype).max) if self.coord.is_floating_point() else self.whole
+        return Gain(self.whole, self.coord.clamp(max=cap), self.pair)
 
 
 class Node(ABC):

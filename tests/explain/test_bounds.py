@@ -718,3 +718,12 @@ def test_any_lower_slope_in_zero_one_keeps_the_relu_relaxation_sound():
         value = (A * z.clamp(min=0).unsqueeze(1)).flatten(2).sum(-1)
         relaxed = (A_in * z.unsqueeze(1)).flatten(2).sum(-1) + offset
         assert (value <= relaxed + 1e-5).all()
+
+
+def test_a_lipschitz_constant_beyond_float32_caps_nothing():
+    """Deep real networks (EfficientNet-Lite0 at 224 px) multiply layer norms past float32's range."""
+    from explain.bounds.node import Gain
+
+    gain = Gain(1e40, torch.tensor([1.0, 3e38])).capped()
+    assert gain.whole == 1e40 and torch.equal(gain.coord, torch.tensor([1.0, 3e38]))
+    assert torch.equal(Gain(2.0, torch.tensor([1.0, 3.0])).capped().coord, torch.tensor([1.0, 2.0]))
