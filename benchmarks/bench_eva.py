@@ -23,8 +23,12 @@
     (the object: high means "looks at the object", which this model does not do), for EVA with full CROWN
     (shared relaxation and per box) and CROWN-IBP, against Saliency, Sobol and a random map.
 
+(d) A real network (``--real efficientnet_lite0``: ImageNet weights, 224 px; ``--real resnet18``: for a GPU): the
+    estimate of full CROWN's cost, the time of EVA with ``bound="auto"`` per image, and its overlap bound against PGD.
+
     python benchmarks/bench_eva.py [--images 8] [--repeats 3] [--classes 10] [--threads N] [--train-seconds 60 | --train-steps N]
         [--skip a b c] [--models relu_cnn bn_cnn lip_vgg lip_resnet] [--eps 1 4 8]
+    python benchmarks/bench_eva.py --real efficientnet_lite0 --images 2 --threads 2      # (d) only
 
 On a GPU (the lead's runs) pass ``--device cuda``: the models, images and bounds move there.
 """
@@ -250,6 +254,49 @@ def _training(args: argparse.Namespace) -> str:
     return f"{args.train_steps} steps" if args.train_steps is not None else f"{args.train_seconds:.0f}s"
 
 
+def real_network(args: argparse.Namespace) -> None:
+    """(d) EVA on a real ImageNet network at 224 px: ``tf_efficientnet_lite0`` with its ImageNet weights
+    (``explain.networks.efficientnet_lite0``), or torchvision's ResNet-18 (random weights, no download) with
+    ``--real resnet18`` (meant for a GPU: ``--device cuda``). Per photo: the estimate of full CROWN's cost, the time
+    of ``EVA(bound="auto", grid_size=8, crown_classes=--crown-classes)`` at eps ``--real-eps``/255 of the pixel
+    range, which bound ``auto`` took, and the overlap bound of the full ball by that method against PGD."""
+    from explain.attributions.eva import AUTO_BUDGET_SECONDS, adversarial_overlap_bound
+    from explain.networks import efficientnet_lite0, efficientnet_lite0_transform, sample_photos
+
+    device = torch.device(args.device)
+    if args.real == "resnet18":
+        import torchvision
+
+        model = torchvision.models.resnet18().eval()
+        scale = 1 / 0.226  # ImageNet normalisation: 1/255 of the pixel range is about 4.4/255 in input units
+    else:
+        model = efficientnet_lite0()
+        scale = 2.0  # its input is (pixel - 0.5) / 0.5
+    model = model.to(device)
+    transform = efficientnet_lite0_transform(224)
+    photos = list(sample_photos().items())[: args.images]
+    images = torch.stack([transform(photo) for _, photo in photos]).to(device)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    eps = args.real_eps / 255 * scale
+    graph = build_graph(model)
+    print(f"(d) {args.real} at 224 px, eps {args.real_eps}/255 of the pixel range ({eps:.4f} in input units), "
+          f"8x8 grid, crown_classes {args.crown_classes}, device {device}, {torch.get_num_threads()} threads")
+    for (name, _), x, y in zip(photos, images, labels):
+        x, y = x[None], y[None]
+        explainer = EVA(model, eps=eps, grid_size=8, crown_classes=args.crown_classes, batch_size=1)
+        start = time.perf_counter()
+        maps = explainer(x, y)  # the estimate included
+        eva_time = time.perf_counter() - start
+        estimate, method = explainer.last_estimate, explainer.last_bound
+        bound = adversarial_overlap_bound(model, x, y, eps, method=method, crown_classes=args.crown_classes)
+        attack = pgd(model, x, y, eps, restarts=2, steps=10)
+        print(f"  {name:10s} {estimate.describe(1)} (auto budget {AUTO_BUDGET_SECONDS:.0f} s) -> bound {method!r}: "
+              f"EVA {eva_time:.0f} s per image (the estimate included); overlap bound "
+              f"{bound.item():.4g} >= PGD {attack.item():.4g}: {bool(bound >= attack)}; map range "
+              f"[{maps.min().item():.3g}, {maps.max().item():.3g}]", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8)
@@ -262,10 +309,17 @@ def main() -> None:
     parser.add_argument("--models", choices=list(MODELS), nargs="*", default=list(MODELS), help="for (b)")
     parser.add_argument("--eps", type=float, nargs="*", default=[1, 4, 8], help="radii of (b), in 1/255")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--real", choices=["efficientnet_lite0", "resnet18"], default=None,
+                        help="only (d): EVA on this ImageNet network at 224 px (resnet18: for a GPU, unmeasured)")
+    parser.add_argument("--real-eps", type=float, default=1.0, help="radius of (d), in 1/255 of the pixel range")
+    parser.add_argument("--crown-classes", type=int, default=10, help="classes given CROWN in (d)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
+    if args.real:
+        real_network(args)
+        return
     if "a" not in args.skip:
         speed(args)
     if "b" not in args.skip:

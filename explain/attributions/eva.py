@@ -32,13 +32,18 @@ of 64 cells (2 images; the per-box maps cost about 65 times the shared ones).
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor, nn
 
 from explain.base import Explainer, check_images_targets, eval_mode, grad_enabled, model_device
 from explain.batching import BatchSize
 from explain.bounds import METHODS, BoundGraph, build_graph, check_graph
+from explain.bounds.cost import LONG_BOUND_SECONDS, estimate_full_crown, progress_bar
 from explain.bounds.crown import ROW_BUDGET
+from explain.bounds.margin import ball_box
 from explain.bounds.margin import margin_upper_bounds_of_balls, shared_crown_margins
 from explain.registry import register_explainer
 from explain.validation import in_interval, one_of, positive_int
@@ -49,6 +54,13 @@ __all__ = [
 ]
 
 RELAXATIONS = ("shared", "per_box")
+#: ``EVA(bound=...)``: the bound methods, and ``auto``: full CROWN when its estimated cost is within the budget
+BOUNDS = ("auto", *METHODS)
+#: ``bound="auto"`` picks full CROWN while its estimate (:func:`explain.bounds.cost.estimate_full_crown`) stays
+#: within this many seconds per image on 2 CPU cores, else CROWN-IBP
+AUTO_BUDGET_SECONDS = 60.0
+
+logger = logging.getLogger(__name__)
 
 #: Default radius for images in [0, 1]: 8/255, the usual L-inf budget of CIFAR-scale robustness work. Smaller
 #: radii give tighter (less loose) bounds on deep networks; scale it if the images are normalised outside the model.
@@ -223,12 +235,13 @@ def eva_maps(
 
 @register_explainer("eva")
 class EVA(Explainer):
-    """EVA attribution maps: ``EVA(model, eps=8/255, grid_size=8, regions=None, bound="crown")(images, targets)``.
+    """EVA attribution maps: ``EVA(model, eps=8/255, grid_size=8, regions=None, bound="auto")(images, targets)``.
 
     ``regions``: None for the ``grid_size`` grid, or an integer label map [H, W] or [B, H, W] (superpixels)
     used for every call; a call may also pass its own: ``explainer(images, targets, regions=labels)``.
-    ``bound``: ``crown`` (full CROWN) | ``alpha-crown`` (per box only) | ``crown-ibp`` | ``ibp`` | ``lipschitz`` |
-    ``best`` (see
+    ``bound``: ``auto`` (default: full CROWN when its estimated cost is at most :data:`AUTO_BUDGET_SECONDS` per
+    image on 2 CPU cores, else CROWN-IBP; the estimate and the choice are logged) | ``crown`` (full CROWN) |
+    ``alpha-crown`` (per box only) | ``crown-ibp`` | ``ibp`` | ``lipschitz`` | ``best`` (see
     :func:`adversarial_overlap_bound`). ``eps`` is in the units of the images (8/255 suits images in [0, 1];
     scale it with any normalisation done outside the model). ``relaxation``: ``"shared"`` (one CROWN
     propagation per image, valid for all its regions) or ``"per_box"`` (one per (image, region) box); see the
@@ -256,7 +269,7 @@ class EVA(Explainer):
         eps: float = DEFAULT_EPS,
         grid_size: int = 8,
         regions: Tensor | None = None,
-        bound: str = "crown",
+        bound: str = "auto",
         input_range: tuple[float, float] | None = None,
         lipschitz_body: bool | None = None,
         crown_classes: int | None = None,
@@ -272,11 +285,14 @@ class EVA(Explainer):
         self.eps = _check_eps(eps)
         self.grid_size = positive_int("grid_size", grid_size)
         self.regions = None if regions is None else self._check_regions(regions)
-        self.bound = one_of("bound", bound, METHODS)
+        self.bound = one_of("bound", bound, BOUNDS)
         self.input_range = input_range
         self.lipschitz_body = lipschitz_body
         self.crown_classes = positive_int("crown_classes", crown_classes, allow_none=True)
         self.row_budget = positive_int("row_budget", row_budget)
+        #: the bound the last call ran (``auto`` resolved) and full CROWN's cost estimate for it (None if not made)
+        self.last_bound: str | None = None
+        self.last_estimate = None
         self._graph: tuple[tuple, BoundGraph] | None = None
 
     @staticmethod
@@ -316,9 +332,44 @@ class EVA(Explainer):
         _check_input_range(images, self.input_range)
         graph = self._bound_graph()
         check_graph(graph, self.model, images)
-        return eva_maps(graph, images, targets, self._regions_for(images, regions), eps=self.eps, method=self.bound,
-                        input_range=self.input_range, batch_size=self.batch_size, crown_classes=self.crown_classes,
-                        relaxation=self.relaxation, lipschitz_boxes=self.lipschitz_boxes, row_budget=self.row_budget)
+        regions = self._regions_for(images, regions)
+        method, rows = self._method_for(graph, images, regions)
+        with progress_bar(rows, f"EVA full CROWN, {len(images)} images") if rows else nullcontext():
+            return eva_maps(graph, images, targets, regions, eps=self.eps, method=method,
+                            input_range=self.input_range, batch_size=self.batch_size, crown_classes=self.crown_classes,
+                            relaxation=self.relaxation, lipschitz_boxes=self.lipschitz_boxes,
+                            row_budget=self.row_budget)
+
+    def _method_for(self, graph: BoundGraph, images: Tensor, regions: Tensor) -> tuple[str, int]:
+        """The bound to run and, for a long full CROWN, its estimated rows (for the progress bar; else 0).
+
+        Full CROWN's cost is estimated first (:func:`explain.bounds.cost.estimate_full_crown`, one interval pass
+        and a probe row per layer). ``auto`` takes full CROWN within :data:`AUTO_BUDGET_SECONDS` per image,
+        else CROWN-IBP, and logs the choice; an explicit ``crown`` above :data:`LONG_BOUND_SECONDS` logs its
+        estimate and the cheaper options."""
+        if self.bound not in ("auto", "crown", "alpha-crown", "best"):
+            self.last_bound = self.bound
+            return self.bound, 0
+        lower, upper = ball_box(images, None, self.eps, self.input_range)
+        estimate = estimate_full_crown(graph, lower, upper)
+        self.last_estimate = estimate
+        boxes = 1 if self.relaxation == "shared" and self.bound != "alpha-crown" else int(regions[0].unique().numel()) + 1
+        per_image = estimate.seconds * boxes / len(images)
+        cheaper = ("bound='crown-ibp' (interval intermediate boxes: fast, much looser on networks not trained for "
+                   "it), a smaller eps, or fewer classes with crown_classes=m")
+        if self.bound == "auto":
+            method = "crown" if per_image <= AUTO_BUDGET_SECONDS else "crown-ibp"
+            if method == "crown-ibp":
+                logger.warning("EVA bound='auto': %s (x%d boxes), above the %.0f s budget: using bound='crown-ibp'. "
+                               "Pass bound='crown' to run full CROWN anyway.", estimate.describe(len(images)), boxes,
+                               AUTO_BUDGET_SECONDS)
+        else:
+            method = self.bound
+            if per_image > LONG_BOUND_SECONDS:
+                logger.warning("EVA: %s (x%d boxes). Cheaper: %s.", estimate.describe(len(images)), boxes, cheaper)
+        long = method != "crown-ibp" and per_image > LONG_BOUND_SECONDS
+        self.last_bound = method
+        return method, estimate.rows * boxes if long else 0
 
     def __repr__(self) -> str:
         return (f"EVA(model={type(self.model).__name__}, eps={self.eps:.4g}, grid_size={self.grid_size}, "

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from explain.bounds.alpha import LowerSlopes
 from explain.bounds.convert import converts, exact_type, lipschitz_factor, unsupported
 from explain.bounds.node import Gain, Node, Records
+from explain.bounds.patches import Patches
 from explain.bounds.relaxations import relu_relaxation
 
 
@@ -55,8 +56,92 @@ class ReLU(Node):
         A_in, offset = relaxed_backward(A, *records[id(self)], records.slopes, id(self))
         return A_in, bias + offset
 
+    def backward_patches(self, A, bias, records):
+        lower, upper = records[id(self)]
+        if records.slopes is not None or lower.ndim != 4:
+            return super().backward_patches(A, bias, records)
+        maps = records.derived(self, lambda low, up: torch.cat(relu_relaxation(low, up), dim=1))
+        return patches_relaxed_backward(A, bias, maps)
+
     def unstable(self, lower, upper):
         return crosses_zero(lower, upper)
+
+    def settled(self, records, exact_input):
+        """The row ``e_j`` of ``relu(z_j)`` goes back as ``s e_j`` on ``z_j`` (slope ``s >= 0``), so its CROWN
+        bounds are the relaxation's lines at ``z_j``'s own CROWN bounds, never inside the recorded box when
+        ``z_j``'s box was tightened (unstable neurons), exact (``exact_input``) or the output is 0 (inactive)."""
+        lower = records[id(self)][0]
+        return torch.ones_like(lower, dtype=torch.bool) if exact_input else lower < 0
+
+    def gain(self, gain, x, constants):
+        constants[id(self)] = Gain(gain.whole, gain.coord)
+        return Gain(gain.whole, gain.coord), self.interval(x, x, Records())[0]
+
+
+def patches_relaxed_backward(A: Patches, bias: Tensor, relaxation: Tensor) -> tuple[Patches, Tensor]:
+    """:func:`relaxed_backward` on patches: the relaxation ``(s_l, s_u, t_u)``, concatenated along the channels
+    [n, 3C, H, W], read at the windows."""
+    lower_slope, upper_slope, upper_offset = A.window(relaxation).chunk(3, dim=2)
+    positive = A.coef.clamp(min=0)
+    coef = A.coef * lower_slope
+    coef.addcmul_(positive, upper_slope - lower_slope)
+    # the maps are zero outside the layer, so are the new coefficients
+    return A.with_coef(coef, clean=True), bias + (positive * upper_offset).flatten(2).sum(-1)
+
+
+class Clamp(Node):
+    """``clamp(x, low, high)``: ``nn.Hardtanh`` (``ReLU6`` is ``Hardtanh(0, 6)``).
+
+    ``clamp(x) = low + relu(x - low) - relu(x - high)``: ``<A, clamp(x)>`` is ``<A, relu(x - low)>`` plus
+    ``<-A, relu(x - high)>``, each relaxed as a ReLU on its shifted box (exact where the box avoids both kinks;
+    the usual ReLU triangle where it crosses one; sound, not the convex hull, where it crosses both).
+    """
+
+    def __init__(self, path: str, low: float, high: float) -> None:
+        super().__init__(path)
+        if not low < high:
+            raise ValueError(f"clamp at '{path}' needs low < high, got {low} and {high}")
+        self.low, self.high = low, high
+
+    def interval(self, lower, upper, records):
+        records[id(self)] = (lower, upper)
+        return lower.clamp(self.low, self.high), upper.clamp(self.low, self.high)
+
+    def _terms(self, A: Tensor, bias: Tensor, first: tuple, second: tuple, total: Tensor) -> tuple[Tensor, Tensor]:
+        """``A_1 + A_2`` on ``x`` and the bias, from the two ReLU terms ``(A_i on x - shift_i, offset_i)``."""
+        (A_low, offset_low), (A_high, offset_high) = first, second
+        sum_low = A_low.flatten(2).sum(-1) if not isinstance(A_low, Patches) else A_low.coef.flatten(2).sum(-1)
+        sum_high = A_high.flatten(2).sum(-1) if not isinstance(A_high, Patches) else A_high.coef.flatten(2).sum(-1)
+        bias = bias + offset_low + offset_high + self.low * total - self.low * sum_low - self.high * sum_high
+        return A_low, A_high, bias
+
+    def backward(self, A, bias, records):
+        lower, upper = records[id(self)]
+        first = relaxed_backward(A, lower - self.low, upper - self.low, records.slopes, (id(self), 0))
+        second = relaxed_backward(-A, lower - self.high, upper - self.high, records.slopes, (id(self), 1))
+        A_low, A_high, bias = self._terms(A, bias, first, second, A.flatten(2).sum(-1))
+        return A_low + A_high, bias
+
+    def backward_patches(self, A, bias, records):
+        lower, upper = records[id(self)]
+        if records.slopes is not None or lower.ndim != 4:
+            return super().backward_patches(A, bias, records)
+        A = A.cleaned()
+        maps = records.derived(self, lambda low, up: (torch.cat(relu_relaxation(low - self.low, up - self.low), 1),
+                                                      torch.cat(relu_relaxation(low - self.high, up - self.high), 1)))
+        zero = torch.zeros_like(bias)
+        first = patches_relaxed_backward(A, zero, maps[0])
+        second = patches_relaxed_backward(A.with_coef(-A.coef), zero, maps[1])
+        A_low, A_high, bias = self._terms(A, bias, first, second, A.coef.flatten(2).sum(-1))
+        return A_low.with_coef(A_low.coef + A_high.coef), bias
+
+    def unstable(self, lower, upper):
+        return crosses_zero(lower - self.low, upper - self.low) | crosses_zero(lower - self.high, upper - self.high)
+
+    def settled(self, records, exact_input):
+        """As :meth:`ReLU.settled`: every coordinate but those on the identity piece (``low <= l, u <= high``)."""
+        lower, upper = records[id(self)]
+        return torch.ones_like(lower, dtype=torch.bool) if exact_input else (lower < self.low) | (upper > self.high)
 
     def gain(self, gain, x, constants):
         constants[id(self)] = Gain(gain.whole, gain.coord)
@@ -161,6 +246,12 @@ class MaxMin(Node):
 def _relu(module: nn.ReLU, path: str) -> ReLU:
     exact_type(module, path, nn.ReLU)
     return ReLU(path)
+
+
+@converts(nn.Hardtanh)
+def _hardtanh(module: nn.Hardtanh, path: str) -> Clamp:
+    exact_type(module, path, nn.Hardtanh, nn.ReLU6)
+    return Clamp(path, float(module.min_val), float(module.max_val))
 
 
 @converts(GroupSort)

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from explain.bounds.activations import PairSort
-from explain.bounds.node import Gain, Node
+from explain.bounds.node import Gain, Node, pull_back
+from explain.bounds.patches import Patches, add_rows
 
 
 class Chain(Node):
@@ -52,8 +53,10 @@ class Chain(Node):
 
     def backward(self, A, bias, records):
         for node in reversed(self.nodes):
-            A, bias = node.backward(A, bias, records)
+            A, bias = pull_back(node, A, bias, records)
         return A, bias
+
+    backward_patches = backward
 
     def gain(self, gain, x, constants):
         for child in self.nodes:
@@ -66,6 +69,12 @@ def _intersect(box: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor]) -> tupl
     float rounding)."""
     lower = torch.maximum(box[0], other[0])
     return lower, torch.maximum(torch.minimum(box[1], other[1]), lower)
+
+
+def _scaled(A: Patches | Tensor, weight: float) -> Patches | Tensor:
+    if weight == 1:
+        return A
+    return A.with_coef(A.coef * weight) if isinstance(A, Patches) else A * weight
 
 
 class Residual(Node):
@@ -110,12 +119,14 @@ class Residual(Node):
 
     def _merge_backward(self, A: Tensor, bias: Tensor, records) -> tuple[Tensor, Tensor]:
         zero = torch.zeros_like(bias)
-        A_short, bias_short = self.shortcut.backward(A * self.shortcut_weight, zero, records)
-        A_branch, bias_branch = self.branch.backward(A * self.branch_weight, zero, records)
-        return A_short + A_branch, bias + bias_short + bias_branch
+        A_short, bias_short = self.shortcut.backward(_scaled(A, self.shortcut_weight), zero, records)
+        A_branch, bias_branch = self.branch.backward(_scaled(A, self.branch_weight), zero, records)
+        return add_rows(A_short, A_branch), bias + bias_short + bias_branch
 
     def backward(self, A, bias, records):
         return self._merge_backward(*self.post.backward(A, bias, records), records)
+
+    backward_patches = backward
 
     def gain(self, gain, x, constants):
         short, x_short = self.shortcut.gain(gain, x, constants)

@@ -15,7 +15,9 @@ SUPPORTED = (
     "Sequential, Linear, Conv2d, BatchNorm1d/2d (eval), ReLU, GroupSort2, MaxMin, AvgPool, AdaptiveAvgPool, MaxPool2d, "
     "L2-norm pooling (LPPool2d(2), ScaledL2NormPool2d, ScaledAdaptativeL2NormPool2d), PixelUnshuffle/"
     "InvertibleDownSampling, PixelShuffle, Flatten, Unflatten, Identity, Dropout, LipResidual blocks "
-    "(attributes `branch` and `merge`), torchvision BasicBlock/Bottleneck"
+    "(attributes `branch` and `merge`), torchvision BasicBlock/Bottleneck and ResNet, ReLU6/Hardtanh, timm "
+    "Conv2dSame (TF 'same' padding), BatchNormAct2d, SelectAdaptivePool2d (avg), DepthwiseSeparableConv/"
+    "InvertedResidual without squeeze-excitation, EfficientNet (tf_efficientnet_lite*)"
 )
 
 #: ``nn.Module`` type -> ``builder(module, path) -> Node``

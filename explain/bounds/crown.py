@@ -18,16 +18,21 @@ nonlinear layers' inputs:
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 
-from explain.bounds.node import Node, Records, concretize_upper
+from explain.bounds.node import Node, Records, concretize_upper, pull_back
+from explain.bounds.patches import Patches
 
 Backward = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 #: default number of elements of the largest backward coefficient tensor of one chunk of rows (64 MiB in float32)
 ROW_BUDGET = 2**24
+#: when set, called with the number of backward rows each chunk of full CROWN's intermediate passes finished
+#: (:func:`explain.bounds.cost.progress_bar`)
+ROW_PROGRESS: ContextVar[Callable[[int], None] | None] = ContextVar("row_progress", default=None)
 
 
 def crown_backward(root: Node, spec: Tensor, records: Records) -> tuple[Tensor, Tensor]:
@@ -52,24 +57,32 @@ class BackwardToInput:
     nodes passed (each with the relaxation of the box it got). Containers save and restore it with
     :meth:`state` / :meth:`restore` around their children."""
 
-    def __init__(self, records: Records, lower: Tensor, upper: Tensor, row_budget: int = ROW_BUDGET) -> None:
+    def __init__(self, records: Records, lower: Tensor, upper: Tensor, row_budget: int = ROW_BUDGET,
+                 patches: bool = True) -> None:
         self.records, self.lower, self.upper = records, lower, upper
         self.row_budget = row_budget
+        #: rows of feature maps as :class:`~explain.bounds.patches.Patches` (False: dense rows, same bounds)
+        self.patches = patches
         self.to_input: Backward = _identity
         #: mixing affine layers passed since the input, None after a nonlinear one (then IBP is not exact)
         self.mixing: int | None = 0
         self.largest = lower[0].numel()  # the largest value per box along any path so far
+        #: coordinates of the current value that no row can tighten (:meth:`Node.settled`), or None
+        self.settled: Tensor | None = None
 
     def state(self) -> tuple[Backward, int | None]:
         return self.to_input, self.mixing
 
     def restore(self, state: tuple[Backward, int | None]) -> None:
         self.to_input, self.mixing = state
+        self.settled = None
 
     def follow(self, node: Node, out: Tensor) -> None:
         """Extend ``to_input`` by ``node``'s backward step (``out``: a bound of its output, for its size)."""
         previous, records = self.to_input, self.records
-        self.to_input = lambda A, bias: previous(*node.backward(A, bias, records))
+        self.to_input = lambda A, bias: previous(*pull_back(node, A, bias, records))
+        exact = self.mixing is not None and self.mixing <= 1
+        self.settled = None if node.container else node.settled(records, exact)
         self.largest = max(self.largest, out[0].numel())
         if node.container or not node.affine:
             self.mixing = None
@@ -80,7 +93,7 @@ class BackwardToInput:
         """Continue from a value whose backward step to the current point is ``backward`` (a residual sum)."""
         previous = self.to_input
         self.to_input = lambda A, bias: previous(*backward(A, bias))
-        self.mixing = mixing
+        self.mixing, self.settled = mixing, None
 
     def tighten(
         self, lower: Tensor, upper: Tensor, needed: Tensor, on_input: Callable[[Tensor], Tensor] | None = None
@@ -94,6 +107,8 @@ class BackwardToInput:
         if self.mixing is not None and self.mixing <= 1:
             return lower, upper
         n, shape = lower.shape[0], lower.shape[1:]
+        if self.settled is not None and on_input is None and self.settled.shape == needed.shape:
+            needed = needed & ~self.settled
         flat_needed = needed.reshape(n, -1)
         counts = flat_needed.sum(1)
         rows = int(counts.max()) if n else 0
@@ -103,20 +118,35 @@ class BackwardToInput:
         order = flat_needed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :rows]
         valid = torch.arange(rows, device=lower.device) < counts.unsqueeze(1)
         new_lower, new_upper = lower.reshape(n, -1).clone(), upper.reshape(n, -1).clone()
-        chunk = max(1, self.row_budget // (2 * n * max(self.largest, flat_needed.shape[1])))
-        for start in range(0, rows, chunk):
+        patches = self.patches and on_input is None and len(shape) == 3  # rows of a feature map
+        per_row = max(self.largest, flat_needed.shape[1])
+        start = 0
+        while start < rows:
+            chunk = max(1, self.row_budget // (2 * n * per_row))
+            if patches and start == 0:
+                chunk = min(chunk, 8)  # a first small chunk measures the rows' largest patch
             index, keep = order[:, start : start + chunk], valid[:, start : start + chunk]
             k = index.shape[1]
-            signs = torch.cat([torch.ones(n, k, 1), -torch.ones(n, k, 1)], dim=1).to(lower)
-            spec = lower.new_zeros(n, 2 * k, flat_needed.shape[1])
-            spec.scatter_(2, index.repeat(1, 2).unsqueeze(-1), signs)  # +e_j: upper bound, -e_j: lower bound
-            spec = spec.view(n, 2 * k, *shape)
-            if on_input is not None:
-                spec = on_input(spec)
-            bound = concretize_upper(*self.to_input(spec, lower.new_zeros(n, 2 * k)), self.lower, self.upper)
+            signs = torch.cat([torch.ones(n, k), -torch.ones(n, k)], dim=1).to(lower)
+            if patches:
+                spec = Patches.unit_rows(index.repeat(1, 2), signs, tuple(shape), lower.dtype)
+            else:
+                spec = lower.new_zeros(n, 2 * k, flat_needed.shape[1])
+                spec.scatter_(2, index.repeat(1, 2).unsqueeze(-1), signs.unsqueeze(-1))  # +e_j: upper, -e_j: lower
+                spec = spec.view(n, 2 * k, *shape)
+                if on_input is not None:
+                    spec = on_input(spec)
+            A, bias = self.to_input(spec, lower.new_zeros(n, 2 * k))
+            if patches and start == 0:
+                per_row = A.peak if isinstance(A, Patches) else per_row
+            bound = concretize_upper(A, bias, self.lower, self.upper)
             up, low = bound[:, :k], -bound[:, k:]
             old_low, old_up = new_lower.gather(1, index), new_upper.gather(1, index)
             new_lower.scatter_(1, index, torch.where(keep, torch.maximum(old_low, low), old_low))
             new_upper.scatter_(1, index, torch.where(keep, torch.minimum(old_up, up), old_up))
+            start += k
+            report = ROW_PROGRESS.get()
+            if report is not None:
+                report(int(keep.sum()) * 2)
         new_upper = torch.maximum(new_upper, new_lower)  # against float rounding crossing the two enclosures
         return new_lower.view_as(lower), new_upper.view_as(upper)

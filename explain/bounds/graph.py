@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import explain.bounds.activations  # noqa: F401  (each operator module registers its builders)
+import explain.bounds.families  # noqa: F401
 import explain.bounds.linear  # noqa: F401
 import explain.bounds.pooling  # noqa: F401
 from explain.base import eval_mode

@@ -7,6 +7,7 @@ eval): it is monotone, so IBP maps ``lower``/``upper`` directly, and its transpo
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from collections.abc import Callable
 
@@ -138,16 +139,32 @@ class Linear(_Weighted):
 class Conv2d(_Weighted):
     """``nn.Conv2d`` (any stride, dilation, groups, padding and padding mode)."""
 
-    def __init__(self, module: torch.nn.Conv2d, weight: Tensor, bias: Tensor | None, path: str) -> None:
+    def __init__(self, module: torch.nn.Conv2d, weight: Tensor, bias: Tensor | None, path: str,
+                 same: bool = False) -> None:
         super().__init__(weight, bias, path)
         self.stride, self.dilation, self.groups = module.stride, module.dilation, module.groups
         self.padding_mode = module.padding_mode
         self.padding = module.padding
         self.pad = module._reversed_padding_repeated_twice  # what nn.Conv2d pads with for non-zero modes
+        #: TensorFlow's "SAME" padding (timm's ``Conv2dSame``): zeros, the odd one at the bottom/right,
+        #: computed from the input size
+        self.same = same
         # the fast transpose (conv_transpose2d) needs explicit zero padding; other cases go through autograd
         self.fast_transpose = self.padding_mode == "zeros" and not isinstance(self.padding, str)
 
+    def same_pads(self, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """TF "SAME" zero padding (left, right, top, bottom) of an input of spatial ``size``: the output has
+        ``ceil(size / stride)`` cells."""
+        pads = []
+        for length, kernel, stride, dilation in zip(size, self.weight.shape[-2:], self.stride, self.dilation):
+            total = max((math.ceil(length / stride) - 1) * stride + (kernel - 1) * dilation + 1 - length, 0)
+            pads.append((total // 2, total - total // 2))
+        return (*pads[1], *pads[0])
+
     def apply(self, x, weight, bias=None):
+        if self.same:
+            x = F.pad(x, self.same_pads(tuple(x.shape[-2:])))
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         if self.padding_mode != "zeros":
             x = F.pad(x, self.pad, mode=self.padding_mode)
             return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
@@ -175,6 +192,15 @@ class Conv2d(_Weighted):
         # channels-last: conv_transpose2d on many rows runs 2-5x faster on CPU (measured with oneDNN)
         flat = A.flatten(0, 1).contiguous(memory_format=torch.channels_last)
         kernel = self.weight.shape[-2:]
+        if self.same:  # the transpose onto the padded input, then its crop
+            left, right, top, bottom = self.same_pads(tuple(in_shape[1:]))
+            padded = (in_shape[1] + top + bottom, in_shape[2] + left + right)
+            output_padding = [padded[i] - ((flat.shape[i + 2] - 1) * self.stride[i] + self.dilation[i]
+                                           * (kernel[i] - 1) + 1) for i in range(2)]
+            out = F.conv_transpose2d(flat, self.weight, None, self.stride, 0, output_padding, self.groups,
+                                     self.dilation)
+            out = out[..., top : top + in_shape[1], left : left + in_shape[2]]
+            return out.reshape(*A.shape[:2], *in_shape), bias
         output_padding = [
             in_shape[i + 1]
             - ((flat.shape[i + 2] - 1) * self.stride[i] - 2 * self.padding[i] + self.dilation[i] * (kernel[i] - 1) + 1)
@@ -184,6 +210,23 @@ class Conv2d(_Weighted):
             flat, self.weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
         return out.reshape(*A.shape[:2], *in_shape), bias
+
+    def backward_patches(self, A, bias, records):
+        """The window at ``top`` of the output becomes the window at ``top * stride - padding`` of the input,
+        ``(K - 1) stride + dilation (k - 1) + 1`` cells wide: the transposed convolution of the coefficients."""
+        if not self.fast_transpose:
+            return super().backward_patches(A, bias, records)
+        A = A.cleaned()  # the transposed convolution would carry outside cells inside
+        if self.bias is not None:
+            bias = bias + A.channel_sums() @ self.bias
+        coef = A.coef.flatten(0, 1)
+        if A.kernel == (1, 1) and self.groups == 1 and tuple(self.dilation) == (1, 1):  # a single cell: the kernels weighted by its coefficients
+            out = (coef.flatten(1) @ self.weight.flatten(1)).view(-1, *self.weight.shape[1:])
+        else:
+            out = F.conv_transpose2d(coef, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
+        in_size = tuple(records[id(self)][0].shape[-2:])
+        padding = self.same_pads(in_size)[2::-2] if self.same else self.padding  # (top, left)
+        return A.moved(out.view(*A.coef.shape[:2], *out.shape[1:]), self.stride, padding, in_size), bias
 
 
 class ChannelAffine(Node):
@@ -209,6 +252,9 @@ class ChannelAffine(Node):
     def backward(self, A, bias, records):
         bias = bias + _sum_bias(A, self.shift)
         return A * self._view(self.scale, A.ndim - 1), bias
+
+    def backward_patches(self, A, bias, records):
+        return A.with_coef(A.coef * self._view(self.scale, 4)), bias + A.channel_sums() @ self.shift
 
     def gain(self, gain, x, constants):
         out = self.interval(x, x, Records())[0]
@@ -239,6 +285,16 @@ class PositiveLinear(Node):
             return self.transpose(A, in_shape), bias
         return transpose_by_autograd(self.fn, A, in_shape), bias
 
+
+class Identity(PositiveLinear):
+    """``nn.Identity`` and dropout in eval: rows pass unchanged, patches included."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(lambda x: x, path, transpose=lambda A, shape: A, coordinatewise=True)
+
+    def backward_patches(self, A, bias, records):
+        return A, bias
+
     def gain(self, gain, x, constants):
         out = self.interval(x, x, Records())[0]
         norm, row_max = positive_map_norm(self.fn, x)
@@ -265,6 +321,15 @@ def _conv(module: nn.Conv2d, path: str) -> Conv2d:
 @converts(nn.BatchNorm1d, nn.BatchNorm2d)
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, path: str) -> ChannelAffine:
     exact_type(module, path, nn.BatchNorm1d, nn.BatchNorm2d)
+    return batch_norm_affine(module, path)
+
+
+def batch_norm_affine(module: nn.modules.batchnorm._BatchNorm, path: str) -> ChannelAffine:
+    """The affine map of a BatchNorm in eval mode (running statistics).
+
+    Raises:
+        UnsupportedLayerError: no running statistics (eval would use the batch's).
+    """
     if module.running_mean is None or module.running_var is None:
         raise unsupported(module, path, "BatchNorm without running statistics uses batch statistics in eval")
     scale = torch.rsqrt(module.running_var.detach() + module.eps)
@@ -280,9 +345,9 @@ _IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDrop
 
 
 @converts(*_IDENTITIES)
-def _identity(module: nn.Module, path: str) -> PositiveLinear:
+def _identity(module: nn.Module, path: str) -> Identity:
     exact_type(module, path, *_IDENTITIES)  # a subclass could compute anything
-    return PositiveLinear(lambda x: x, path, transpose=lambda A, shape: A, coordinatewise=True)
+    return Identity(path)
 
 
 @converts(nn.Flatten, nn.Unflatten)
@@ -315,7 +380,28 @@ _AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveA
 @converts(*_AVERAGE_POOLS)
 def _average_pool(module: nn.Module, path: str) -> PositiveLinear:
     exact_type(module, path, *_AVERAGE_POOLS)
+    if type(module) is nn.AdaptiveAvgPool2d and module.output_size in (1, (1, 1)):
+        return global_average_pool(path, flatten=False)
     return PositiveLinear(module, path)
+
+
+def global_mean(x: Tensor) -> Tensor:
+    """Mean over the spatial dims of [N, C, H, W] -> [N, C, 1, 1] (global average pooling)."""
+    return x.mean(dim=(-2, -1), keepdim=True)
+
+
+def global_mean_transpose(A: Tensor, in_shape) -> Tensor:
+    """Rows [n, r, C(, 1, 1)] on the pooled output -> [n, r, C, H, W]: each cell gets ``A_c / (H W)``."""
+    height, width = in_shape[-2:]
+    A = A.reshape(*A.shape[:3], 1, 1) / (height * width)
+    return A.expand(*A.shape[:3], height, width)
+
+
+def global_average_pool(path: str, flatten: bool) -> PositiveLinear:
+    """Global average pooling, [N, C, H, W] -> [N, C, 1, 1] (or [N, C] with ``flatten``)."""
+    if flatten:
+        return PositiveLinear(lambda x: global_mean(x).flatten(1), path, transpose=global_mean_transpose)
+    return PositiveLinear(global_mean, path, transpose=global_mean_transpose)
 
 
 def _reshape_transpose(A: Tensor, in_shape: torch.Size) -> Tensor:

@@ -116,7 +116,7 @@ def margin_upper_bounds(
     passes (elements of the largest coefficient tensor of a chunk of rows).
 
     ``crown_classes``: with ``m`` only the ``m`` classes with the largest IBP bound of each box get the CROWN
-    pass; the others keep their (sound, cheap) IBP bound (:class:`TopClasses`).
+    pass (keeping the smaller of it and IBP's); the others keep their (sound, cheap) IBP bound (:class:`TopClasses`).
 
     Raises:
         ValueError: an unknown ``method``, a bad ``crown_classes``, ``alpha_iterations`` or ``row_budget``,
@@ -149,9 +149,10 @@ def margin_upper_bounds(
                     return alpha_crown_spec_upper(graph.root, rows, records, lower, upper, alpha_iterations)
                 return crown_spec_upper(graph.root, rows, records, lower, upper)
 
-            if partial:
+            if partial:  # the chosen rows keep the smaller of their two sound bounds
                 top = TopClasses.of(ibp, crown_classes)
-                bounds.append(top.scatter(ibp, backward_bound(top.rows(spec))))
+                chosen = torch.minimum(backward_bound(top.rows(spec)), ibp.gather(1, top.index))
+                bounds.append(top.scatter(ibp, chosen))
             else:
                 bounds.append(backward_bound(spec))
     if use_lipschitz:
@@ -237,8 +238,10 @@ def shared_crown_margins(
     count = int(inverses.max()) + 1
     index = inverses.flatten(1).unsqueeze(1).expand_as(drop)
     regions = full.unsqueeze(-1) - drop.new_zeros(*drop.shape[:2], count).scatter_add_(2, index, drop)
-    if top is not None:  # the other classes keep the full ball's IBP bound, valid on every sub-box
-        full, regions = top.scatter(ibp, full), top.scatter(ibp, regions)
+    if top is not None:  # the full ball's IBP bound holds on every sub-box: the other classes keep it, the chosen
+        chosen = ibp.gather(1, top.index)  # ones keep the smaller of it and CROWN's
+        full = top.scatter(ibp, torch.minimum(full, chosen))
+        regions = top.scatter(ibp, torch.minimum(regions, chosen.unsqueeze(-1)))
     return full, regions.transpose(1, 2)
 
 

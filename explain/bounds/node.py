@@ -13,6 +13,8 @@ A network is turned into a tree of :class:`Node` (see :mod:`explain.bounds.graph
   quantity to bound from above is ``<A, z_out> + bias`` with ``A`` [n, r, *out_shape] (n boxes, r linear
   functions each) and ``bias`` [n, r]; the node returns ``(A', bias')`` with
   ``<A, z_out> + bias <= <A', z_in> + bias'`` for every ``z_in`` in the recorded input box.
+* ``backward_patches(A, bias, records)``: the same step for rows stored as :class:`~explain.bounds.patches.Patches`
+  (convolutional layers and the coordinatewise operations keep them; the default makes them dense).
 * ``tighten(lower, upper, difference, records)`` (nonlinear nodes): the input box tightened by full CROWN, for
   the coordinates whose relaxation is not already exact on the box.
 * ``gain(gain, x, constants)``: the Lipschitz constants of the node's output from those of its input
@@ -30,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from explain.bounds.patches import Patches
 
 
 class Records(dict):
@@ -49,6 +53,18 @@ class Records(dict):
         self.inputs = inputs
         self.crown = crown
         self.slopes: Any = None
+        self._derived: dict[int, tuple] = {}
+
+    def derived(self, node: Node, make: Any) -> Any:
+        """``make(*records[id(node)])`` (say a relaxation of the node's recorded box), computed once per box
+        and function."""
+        box = self[id(node)]
+        key = (id(node), getattr(make, "__qualname__", id(make)))
+        hit = self._derived.get(key)
+        if hit is None or hit[0] is not box:
+            hit = (box, make(*box))
+            self._derived[key] = hit
+        return hit[1]
 
 
 @dataclass
@@ -63,7 +79,9 @@ class Gain:
 
     def capped(self) -> Gain:
         """The same gain with each coordinate's constant at most the whole vector's."""
-        return Gain(self.whole, self.coord.clamp(max=self.whole), self.pair)
+        # a deep network's constant may exceed the coordinates' dtype (then it caps nothing)
+        cap = min(self.whole, torch.finfo(self.coord.dtype).max) if self.coord.is_floating_point() else self.whole
+        return Gain(self.whole, self.coord.clamp(max=cap), self.pair)
 
 
 class Node(ABC):
@@ -87,11 +105,20 @@ class Node(ABC):
     def backward(self, A: Tensor, bias: Tensor, records: Records) -> tuple[Tensor, Tensor]:
         """The linear bound ``A @ out + bias`` rewritten on the input (CROWN's backward step)."""
 
+    def backward_patches(self, A: Patches, bias: Tensor, records: Records) -> tuple[Patches | Tensor, Tensor]:
+        """CROWN's backward step for rows stored as patches; by default on their dense form."""
+        return self.backward(A.to_dense(), bias, records)
+
     def tighten(self, lower: Tensor, upper: Tensor, difference: tuple[Tensor, Tensor] | None,
                 records: Records) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """Full CROWN: the input box intersected with CROWN bounds of the coordinates :meth:`unstable` marks."""
         lower, upper = records.crown.tighten(lower, upper, self.unstable(lower, upper))
         return lower, upper, difference
+
+    def settled(self, records: Records, exact_input: bool) -> Tensor | None:
+        """Output coordinates whose recorded box no CROWN row can tighten (``exact_input``: the input box is
+        exact), or None. Full CROWN skips them when the next nonlinear node asks for its input box."""
+        return None
 
     def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
         """Input coordinates whose relaxation a tighter box would improve (all of them by default)."""
@@ -106,8 +133,17 @@ class Node(ABC):
         return f"{type(self).__name__}({self.path!r})"
 
 
-def concretize_upper(A: Tensor, bias: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+def pull_back(node: Node, A: Patches | Tensor, bias: Tensor, records: Records) -> tuple[Patches | Tensor, Tensor]:
+    """``node``'s backward step on dense rows or on patches."""
+    if isinstance(A, Patches):
+        return node.backward_patches(A, bias, records)
+    return node.backward(A, bias, records)
+
+
+def concretize_upper(A: Patches | Tensor, bias: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     """``max_{lower <= z <= upper} <A, z> + bias = <A, centre> + <|A|, radius> + bias``, shape [n, r]."""
+    if isinstance(A, Patches):
+        return A.concretize_upper(bias, lower, upper)
     centre = ((lower + upper) / 2).flatten(1).unsqueeze(-1)
     radius = ((upper - lower) / 2).flatten(1).unsqueeze(-1)
     A = A.flatten(2)

@@ -108,7 +108,7 @@ class MaxPool(Node):
 
     def backward(self, A, bias, records):
         lower, upper = records[id(self)]
-        low, up, index, dominated = self._dominated(lower, upper)  # dominated: [N, C, L]
+        low, up, index, dominated = records.derived(self, self._dominated)  # dominated: [N, C, L]
         flat = A.flatten(3)  # [n, r, C, L]
         positive = flat.clamp(min=0)
         coefficient = flat - positive + positive * dominated.unsqueeze(1)
@@ -122,6 +122,38 @@ class MaxPool(Node):
         A_in = F.fold(entries.view(n * r, -1, length), size, self.kernel, self.dilation, 0, self.stride)
         A_in = A_in[..., pad_h : size[0] - pad_h, pad_w : size[1] - pad_w]
         return A_in.reshape(n, r, *lower.shape[1:]), bias + offset
+
+    def backward_patches(self, A, bias, records):
+        """Each output cell's coefficient goes to its window's selected entry (or to the ceiling's offset): the
+        window at ``top`` of the output becomes ``(K - 1) stride + dilation (k - 1) + 1`` input cells at
+        ``top * stride - padding``."""
+        lower = records[id(self)][0]
+
+        def maps(lower: Tensor, upper: Tensor) -> Tensor:
+            _, up, index, dominated = records.derived(self, self._dominated)
+            ceiling = torch.where(dominated, torch.zeros_like(dominated, dtype=up.dtype), up.amax(dim=2))
+            maps = torch.cat([dominated.to(up.dtype), ceiling, index.squeeze(2).to(up.dtype)], dim=1)
+            return maps.view(*maps.shape[:2], *A.size)
+
+        A = A.cleaned()  # the selected entry of an outside cell may lie inside
+        dominated, ceiling, index = A.window(records.derived(self, maps)).chunk(3, dim=2)
+        positive = A.coef.clamp(min=0)
+        coefficient = A.coef - positive + positive * dominated
+        offset = (positive * ceiling).flatten(2).sum(-1)
+        n, r, channels, kh, kw = A.coef.shape
+        taps = self.kernel[0] * self.kernel[1]
+        if self.kernel == self.stride and self.dilation == (1, 1):  # disjoint windows: place, no fold
+            (th, tw) = self.kernel
+            selected = index.unsqueeze(-1) == torch.arange(taps, device=index.device)  # [n, r, C, K, K, taps]
+            coef = (coefficient.unsqueeze(-1) * selected).view(n, r, channels, kh, kw, th, tw)
+            coef = coef.permute(0, 1, 2, 3, 5, 4, 6).reshape(n, r, channels, kh * th, kw * tw)
+            return A.moved(coef, self.stride, self.padding, tuple(lower.shape[-2:])), bias + offset
+        entries = A.coef.new_zeros(n * r, channels, taps, kh * kw)
+        entries.scatter_(2, index.long().reshape(n * r, channels, 1, kh * kw), coefficient.reshape(n * r, channels, 1, -1))
+        span = [(k - 1) * s + d * (t - 1) + 1 for k, s, d, t in zip((kh, kw), self.stride, self.dilation, self.kernel)]
+        coef = F.fold(entries.view(n * r, -1, kh * kw), span, self.kernel, self.dilation, 0, self.stride)
+        return A.moved(coef.view(n, r, channels, *span), self.stride, self.padding, tuple(lower.shape[-2:])), \
+            bias + offset
 
 
 # ------------------------------------------------------------------------------------------- builders

@@ -147,6 +147,23 @@ def make_network(name: str) -> nn.Module:
             nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Bottleneck(4, 2, downsample=down),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, k),
         )
+    elif name == "relu6_depthwise_same":  # EfficientNet-Lite's operators
+        from timm.layers import BatchNormAct2d, Conv2dSame, SelectAdaptivePool2d
+
+        net = nn.Sequential(
+            Conv2dSame(3, 6, 3, stride=2, bias=False), BatchNormAct2d(6, act_layer=nn.ReLU6),
+            nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Hardtanh(-0.5, 0.7), nn.Conv2d(6, 4, 1),
+            SelectAdaptivePool2d(pool_type="avg", flatten=True), nn.Linear(4, k),
+        )
+    elif name == "efficientnet_blocks":
+        from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+        net = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6(), DepthwiseSeparableConv(4, 4, act_layer=nn.ReLU6),
+            InvertedResidual(4, 4, exp_ratio=2.0, act_layer=nn.ReLU6),
+            InvertedResidual(4, 6, stride=2, exp_ratio=2.0, act_layer=nn.ReLU6),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, k),
+        )
     elif name == "torchlip":
         net = lip_network()
     else:
@@ -168,7 +185,8 @@ def lip_network() -> nn.Module:
 
 
 NETWORKS = ["linear_relu", "conv_relu_avgpool", "groupsort", "maxmin", "padding_modes", "maxpool", "l2_pool", "downsampling",
-            "batchnorm", "lip_residual", "basic_block", "bottleneck", "torchlip"]
+            "batchnorm", "lip_residual", "basic_block", "bottleneck", "relu6_depthwise_same", "efficientnet_blocks",
+            "torchlip"]
 
 
 def _data(n=3, seed=1):
@@ -554,7 +572,7 @@ def test_full_crown_is_exact_when_no_neuron_is_unstable():
 
 # ----------------------------------------------------------------------------------------- every relaxation
 def _nonlinear_nodes():
-    from explain.bounds.activations import MaxMin, PairSort, ReLU
+    from explain.bounds.activations import Clamp, MaxMin, PairSort, ReLU
     from explain.bounds.pooling import L2NormPool, MaxPool
 
     return {
@@ -566,6 +584,8 @@ def _nonlinear_nodes():
         "maxpool_dilated": (MaxPool("maxpool", (2, 2), (1, 1), (0, 0), (2, 2)), (2, 3, 6, 6)),
         "l2_pool": (L2NormPool("l2", (2, 2), scale=0.9), (2, 3, 6, 6)),
         "l2_pool_global": (L2NormPool("l2", None), (2, 3, 4, 4)),
+        "hardtanh": (Clamp("hardtanh", -0.5, 0.7), (2, 3, 5, 5)),  # boxes across one, both or no kink
+        "relu6_flat": (Clamp("relu6", 0.0, 6.0), (2, 12)),
     }
 
 
@@ -698,3 +718,12 @@ def test_any_lower_slope_in_zero_one_keeps_the_relu_relaxation_sound():
         value = (A * z.clamp(min=0).unsqueeze(1)).flatten(2).sum(-1)
         relaxed = (A_in * z.unsqueeze(1)).flatten(2).sum(-1) + offset
         assert (value <= relaxed + 1e-5).all()
+
+
+def test_a_lipschitz_constant_beyond_float32_caps_nothing():
+    """Deep real networks (EfficientNet-Lite0 at 224 px) multiply layer norms past float32's range."""
+    from explain.bounds.node import Gain
+
+    gain = Gain(1e40, torch.tensor([1.0, 3e38])).capped()
+    assert gain.whole == 1e40 and torch.equal(gain.coord, torch.tensor([1.0, 3e38]))
+    assert torch.equal(Gain(2.0, torch.tensor([1.0, 3.0])).capped().coord, torch.tensor([1.0, 2.0]))

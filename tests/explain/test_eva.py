@@ -230,3 +230,106 @@ def test_bad_arguments_are_named():
         adversarial_overlap_bound(net, images, targets, 0.1, method="alpha")
     with pytest.raises(ValueError, match="targets"):
         adversarial_overlap_bound(net, images, torch.tensor([NUM_CLASSES]), 0.1)
+
+
+# ------------------------------------------------------------------------------- networks people explain
+def tiny_resnet() -> nn.Module:
+    """torchvision's ResNet class (one BasicBlock per stage), few channels: the ResNet-18/50 code path."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3, width_per_group=64)
+    model.inplanes = 8  # narrower stages than ResNet-18 (rebuilt with fewer channels)
+    model.conv1 = nn.Conv2d(3, 8, 7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(8)
+    model.layer1 = model._make_layer(BasicBlock, 8, 1)
+    model.layer2 = model._make_layer(BasicBlock, 8, 1, stride=2)
+    model.layer3 = model._make_layer(BasicBlock, 8, 1, stride=2)
+    model.layer4 = model._make_layer(BasicBlock, 8, 1, stride=2)
+    model.fc = nn.Linear(8, 3)
+    return _random_statistics(model)
+
+
+def tiny_efficientnet() -> nn.Module:
+    """timm's EfficientNet class with a Lite-style stem and one stage of depthwise-separable and inverted
+    residual blocks (TF "same" padding, ReLU6, BatchNormAct2d, global pooling)."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    torch.manual_seed(0)
+    blocks = decode_arch_def([["ds_r1_k3_s1_e1_c8"], ["ir_r2_k3_s2_e2_c8"]])
+    model = EfficientNet(blocks, num_classes=3, stem_size=8, num_features=16, fix_stem=True,
+                         round_chs_fn=lambda c: c, act_layer=nn.ReLU6, pad_type="same")
+    return _random_statistics(model)
+
+
+def _random_statistics(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def _pgd_overlap(model, x, y, lower, upper, steps=20, starts=4):
+    """The largest ``max_{c != y} f_c - f_y`` a sign-gradient attack finds in ``[lower, upper]`` (a true value)."""
+    best = torch.full((len(x),), -float("inf"), dtype=x.dtype)
+    for start in range(starts):
+        z = (lower + (upper - lower) * torch.rand_like(x)) if start else x.clone()
+        for step in range(steps):
+            z.requires_grad_(True)
+            logits = model(z)
+            others = logits.scatter(1, y[:, None], -float("inf")).amax(1)
+            value = others - logits.gather(1, y[:, None])[:, 0]
+            best = torch.maximum(best, value.detach())
+            (grad,) = torch.autograd.grad(value.sum(), z)
+            z = torch.minimum(torch.maximum(z.detach() + (upper - lower) / 4 * 0.8**step * grad.sign(), lower), upper)
+    return best
+
+
+@pytest.mark.parametrize("make", [tiny_resnet, tiny_efficientnet])
+def test_eva_on_real_architectures_is_sound(make):
+    """Full CROWN through torchvision's ResNet and timm's EfficientNet classes: the overlap bounds of the full ball
+    and of every region box (from the shared relaxation, as EVA computes them) are above a PGD attack."""
+    model = make()
+    x, y = torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
+    eps = 0.02
+    graph = build_graph(model)
+    inverses = grid_regions(16, 16, 2).expand(2, 16, 16)
+    from explain.bounds import shared_crown_margins
+
+    full, regions = shared_crown_margins(graph, x, y, inverses, eps)
+    assert (_pgd_overlap(model, x, y, x - eps, x + eps) <= full.amax(1) + 1e-4).all()
+    for region in range(4):
+        free = (inverses != region).unsqueeze(1).float()
+        attack = _pgd_overlap(model, x, y, x - eps * free, x + eps * free)
+        assert (attack <= regions[:, region].amax(1) + 1e-4).all(), f"region {region}"
+    maps = EVA(model, eps=eps, grid_size=2)(x, y)
+    assert maps.shape == (2, 16, 16) and torch.isfinite(maps).all()
+
+
+@pytest.mark.parametrize("make", [tiny_resnet, tiny_efficientnet])
+def test_eva_is_exact_where_no_neuron_is_unstable(make):
+    """At a radius so small that no neuron is unstable the network is affine on the ball, so each margin's
+    maximum over a box is ``m_c(x) + eps * sum_{free pixels} |grad m_c|`` and EVA's map is known in closed form
+    (float64)."""
+    model = make().double()
+    x, y = torch.rand(1, 3, 16, 16, dtype=torch.float64), torch.tensor([1])
+    eps = 1e-7
+    regions = grid_regions(16, 16, 2)
+    x_grad = x.clone().requires_grad_(True)
+    logits = model(x_grad)[0]
+    values, reaches = [], []
+    for c in (0, 2):
+        (grad,) = torch.autograd.grad(logits[c] - logits[1], x_grad, retain_graph=True)
+        values.append((logits[c] - logits[1]).item())
+        reaches.append(grad.abs().sum(1)[0])  # [H, W]
+    full = max(v + eps * r.sum().item() for v, r in zip(values, reaches))
+    expected = torch.zeros(16, 16, dtype=torch.float64)
+    for region in range(4):
+        inside = regions == region
+        fixed = max(v + eps * (r.sum() - r[inside].sum()).item() for v, r in zip(values, reaches))
+        expected[inside] = full - fixed
+    assert expected.abs().amax() > 1e-3 * eps  # the regions differ
+    maps = EVA(model, eps=eps, grid_size=2, lipschitz_boxes=False)(x, y)[0]
+    torch.testing.assert_close(maps, expected, rtol=1e-6, atol=1e-12)
