@@ -88,7 +88,8 @@ class Craft:
     Fitted attributes (None until set; scikit-learn's trailing underscore): after ``fit``, ``W_`` [r, c] (concept
     bank, on ``device``), ``crops_`` [n, C, p, p] (on CPU), ``crops_u_`` [n, r] (their coefficients),
     ``crops_image_`` [n] (index of each crop's image), ``image_size_``, ``patch_size_``, ``stride_``,
-    ``class_id_``, ``dictionary_`` (the fitted :class:`~explain.concepts.Dictionary`) and ``factorizer_`` (the
+    ``class_id_``, ``crop_activations_`` [n, c] (the crops' spatially averaged activations that were
+    factorized), ``dictionary_`` (the fitted :class:`~explain.concepts.Dictionary`) and ``factorizer_`` (the
     fitted :class:`~explain.concepts.nmf.NMF` for ``"nmf"``, else ``dictionary_``); after ``importance``,
     ``importances_`` [r]; on a child of :meth:`decompose`, ``parent_``, ``parent_concept_``, ``parent_crops_``,
     ``parent_weights_`` and ``parent_error_``. The names without the underscore (``W``, ``crops_u``, ...) are
@@ -161,6 +162,7 @@ class Craft:
         self.class_id_: int | None = None
         self.factorizer_: NMF | Dictionary | None = None
         self.dictionary_: Dictionary | None = None
+        self.crop_activations_: Tensor | None = None
         # fitted by importance()
         self.importances_: Tensor | None = None
         # set on the child of decompose()
@@ -251,6 +253,7 @@ class Craft:
         activations = self._latents(crops, size=image_size, pool=True)
         self.dictionary_ = self._new_dictionary(self.n_concepts)
         self.crops_u_ = self.dictionary_.fit_transform(activations)
+        self.crop_activations_ = activations
         self.W_ = self.dictionary_.dictionary_
         self.factorizer_ = getattr(self.dictionary_, "factorizer_", self.dictionary_)
         self.crops_ = crops.detach().cpu()
