@@ -10,6 +10,13 @@ second; ratio = ours / overcomplete's, target >= 1).
 
     python benchmarks/bench_sae.py [--rows 20000] [--channels 256] [--concepts 1024] [--top-k 16] [--epochs 2]
         [--batch-size 1024] [--repeats 3] [--device cpu|cuda]
+
+``--monitor``: instead, the cost of ConceptMonitor with a TopK SAE on the demo fit
+(``configs/shortcut/harmonized_lipschitz.yaml`` through ``align.cli.main``, its ExplanationMonitor removed, as in
+``bench_callbacks.py``), at the monitor's default schedule (``every_n_epochs=5``: epochs 0 and 5 of the demo's
+10), classes 0 and 1. One fit; the time inside the monitor's hook gives ``with / (with - hook)`` (target <= 1.10).
+
+    python benchmarks/bench_sae.py --monitor [--max-epochs N] [-- CLI overrides]
 """
 
 from __future__ import annotations
@@ -41,7 +48,60 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def monitor_overhead(max_epochs: int | None, overrides: list[str]) -> None:
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_callbacks import DEMO, fit_seconds, split_config
+
+    from explain.callbacks import ConceptMonitor
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    durations: list[float] = []
+    original = ConceptMonitor.on_validation_epoch_end
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            durations.append(time.perf_counter() - start)
+
+    ConceptMonitor.on_validation_epoch_end = timed
+    monitor = {"class_path": "explain.callbacks.ConceptMonitor", "init_args": {
+        "classes": [0, 1], "model_attr": "backbone",
+        "craft_options": {"dictionary": "topk_sae", "dictionary_options": {"progress": False}}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        without, _, _ = split_config(DEMO, tmp)
+        config = yaml.safe_load(without.read_text())
+        config["trainer"]["callbacks"] = [*(config["trainer"].get("callbacks") or []), monitor]
+        with_monitor = tmp / "with_concept_monitor.yaml"
+        with_monitor.write_text(yaml.safe_dump(config, sort_keys=False))
+        extra = ([] if max_epochs is None else [f"--trainer.max_epochs={max_epochs}"]) + overrides
+        seconds = fit_seconds(with_monitor, tmp / "runs", "with", extra)
+    hook = sum(durations)
+    print(f"demo fit with ConceptMonitor (TopK SAE, every_n_epochs=5, classes 0 and 1): {seconds:.1f} s, "
+          f"{hook:.1f} s of it in {len(durations)} calls of the monitor's hook")
+    print(f"ratio from the hook's time, with / (with - hook): {seconds / (seconds - hook):.3f} (target <= 1.10)")
+
+
 def main() -> None:
+    import sys
+
+    argv = sys.argv[1:]
+    if "--monitor" in argv:
+        overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+        head = argv[: argv.index("--")] if "--" in argv else argv
+        max_epochs = int(head[head.index("--max-epochs") + 1]) if "--max-epochs" in head else None
+        monitor_overhead(max_epochs, overrides)
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--channels", type=int, default=256)
