@@ -282,5 +282,10 @@ class ArchetypalSAE(SparseAutoencoder):
             )
         count = min(self.n_candidates, sample.shape[0])
         points = sample[torch.randperm(sample.shape[0], device=sample.device)[:count]]
-        return oc_sae.RATopKSAE(channels, self.n_concepts, points=points.detach().clone(), top_k=self.k,
-                                delta=self.delta, device=sample.device)
+        model = oc_sae.RATopKSAE(channels, self.n_concepts, points=points.detach().clone(), top_k=self.k,
+                                 delta=self.delta, device=sample.device)
+        with torch.no_grad():  # atom i starts at candidate i: the encoder starts at their transpose, as the others
+            start = points[: self.n_concepts]
+            model.encoder.final_block[0].weight.copy_(start / start.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            model.encoder.final_block[0].bias.zero_()
+        return model
