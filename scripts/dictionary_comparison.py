@@ -175,8 +175,9 @@ def main() -> None:
             with torch.no_grad():
                 codes = torch.cat([first.encode(part) for part in x.split(8192)])
                 rebuilt = first.decode(codes)
-            stability = statistics.mean(
-                float(matched_cosine(fitted[i].dictionary_, fitted[j].dictionary_)) for i, j in ((0, 1), (0, 2), (1, 2)))
+            pairs = ((0, 1), (0, 2), (1, 2))
+            stability = statistics.mean(float(matched_cosine(fitted[i].dictionary_, fitted[j].dictionary_))
+                                        for i, j in pairs)
             share, drop, random_drop = importance_and_fidelity(
                 first, centre_activations, tail, classes, args.top, torch.Generator().manual_seed(0))
             active = float((codes != 0).float().sum(dim=1).mean())

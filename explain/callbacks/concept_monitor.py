@@ -178,7 +178,8 @@ class ConceptMonitor(RankZeroMonitor):
         """The dictionary's quality on the crops it was fitted on, and the importance concentration."""
         x, codes = craft.crop_activations_, craft.crops_u_
         # rank 0 alone: no sync (a sync would wait for the other ranks forever)
-        metric = DictionaryQuality(n_channels=x.shape[1], n_concepts=codes.shape[1], sync_on_compute=False).to(x.device)
+        metric = DictionaryQuality(n_channels=x.shape[1], n_concepts=codes.shape[1], sync_on_compute=False)
+        metric = metric.to(x.device)
         metric.update(x, codes, craft.dictionary_.decode(codes))
         result = metric.compute()
         result.pop("active_codes")

@@ -141,7 +141,9 @@ class Craft:
         NMF(n_concepts, **self.nmf_options)  # fail now on a bad option
         if isinstance(dictionary, Dictionary):
             if dictionary.n_concepts != n_concepts:
-                raise ValueError(f"dictionary has {dictionary.n_concepts} atoms but n_concepts={n_concepts}: make them equal")
+                raise ValueError(
+                    f"dictionary has {dictionary.n_concepts} atoms but n_concepts={n_concepts}: make them equal"
+                )
             if dictionary_options:
                 raise ValueError("dictionary_options go with a dictionary name; a Dictionary carries its own options")
         elif not isinstance(dictionary, str):

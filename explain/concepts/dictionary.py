@@ -149,7 +149,8 @@ class Dictionary:
         )
 
     def get_params(self) -> dict[str, Any]:
-        """The ``__init__`` arguments (scikit-learn's ``get_params``): ``type(d)(**d.get_params())`` is unfitted twin."""
+        """The ``__init__`` arguments (scikit-learn's ``get_params``): ``type(d)(**d.get_params())`` is an unfitted
+        twin."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {name: getattr(self, name) for name in names}
 

@@ -109,7 +109,8 @@ def furthest_sum(x: Tensor, count: int, seed: int | None = 0) -> Tensor:
 
 
 def _simplex_codes(x: Tensor, atoms: Tensor, codes: Tensor, steps: int) -> Tensor:
-    """``steps`` projected gradient steps (step ``1 / ||D D^T||_2``) on ``min ||X - Z D||^2``, rows of Z on the simplex."""
+    """``steps`` projected gradient steps (step ``1 / ||D D^T||_2``) on ``min ||X - Z D||^2``, rows of Z on the
+    simplex."""
     gram = atoms @ atoms.T
     step = 1 / torch.linalg.matrix_norm(gram, 2).clamp_min(1e-30)
     cross = x @ atoms.T
@@ -122,8 +123,9 @@ class ArchetypalAnalysis(Dictionary):
     """Archetypal analysis (module docstring): atoms ``D = W A`` in the convex hull of the data, codes on the simplex.
 
     Alternating projected gradient: ``inner_iter`` steps on the codes ``Z``, then one on ``W`` (step
-    ``1 / (||Z^T Z||_2 ||A||_2^2)``), both projected onto the simplex row by row; ``W`` starts at ``r`` data points far apart
-    (:func:`furthest_sum`, from a row drawn with ``seed``), ``Z`` at their codes. ``encode``: ``encode_iter`` projected gradient steps from uniform codes.
+    ``1 / (||Z^T Z||_2 ||A||_2^2)``), both projected onto the simplex row by row; ``W`` starts at ``r`` data
+    points far apart (:func:`furthest_sum`, from a row drawn with ``seed``), ``Z`` at their codes. ``encode``:
+    ``encode_iter`` projected gradient steps from uniform codes.
     Options: ``max_iter=500``, ``inner_iter=5``, ``encode_iter=300``, ``seed``, ``device``.
     """
 

@@ -91,7 +91,9 @@ class SparseAutoencoder(Dictionary):
         2024 start the encoder at the decoder's transpose; data rows as atoms avoid the poor minima of a random
         start)."""
         if sample.shape[0] < self.n_concepts:
-            raise ValueError(f"{self.name} needs at least n_concepts={self.n_concepts} rows to start, got {sample.shape[0]}")
+            raise ValueError(
+                f"{self.name} needs at least n_concepts={self.n_concepts} rows to start, got {sample.shape[0]}"
+            )
         rows = sample[torch.randperm(sample.shape[0], device=sample.device)[: self.n_concepts]]
         atoms = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
         with torch.no_grad():
@@ -202,8 +204,8 @@ class BatchTopKSAE(SparseAutoencoder):
 
 
 class JumpReLUSAE(SparseAutoencoder):
-    """JumpReLU SAE (module docstring). Extra options: ``sparsity_penalty=1e-4`` (times overcomplete's L1 of the codes, summed over the batch: scale it with
-    ``batch_size``),
+    """JumpReLU SAE (module docstring). Extra options: ``sparsity_penalty=1e-4`` (times overcomplete's L1 of the
+    codes, summed over the batch: scale it with ``batch_size``),
     ``bandwidth=1e-3`` and ``kernel="silverman"`` (the threshold's pseudo-gradient)."""
 
     name = "jumprelu_sae"

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from explain.metrics.functional.dictionary import _EPSILON
+from explain.metrics.functional.dictionary import _EPSILON, hoyer
 from explain.validation import positive_int
 
 
@@ -50,11 +50,11 @@ class DictionaryQuality(Metric):
     def update(self, x: Tensor, codes: Tensor, x_hat: Tensor) -> None:
         """Add one batch (class docstring)."""
         if x.ndim != 2 or x.shape != x_hat.shape or x.shape[1] != self.n_channels:
-            raise ValueError(f"x and x_hat must be [n, {self.n_channels}], got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+            raise ValueError(
+                f"x and x_hat must be [n, {self.n_channels}], got {tuple(x.shape)} and {tuple(x_hat.shape)}"
+            )
         if codes.shape != (x.shape[0], self.n_concepts):
             raise ValueError(f"codes must be [{x.shape[0]}, {self.n_concepts}], got {tuple(codes.shape)}")
-        from explain.metrics.functional.dictionary import hoyer
-
         x64, codes64 = x.double(), codes.double()
         self.rows += x.shape[0]
         self.residual += (x64 - x_hat.double()).square().sum()
