@@ -286,8 +286,8 @@ class ArchetypalSAE(SparseAutoencoder):
         points = sample[torch.randperm(sample.shape[0], device=sample.device)[:count]]
         model = oc_sae.RATopKSAE(channels, self.n_concepts, points=points.detach().clone(), top_k=self.k,
                                  delta=self.delta, device=sample.device)
-        with torch.no_grad():  # atom i starts at candidate i: the encoder starts at their transpose, as the others
+        with torch.no_grad():  # atom i starts at candidate i (not unit norm): encoder rows c_i / |c_i|^2 code it as 1
             start = points[: self.n_concepts]
-            model.encoder.final_block[0].weight.copy_(start / start.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            model.encoder.final_block[0].weight.copy_(start / start.square().sum(dim=1, keepdim=True).clamp_min(1e-12))
             model.encoder.final_block[0].bias.zero_()
         return model
