@@ -149,7 +149,7 @@ class ConceptMonitor(RankZeroMonitor):
     def log_drift(self, trainer: Trainer, craft: Any, importance: Tensor, class_id: int) -> list[list[Any]]:
         """Log the drift and quality scalars of one class (module docstring); return its ``concepts/drift`` rows."""
         atoms = craft.W_.detach().cpu()
-        scalars = {f"{k}": float(v) for k, v in self.quality(craft, importance).items()}
+        scalars = {name: float(value) for name, value in self.quality(craft, importance).items()}
         current = {"atoms": atoms, "importance": importance}
         first = self._first.setdefault(class_id, current)
         previous = self._previous.get(class_id)
