@@ -4,19 +4,26 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
+# setuptools' notice on every editable install of a flat layout ("Please be careful with folders ... same name as
+# your package"), by its message only: it is about setuptools' mechanism, not the user's run
+EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench docs install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(EDITABLE_QUIET) $(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(EDITABLE_QUIET) $(PY) -m pip install --quiet -e '.[dev,docs]'
 	touch $@
 
 $(VENV)/.installed-bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(EDITABLE_QUIET) $(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -30,8 +37,13 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
+# the documentation site, strictly (a broken reference or link fails), into site/; NO_MKDOCS_2_WARNING hides
+# Material's banner about its successor (nothing about the site)
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: $(VENV)/.installed-bench
 	for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs wandb lightning_logs
+	rm -rf $(VENV) runs wandb lightning_logs site

@@ -6,12 +6,12 @@
     python train.py test --config configs/shortcut/harmonized_lipschitz.yaml --ckpt_path runs/.../last.ckpt
     python train.py fit --config configs/shortcut/harmonized_lipschitz.yaml --print_config
 
-Every run writes under ``runs/<experiment>/<version>/`` (see ``align.cli``). W&B runs offline unless you are
-logged in (``wandb login``) or set ``WANDB_MODE``.
+The same as ``python -m align.train`` (which also works outside the clone, with the packaged configs: ``--config
+shortcut/harmonized_lipschitz``). Every run writes under ``runs/<experiment>/<version>/`` (see ``align.cli``). W&B
+runs offline unless you are logged in (``wandb login``) or set ``WANDB_MODE``.
 """
 
-import datamodules  # noqa: F401  (imported so that data class_paths may use short names)
-from align.cli import main
+from align.train import main
 
 if __name__ == "__main__":
     main()

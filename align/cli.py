@@ -13,16 +13,23 @@ On top of Lightning's CLI (subclass mode for the model and the data, every ``--t
 * a ``checkpoint`` group (``ModelCheckpoint``: ``last.ckpt`` plus the best ``val/acc``);
 * a rich progress bar;
 * ``run.test_after_fit``: after ``fit``, test the best checkpoint on the datamodule's test splits (skipped with a
-  notice when it has none: :func:`has_test_split`).
+  notice when it has none: :func:`has_test_split`);
+* after every test, a compact summary (one row per test split, :mod:`align.summary`) and one sentence that reads
+  it, instead of Lightning's per-dataloader tables (back with ``--run.lightning_tables=true``);
+* a quiet start: library notices that are not about the run are filtered by message and module
+  (:func:`quiet_library_notices`).
 """
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import socket
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from align.module import HarmonizedClassifier
+from align.summary import print_summary
+from explain.metrics.functional.alignment import CLICKME_CEILING
 
 #: environment variable through which the DDP processes that Lightning launches get the run version of rank 0
 VERSION_ENV = "ALIGN_RUN_VERSION"
@@ -141,6 +150,30 @@ def choose_wandb_mode(environ: Mapping[str, str] | None = None, timeout: float =
     return "offline"
 
 
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ..." adverts (litlogger, litmodels) from its rank-zero logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_library_notices() -> None:
+    """Filter the start-up notices of our libraries that say nothing about the user's run, each by its message and
+    the module that emits it (nothing else is hidden):
+
+    * Lightning's litlogger / litmodels adverts (INFO records of ``lightning.pytorch.utilities.rank_zero``);
+    * the ``FutureWarning`` that torch's ``_pytree`` raises when ``lightning.pytorch.utilities._pytree`` builds a
+      ``LeafSpec`` (Lightning's code, fixed upstream, not the user's).
+    """
+    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(existing, _DropLightningTips) for existing in rank_zero_log.filters):
+        rank_zero_log.addFilter(_DropLightningTips())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 class LoggedConfigCallback(SaveConfigCallback):
     """Writes the resolved ``config.yaml`` into the run directory and logs the same config to every logger."""
 
@@ -236,6 +269,7 @@ class AlignCLI(LightningCLI):
     _asked_model: Namespace | None = None  # the model config asked for, when a --ckpt_path will replace it
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_library_notices()
         kwargs.setdefault("model_class", HarmonizedClassifier)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
@@ -264,6 +298,11 @@ class AlignCLI(LightningCLI):
         )
         parser.add_argument(
             "--run.test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint."
+        )
+        parser.add_argument(
+            "--run.lightning_tables", type=bool, default=False,
+            help="Also print Lightning's per-dataloader tables of every test metric (default: the summary only; "
+            "this flag sets Lightning's `verbose` of `test`).",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True})
@@ -340,6 +379,8 @@ class AlignCLI(LightningCLI):
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             self._place_logger(logger, run_dir, config)
+        if self.subcommand == "test":  # the summary replaces Lightning's tables (its `verbose`)
+            config.verbose = config.run.lightning_tables
 
     @staticmethod
     def _place_logger(logger: Any, run_dir: Path, config: Namespace) -> None:
@@ -369,7 +410,13 @@ class AlignCLI(LightningCLI):
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._wandb_init.get("anonymous") is None:
+                # Lightning always passes anonymous=None to wandb.init, which then warns "The anonymous setting has
+                # no effect"; leave the setting out (it does nothing in wandb >= 0.19)
+                logger._wandb_init.pop("anonymous", None)
+        return trainer
 
     # ---------------------------------------------------------------- subcommands
     def after_fit(self) -> None:
@@ -381,14 +428,27 @@ class AlignCLI(LightningCLI):
         elif self.config.fit.run.test_after_fit:
             checkpoint = self.trainer.checkpoint_callback
             best = checkpoint.best_model_path if checkpoint is not None else ""
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None,
+                              verbose=self.config.fit.run.lightning_tables)
+            self._print_summary()
         self._finish_wandb()
 
     def after_validate(self) -> None:
         self._finish_wandb()
 
     def after_test(self) -> None:
+        self._print_summary()
         self._finish_wandb()
+
+    def _print_summary(self) -> None:
+        """The test's answer on rank zero: :func:`align.summary.print_summary` of the logged test metrics."""
+        if not self.trainer.is_global_zero:
+            return
+        config = self.config[self.subcommand]
+        ceiling = getattr(self.model, "hparams", {}).get("alignment_ceiling", CLICKME_CEILING)
+        print_summary(self.trainer.callback_metrics, ceiling,
+                      splits=getattr(self.datamodule, "test_split_names", None),
+                      title=f"Test of {config.run.experiment}/{config.run.version}")
 
     def after_predict(self) -> None:
         self._finish_wandb()
@@ -404,6 +464,59 @@ class AlignCLI(LightningCLI):
             wandb.finish()
 
 
+def configs_root() -> Path:
+    """The configs shipped with the package (``align/configs``; in the repository, a link to ``configs/``)."""
+    return Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged experiment configs, e.g. ``shortcut/harmonized_lipschitz`` (the parts that others
+    reference, ``data/``, ``trainer/`` and ``callbacks/``, are left out)."""
+    root = configs_root()
+    parts = ("data", "trainer", "callbacks")
+    return sorted(str(path.relative_to(root).with_suffix("")) for path in root.glob("*/*.yaml")
+                  if path.parent.name not in parts)
+
+
+def resolve_config(value: str) -> str:
+    """``--config`` value -> a path: an existing file as given, else a packaged config by name (``shortcut/
+    harmonized_lipschitz``, ``.yaml`` optional, ``configs/`` prefix optional). Inline YAML (anything with ``:``
+    or a brace) is returned unchanged.
+
+    Raises:
+        FileNotFoundError: neither a file nor a packaged config; the message lists the packaged ones.
+    """
+    if Path(value).is_file() or any(char in value for char in ":{}\n"):
+        return value
+    name = value.removeprefix("configs/").removesuffix(".yaml")
+    candidate = configs_root() / f"{name}.yaml"
+    if name and candidate.is_file():
+        return str(candidate)
+    raise FileNotFoundError(
+        f"--config {value}: no such file, and no packaged config of that name; packaged configs: "
+        f"{', '.join(packaged_configs())}"
+    )
+
+
+def _resolve_config_args(args: list[str]) -> list[str]:
+    """Every ``--config X`` / ``--config=X`` of a command line through :func:`resolve_config`."""
+    resolved = list(args)
+    for index, arg in enumerate(resolved):
+        if arg == "--config" and index + 1 < len(resolved):
+            resolved[index + 1] = resolve_config(resolved[index + 1])
+        elif arg.startswith("--config="):
+            resolved[index] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return resolved
+
+
 def main(args: Any = None) -> AlignCLI:
-    """Entry point of ``train.py``; ``args`` as for ``LightningCLI`` (None: the command line)."""
+    """Entry point of ``train.py`` and ``python -m align.train``; ``args`` as for ``LightningCLI`` (None: the
+    command line). ``--config`` also takes the name of a packaged config (:func:`resolve_config`)."""
+    if args is None:  # resolved in place: LightningCLI warns when given both args and a command line
+        try:
+            sys.argv[1:] = _resolve_config_args(sys.argv[1:])
+        except FileNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+    elif isinstance(args, (list, tuple)):
+        args = _resolve_config_args([str(arg) for arg in args])
     return AlignCLI(args=args)

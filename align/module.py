@@ -26,6 +26,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from align.batch_statistics import batch_norm_layers, frozen_statistics_input_gradient
 from align.certification import certified_correct, last_linear, margin_lipschitz
 from align.losses.harmonization import HarmonizationLoss, Reduce, check_reduce, input_gradient
 from align.losses.rrr import RRRLoss
@@ -38,20 +39,10 @@ from explain.metrics.functional.alignment import CLICKME_CEILING
 from explain.validation import in_interval, one_of
 
 
-#: layers whose training-mode output couples the images of a batch (batch statistics)
-BATCH_NORMS = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d, nn.LazyBatchNorm3d,
-    nn.SyncBatchNorm,
-)
-
-
 def batch_coupled(model: nn.Module) -> bool:
     """True when a BatchNorm layer of ``model`` normalises with batch statistics (training mode, or no running
     statistics): its outputs then depend on the other images of the batch, and splitting a batch changes them."""
-    return any(
-        isinstance(layer, BATCH_NORMS) and (layer.training or not layer.track_running_stats)
-        for layer in model.modules()
-    )
+    return bool(batch_norm_layers(model))
 
 
 class HarmonizedClassifier(LightningModule):
@@ -94,7 +85,13 @@ class HarmonizedClassifier(LightningModule):
             this value are where the model should not look.
         split_annotated: in a training batch where only some images have a human map, take the double backprop
             on those only and a plain forward on the others (exact, see :meth:`harmonized_forward`; networks
-            with BatchNorm in training mode always use the whole batch). False: always the whole batch.
+            with BatchNorm in training mode use the whole batch unless ``frozen_batch_statistics``). False: always
+            the whole batch.
+        frozen_batch_statistics: with ``split_annotated``, let BatchNorm networks in training mode split too: one
+            plain forward of the whole batch (task loss, batch statistics and running statistics exactly as a plain
+            step), then the double backprop on the annotated images with those statistics held constant
+            (:mod:`align.batch_statistics`). The saliency then misses the paths through the statistics;
+            docs/speed.md gives the measured difference. False (default): the exact full-batch step.
         channels_last: keep the backbone's weights and the images in ``torch.channels_last`` memory format
             (faster convolutions with ``bf16-mixed`` on tensor-core GPUs).
     """
@@ -118,6 +115,7 @@ class HarmonizedClassifier(LightningModule):
         rrr_threshold: float = 0.1,
         split_annotated: bool = True,
         channels_last: bool = False,
+        frozen_batch_statistics: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -137,6 +135,7 @@ class HarmonizedClassifier(LightningModule):
         self.save_hyperparameters(ignore=ignore + (["num_classes"] if num_classes is None else []))
         self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
         self.split_annotated, self.channels_last = bool(split_annotated), bool(channels_last)
+        self.frozen_batch_statistics = bool(frozen_batch_statistics)
         self.num_classes = self._infer_num_classes(backbone, num_classes)
         self.lipschitz = bool(getattr(backbone, "lipschitz_body", False))
         self.task_loss = TaskLoss(task_loss, **(task_loss_options or {}))
@@ -240,13 +239,22 @@ class HarmonizedClassifier(LightningModule):
 
         BatchNorm in training mode couples the images through the batch statistics: there the whole batch goes
         through one forward with the double backprop, exactly as the reference (its statistics, and so every
-        logit and gradient, are those of the full batch); see :func:`batch_coupled`.
+        logit and gradient, are those of the full batch); see :func:`batch_coupled`. With
+        ``frozen_batch_statistics``, a plain forward of the whole batch and the double backprop on the annotated
+        images with its statistics held constant instead
+        (:func:`~align.batch_statistics.frozen_statistics_input_gradient`).
         """
         annotated = has_heatmap.reshape(-1).to(torch.bool)
-        if bool(annotated.all()) or not self.split_annotated or batch_coupled(self.backbone):
+        coupled = batch_coupled(self.backbone)
+        if bool(annotated.all()) or not self.split_annotated or (coupled and not self.frozen_batch_statistics):
             logits, gradient = input_gradient(self.backbone, images, labels, create_graph=True)
             return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
         with_map = annotated.nonzero().flatten()
+        scale = with_map.numel() / images.shape[0]  # the reference's mean over the whole batch
+        if coupled:
+            with orthogonal_kernels_once(self.backbone):
+                logits, gradient = frozen_statistics_input_gradient(self.backbone, images, labels, with_map)
+            return logits, self.harmonization(reduce_channels(gradient, self.reduce), human[with_map]) * scale
         without_map = (~annotated).nonzero().flatten()
         # the orthogonal kernels of the Lipschitz zoo computed once for both passes (see orthogonal_kernels_once for
         # why not parametrize.cached()): one step then costs, and advances the power iteration, as one full pass
@@ -255,8 +263,7 @@ class HarmonizedClassifier(LightningModule):
             logits_plain = self.backbone(images[without_map])
         logits = logits_map.new_empty(images.shape[0], logits_map.shape[1])
         logits = logits.index_copy(0, with_map, logits_map).index_copy(0, without_map, logits_plain.to(logits_map))
-        harmonization = self.harmonization(reduce_channels(gradient, self.reduce), human[with_map])
-        return logits, harmonization * (with_map.numel() / images.shape[0])
+        return logits, self.harmonization(reduce_channels(gradient, self.reduce), human[with_map]) * scale
 
     def _images(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images

@@ -8,6 +8,10 @@ repeated steps, the two sides alternating step by step (machine drift hits both 
 * ``mix``: ``lip_vgg``, 32 px, batch 64, 20% annotated (13 of 64, the reference mix): the double backprop runs on
   the annotated images only (target <= 1.35); ``--no-split`` measures the full-batch computation instead;
 * ``resnet18``: torchvision ResNet-18 (BatchNorm), 64 px, batch 16, all annotated (target <= 2.5);
+* ``resnet18_mix``: ResNet-18, 64 px, batch 64, 20% annotated, the exact step (BatchNorm in training mode: the
+  full-batch double backprop); ``resnet18_frozen``: the same with ``frozen_batch_statistics=True`` (a plain pass of
+  the whole batch, the double backprop on the 13 annotated images with its statistics held constant; target <= 1.5),
+  with the exact step as a third side alternating with the two (``exact ratio``);
 * ``vit``: ``timm`` ``vit_tiny_patch16_224`` at 32 px, patch 4, 20% annotated (LayerNorm: the split is exact).
 
 ``--floor`` adds a third side, alternating with the two: the bare PyTorch double backprop of the same network on
@@ -39,12 +43,15 @@ class Case:
     annotated: float
     task_loss: str
     target: float
+    frozen_batch_statistics: bool = False
 
 
 CASES = {
     "all": Case("lip_vgg", 32, 64, 1.0, "tau_ce", 2.5),
     "mix": Case("lip_vgg", 32, 64, 0.2, "tau_ce", 1.35),
     "resnet18": Case("resnet18", 64, 16, 1.0, "ce", 2.5),
+    "resnet18_mix": Case("resnet18", 64, 64, 0.2, "ce", 2.5),
+    "resnet18_frozen": Case("resnet18", 64, 64, 0.2, "ce", 1.5, frozen_batch_statistics=True),
     "vit": Case("vit", 32, 64, 0.2, "ce", 1.35),
 }
 
@@ -54,10 +61,8 @@ def backbone(name: str, num_classes: int = 4) -> torch.nn.Module:
         return lip_vgg(num_classes)
     if name == "resnet18":
         return resnet18(num_classes)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=num_classes)
-    for block in model.blocks:  # the fused attention kernels have no double backward
-        block.attn.fused_attn = False
-    return model
+    # timm's fused attention: the double-backprop pass swaps in align.models.attention's double backward
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=num_classes)
 
 
 def make_step(module: HarmonizedClassifier, optimizer: torch.optim.Optimizer, harmonize: bool):
@@ -116,18 +121,25 @@ def run(name: str, case: Case, repeats: int, warmup: int, split: bool, floor: bo
         "has_heatmap": annotated,
     }
     steps = {}
-    for side in ("without", "with", "floor") if floor else ("without", "with"):
+    sides = ["without", "with"] + (["floor"] if floor else []) + (["exact"] if case.frozen_batch_statistics else [])
+    for side in sides:
         torch.manual_seed(0)
-        module = HarmonizedClassifier(backbone(case.model), task_loss=case.task_loss, split_annotated=split).train()
+        module = HarmonizedClassifier(backbone(case.model), task_loss=case.task_loss, split_annotated=split,
+                                      frozen_batch_statistics=case.frozen_batch_statistics and side != "exact")
+        module.train()
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
         steps[side] = make_floor_step(module, optimizer) if side == "floor" else make_step(module, optimizer,
-                                                                                           side == "with")
+                                                                                           side != "without")
     times = interleaved_medians(steps, batch, warmup, repeats)
     ratio = times["with"] / times["without"]
-    how = "annotated only" if split else "full batch"
+    coupled = case.model == "resnet18" and not case.frozen_batch_statistics
+    how = "full batch" if not split or coupled or case.annotated == 1 else "annotated only"
+    how += ", frozen BN" if case.frozen_batch_statistics else ""
     extra = f" | floor {times['floor'] * 1e3:7.1f} ms, floor ratio {times['floor'] / times['without']:.2f}" if floor else ""
+    if "exact" in times:  # the same step without the option (full batch), alternating with the two others
+        extra += f" | exact {times['exact'] * 1e3:7.1f} ms, exact ratio {times['exact'] / times['without']:.2f}"
     print(
-        f"{name:9s} {case.model:8s} {size:3d} px batch {b:3d} annotated {int(annotated.sum()):3d} ({how:14s}) | "
+        f"{name:15s} {case.model:8s} {size:3d} px batch {b:3d} annotated {int(annotated.sum()):3d} ({how:25s}) | "
         f"without {times['without'] * 1e3:7.1f} ms | with {times['with'] * 1e3:7.1f} ms | "
         f"ratio {ratio:.2f} (target <= {case.target}){extra}"
     )

@@ -10,8 +10,9 @@ Backbones (``--backbone``), built from the configs' ``model.init_args.backbone``
 
 * ``resnet50``: ``configs/clickme/harmonized_resnet50.yaml`` (``align.models.resnet50``, 1000 classes);
 * ``vit_s16``: ``timm.create_model("vit_small_patch16_224", num_classes=1000, img_size=--image-size)``,
-  cross-entropy; the harmonized side turns timm's fused attention off (it has no double backward);
-* ``lip_resnet``: ``configs/clickme/harmonized_lip_resnet.yaml`` (the 1-Lipschitz ResNet).
+  cross-entropy; the fused attention stays on (the double-backprop pass uses :mod:`align.models.attention`);
+* ``lip_resnet``: ``configs/clickme/harmonized_lip_resnet.yaml`` (the 1-Lipschitz ResNet);
+* ``resnet18``: the resnet50 config with ``align.models.resnet18`` (CPU-sized runs).
 
     python benchmarks/bench_throughput.py --backbone resnet50 --precision bf16-mixed --channels-last   # GPU
     python benchmarks/bench_throughput.py --backbone resnet50 --device cpu --image-size 32 --batch-size 4 \\
@@ -37,7 +38,10 @@ CONFIGS = {
     "resnet50": "configs/clickme/harmonized_resnet50.yaml",
     "vit_s16": None,
     "lip_resnet": "configs/clickme/harmonized_lip_resnet.yaml",
+    "resnet18": "configs/clickme/harmonized_resnet50.yaml",  # with the backbone below
 }
+#: backbones built from another backbone's config, with their own class
+BACKBONE_CLASS = {"resnet18": "align.models.resnet18"}
 
 
 def instantiate(spec: dict):
@@ -55,22 +59,23 @@ def model_options(name: str) -> dict:
     if CONFIGS[name] is None:
         return {"backbone": None, "task_loss": "ce"}
     init = yaml.safe_load((ROOT / CONFIGS[name]).read_text())["model"]["init_args"]
+    if name in BACKBONE_CLASS:
+        init["backbone"]["class_path"] = BACKBONE_CLASS[name]
     return {key: init[key] for key in ("backbone", "task_loss", "task_loss_options") if key in init}
 
 
-def build(name: str, harmonized: bool, channels_last: bool, device: torch.device, image_size: int):
+def build(name: str, harmonized: bool, channels_last: bool, device: torch.device, image_size: int,
+          frozen_batch_statistics: bool = False):
     options = model_options(name)
     spec = options.pop("backbone")
     if spec:
         backbone = instantiate(spec)
     else:
         backbone = timm.create_model("vit_small_patch16_224", num_classes=1000, img_size=image_size)
-    if harmonized:
-        for layer in backbone.modules():  # timm's fused attention has no double backward
-            if hasattr(layer, "fused_attn"):
-                layer.fused_attn = False
+    # timm's fused attention stays on: the double-backprop pass swaps in align.models.attention's double backward
     module = HarmonizedClassifier(backbone, harmonization_weight=1.0 if harmonized else 0.0,
-                                  channels_last=channels_last, **options)
+                                  channels_last=channels_last, frozen_batch_statistics=frozen_batch_statistics,
+                                  **options)
     return module.to(device).train()
 
 
@@ -106,6 +111,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block", type=int, default=10, help="steps per side before switching")
+    parser.add_argument("--frozen-batch-statistics", action="store_true",
+                        help="BatchNorm networks split too (HarmonizedClassifier(frozen_batch_statistics=True))")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -131,8 +138,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    steps = {side: make_step(build(args.backbone, side == "harmonized", args.channels_last, device, size), side == "harmonized",
-                             autocast) for side in ("plain", "harmonized")}
+    steps = {side: make_step(build(args.backbone, side == "harmonized", args.channels_last, device, size,
+                                   args.frozen_batch_statistics), side == "harmonized", autocast)
+             for side in ("plain", "harmonized")}
     for step in steps.values():
         for _ in range(args.warmup):
             step(batch)
@@ -150,7 +158,8 @@ def main() -> None:
             done[side] += count
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.backbone} on {name}, {size} px, batch {b}, {args.precision}, channels_last={args.channels_last}, "
-          f"{int(annotated.sum())} annotated per batch, {args.steps} steps per side, torch {torch.__version__}")
+          f"{int(annotated.sum())} annotated per batch, {args.steps} steps per side, torch {torch.__version__}, "
+          f"frozen_batch_statistics={args.frozen_batch_statistics}")
     for side in steps:
         print(f"  {side:10s} {done[side] * b / seconds[side]:9.1f} images/s  ({seconds[side] / done[side] * 1e3:.1f} ms/step)")
     print(f"  harmonized / plain step time: {seconds['harmonized'] / seconds['plain']:.2f}")

@@ -8,7 +8,9 @@ anywhere in a Lightning loop:
 * it runs the model in eval mode and restores every submodule's train/eval flag afterwards,
 * it never touches the parameters' ``.grad`` (gradients are taken with ``torch.autograd.grad`` w.r.t. inputs),
 * it runs on the model's device and returns maps on the device of the images it was given,
-* it bounds memory with ``batch_size`` (the number of inputs sent through the model at once).
+* it bounds memory with ``batch_size`` (the number of inputs sent through the model at once); ``"auto"`` finds
+  the largest that fits (:mod:`explain.batching`): the explanation runs with a large batch size, halved and run
+  again on an out-of-memory error, and the size that fit is remembered per input shape.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from explain.validation import positive_int
+from explain.batching import AutoBatchSize, BatchSize
+from explain.validation import batch_size_or_auto
 
 
 def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
@@ -89,19 +92,24 @@ class Explainer(ABC):
     """Base class: ``Explainer(model, batch_size=64, seed=0)(images [B,C,H,W], targets [B]) -> maps [B,H,W]``.
 
     Subclasses implement :meth:`explain`, which is called with grad enabled, the model in eval mode, and
-    ``images``/``targets`` already cloned (normal tensors, not inference tensors) on the model's device.
+    ``images``/``targets`` already cloned (normal tensors, not inference tensors) on the model's device; they read
+    the batch size from ``self.batch_size`` (an int, also with ``batch_size="auto"``: :attr:`auto_batch_size` then
+    sets it for each attempt).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``batch_size`` not a positive int; at the call, images or targets as
+        ValueError: ``batch_size`` neither a positive int nor ``"auto"``; at the call, images or targets as
             :func:`check_images_targets` refuses.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int = 64, seed: int | None = 0) -> None:
+    def __init__(self, model: nn.Module, batch_size: BatchSize = 64, seed: int | None = 0) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.batch_size = positive_int("batch_size", batch_size)
+        batch_size = batch_size_or_auto("batch_size", batch_size)
+        #: with ``batch_size="auto"``, what finds and remembers the size that fits (None otherwise)
+        self.auto_batch_size = AutoBatchSize(type(self).__name__) if batch_size == "auto" else None
+        self.batch_size: int = 64 if batch_size == "auto" else batch_size  # "auto": set at each attempt
         self.seed = seed
 
     @property
@@ -118,13 +126,22 @@ class Explainer(ABC):
         with grad_enabled(), eval_mode(self.model):
             images = images.detach().to(device).clone()
             targets = targets.detach().to(device).clone()
-            maps = self.explain(images, targets, **options)
+            if self.auto_batch_size is None:
+                maps = self.explain(images, targets, **options)
+            else:
+                key = (tuple(images.shape[1:]), images.dtype, device)
+                run = lambda size: self._explain_with(size, images, targets, options)  # noqa: E731
+                maps = self.auto_batch_size(key, device, run)
         if maps.shape != (images.shape[0], *images.shape[-2:]):
             raise RuntimeError(
                 f"{type(self).__name__}.explain returned shape {tuple(maps.shape)}, "
                 f"expected {(images.shape[0], *images.shape[-2:])}"
             )
         return maps.detach().to(out_device)
+
+    def _explain_with(self, batch_size: int, images: Tensor, targets: Tensor, options: dict) -> Tensor:
+        self.batch_size = batch_size
+        return self.explain(images, targets, **options)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """A fresh generator seeded with ``seed`` (None when ``seed`` is None: global RNG)."""
@@ -142,4 +159,5 @@ class Explainer(ABC):
         """Return maps [B,H,W] for ``images`` [B,C,H,W] and ``targets`` [B] (see class docstring)."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={type(self.model).__name__}, batch_size={self.batch_size})"
+        batch_size = "'auto'" if self.auto_batch_size is not None else self.batch_size
+        return f"{type(self).__name__}(model={type(self.model).__name__}, batch_size={batch_size})"

@@ -139,3 +139,20 @@ def in_interval(
     if below or above:
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return number
+
+
+def batch_size_or_auto(name: str, value: Any) -> Any:
+    """``value`` if it is a positive int (not a ``bool``) or the string ``"auto"`` (the largest batch that fits,
+    :mod:`explain.batching`).
+
+    Raises:
+        ValueError: ``"<name> must be a positive int, got <value> (or 'auto': ...)"``.
+
+    >>> batch_size_or_auto("batch_size", "auto")
+    'auto'
+    """
+    if value == "auto" and isinstance(value, str):
+        return value
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r} (or 'auto': the largest batch that fits)")
+    return value

@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from align.models.attention import double_backward_attention
 from explain.attributions.saliency import REDUCTIONS, reduce_channels
 from explain.base import grad_enabled
 from explain.validation import positive_int
@@ -56,8 +56,9 @@ def input_gradient(
     With ``create_graph=True`` the gradient stays differentiable w.r.t. the parameters (double backprop), and the
     logits can feed the task loss too. Safe to call under ``torch.no_grad``/``inference_mode`` (the images are
     cloned into a normal tensor and grad is re-enabled locally); the caller's tensors are never modified.
-    With ``create_graph=True``, ``scaled_dot_product_attention`` (e.g. in timm's ViTs) runs on its math kernel: the
-    fused kernels (flash, memory-efficient) have no double backward.
+    With ``create_graph=True``, ``scaled_dot_product_attention`` (e.g. in timm's ViTs) keeps its fused forward
+    with a backward written in differentiable operations (:func:`align.models.attention.double_backward_attention`):
+    the fused kernels themselves have no double backward.
 
     Raises:
         ValueError: ``images`` not [B, C, H, W], targets without one entry per image, or a model that does not
@@ -67,7 +68,7 @@ def input_gradient(
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if targets.reshape(-1).shape[0] != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {targets.numel()} targets")
-    attention = sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext()
+    attention = double_backward_attention() if create_graph else nullcontext()
     with grad_enabled(), attention:
         if images.is_inference():
             images = images.clone()

@@ -19,10 +19,13 @@ find them important); images with neither are not penalised.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from align.models.attention import double_backward_attention
 from explain.base import grad_enabled
 from explain.validation import in_interval
 
@@ -39,7 +42,8 @@ def log_probability_gradient(model: nn.Module, images: Tensor, create_graph: boo
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    with grad_enabled():
+    attention = double_backward_attention() if create_graph else nullcontext()  # fused attention, twice differentiable
+    with grad_enabled(), attention:
         images = images.clone() if images.is_inference() else images
         if not images.requires_grad:
             images = images.detach().requires_grad_(True)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explain.attributions.saliency import ChannelReducingExplainer, Reduce, check_logits
+from explain.batching import BatchSize
 
 _INSTALL_HINT = (
     "from_captum needs captum, an optional dependency: pip install 'aligned-vision[dev]' "
@@ -89,7 +90,7 @@ class CaptumExplainer(ChannelReducingExplainer):
         model: nn.Module,
         method: type | str | Callable[..., Any],
         init_kwargs: dict[str, Any] | None = None,
-        batch_size: int = 64,
+        batch_size: BatchSize = 64,
         seed: int | None = 0,
         reduce: Reduce = "absmax",
         **attribute_kwargs: Any,

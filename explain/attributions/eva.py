@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from explain.base import Explainer, check_images_targets, eval_mode, grad_enabled, model_device
+from explain.batching import BatchSize
 from explain.bounds import METHODS, BoundGraph, build_graph, check_graph
 from explain.bounds.crown import ROW_BUDGET
 from explain.bounds.margin import margin_upper_bounds_of_balls, shared_crown_margins
@@ -261,7 +262,7 @@ class EVA(Explainer):
         crown_classes: int | None = None,
         relaxation: str = "shared",
         lipschitz_boxes: bool = True,
-        batch_size: int = 16,
+        batch_size: BatchSize = 16,
         seed: int | None = 0,
         row_budget: int = ROW_BUDGET,
     ) -> None:

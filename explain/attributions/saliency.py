@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from explain.base import Explainer
+from explain.batching import BatchSize
 from explain.registry import register_explainer
 from explain.validation import in_interval, one_of, positive_int
 
@@ -136,7 +137,7 @@ class ChannelReducingExplainer(Explainer):
     here) turns them into maps [B, H, W] with :meth:`to_maps`."""
 
     def __init__(
-        self, model: nn.Module, batch_size: int = 64, seed: int | None = 0, reduce: Reduce = "absmax"
+        self, model: nn.Module, batch_size: BatchSize = 64, seed: int | None = 0, reduce: Reduce = "absmax"
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
         self.reduce = channel_reduction(reduce)
@@ -149,7 +150,7 @@ class ChannelReducingExplainer(Explainer):
 class _GradientExplainer(ChannelReducingExplainer):
     """An explainer whose only options are ``batch_size`` and the channel reduction ``reduce`` (no randomness)."""
 
-    def __init__(self, model: nn.Module, batch_size: int = 64, reduce: Reduce = "absmax") -> None:
+    def __init__(self, model: nn.Module, batch_size: BatchSize = 64, reduce: Reduce = "absmax") -> None:
         super().__init__(model, batch_size=batch_size, seed=None, reduce=reduce)
 
 
@@ -232,7 +233,7 @@ class SmoothGrad(ChannelReducingExplainer):
         model: nn.Module,
         nb_samples: int = 50,
         noise: float = 0.2,
-        batch_size: int = 64,
+        batch_size: BatchSize = 64,
         seed: int | None = 0,
         reduce: Reduce = "absmax",
     ) -> None:

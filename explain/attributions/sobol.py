@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from explain.attributions.perturbations import PERTURBATIONS, Perturbation, apply_masks, perturbation_terms
 from explain.attributions.saliency import check_logits
 from explain.base import Explainer
+from explain.batching import BatchSize
 from explain.registry import register_explainer
 from explain.sensitivity import ESTIMATORS, Estimator, sobol_design, total_sobol_indices
 from explain.validation import one_of, positive_int
@@ -167,14 +168,14 @@ class Sobol(Explainer):
         nb_design: int = 32,
         perturbation: Perturbation = "inpainting",
         estimator: Estimator = "jansen",
-        batch_size: int = 256,
+        batch_size: BatchSize = 256,
         baseline: float | Tensor = 0.0,
         seed: int | None = 0,
         blur_size: int = 10,
         amplitude_sigma: float = 1.0,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
-        _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, batch_size)
+        _sobol_arg_validation(grid_size, nb_design, perturbation, estimator, blur_size, self.batch_size)
         self.grid_size = grid_size
         self.nb_design = nb_design
         self.perturbation = perturbation

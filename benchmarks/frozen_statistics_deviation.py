@@ -1,0 +1,118 @@
+"""How far the frozen-statistics split of a BatchNorm network is from the exact full-batch harmonized step.
+
+For ``--batches`` random batches (uniform images, random labels and human maps, ``--annotated`` of each batch with
+a map) through one network in training mode, the exact step (``HarmonizedClassifier``'s default: the whole batch
+through the double backprop) and the frozen-statistics split (``frozen_batch_statistics=True``) are computed from
+the same weights and running statistics, and compared:
+
+* the task loss and the harmonization loss (relative difference);
+* the saliency of each annotated image (the signed channel mean of ``d logit_y / d x``, as the loss uses it):
+  Spearman rank correlation with the exact one, over the pixels (scipy);
+* the parameter gradient of the whole loss, and of the harmonization term alone: cosine with the exact one.
+
+    python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from scipy.stats import spearmanr
+
+from align import HarmonizedClassifier
+from align.models import resnet18, resnet50
+
+BACKBONES = {"resnet18": resnet18, "resnet50": resnet50}
+
+
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    a, b = torch.cat([t.flatten() for t in a]).double(), torch.cat([t.flatten() for t in b]).double()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def step(module: HarmonizedClassifier, batch: dict, state: dict) -> dict:
+    """Loss terms, annotated saliency and parameter gradients of one harmonized step from ``state``."""
+    module.load_state_dict(state)
+    parameters = [p for p in module.backbone.parameters() if p.requires_grad]
+    saliency = {}
+    original = module.harmonization.forward
+
+    def keep(maps, human, has_heatmap=None):  # the saliency the loss sees, annotated images only
+        saliency["maps"] = (maps if has_heatmap is None else maps[has_heatmap]).detach()
+        return original(maps, human, has_heatmap)
+
+    module.harmonization.forward = keep
+    try:
+        logits, harmonization = module.harmonized_forward(batch["image"], batch["label"], batch["heatmap"],
+                                                          batch["has_heatmap"])
+    finally:
+        module.harmonization.forward = original
+    task = module.task_loss(logits, batch["label"])
+    options = {"retain_graph": True, "allow_unused": True, "materialize_grads": True}
+    harmonization_grads = torch.autograd.grad(harmonization, parameters, **options)
+    total_grads = torch.autograd.grad(task + harmonization, parameters, materialize_grads=True, allow_unused=True)
+    return {"task": task.item(), "harmonization": harmonization.item(), "saliency": saliency["maps"],
+            "harmonization_grads": harmonization_grads, "grads": total_grads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", choices=tuple(BACKBONES), default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--annotated", type=float, default=0.2)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    exact = HarmonizedClassifier(BACKBONES[args.backbone](num_classes=1000)).to(device).train()
+    frozen = copy.deepcopy(exact)
+    frozen.frozen_batch_statistics = True
+    b, size = args.batch_size, args.image_size
+    count = max(1, round(args.annotated * b))
+    print(f"{args.backbone} (random init, training mode), {size} px, batch {b}, {count} annotated, "
+          f"{args.batches} batches, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    for index in range(args.batches):
+        generator = torch.Generator().manual_seed(index)
+        has_heatmap = torch.zeros(b, dtype=torch.bool)
+        has_heatmap[torch.randperm(b, generator=generator)[:count]] = True
+        batch = {
+            "image": torch.rand(b, 3, size, size, generator=generator),
+            "label": torch.randint(0, 1000, (b,), generator=generator),
+            "heatmap": torch.rand(b, size, size, generator=generator) * has_heatmap[:, None, None],
+            "has_heatmap": has_heatmap,
+        }
+        batch = {key: value.to(device) for key, value in batch.items()}
+        state = copy.deepcopy(exact.state_dict())
+        start = time.perf_counter()
+        reference = step(exact, batch, state)
+        middle = time.perf_counter()
+        ours = step(frozen, batch, state)
+        end = time.perf_counter()  # (times are indicative: no device synchronisation)
+        rhos = [spearmanr(a.flatten().cpu().numpy(), b.flatten().cpu().numpy()).statistic
+                for a, b in zip(ours["saliency"], reference["saliency"], strict=True)]
+        row = {
+            "task loss rel. diff": abs(ours["task"] - reference["task"]) / abs(reference["task"]),
+            "harmonization loss rel. diff": abs(ours["harmonization"] - reference["harmonization"])
+            / abs(reference["harmonization"]),
+            "saliency Spearman (mean)": statistics.mean(rhos),
+            "saliency Spearman (min)": min(rhos),
+            "gradient cosine (whole loss)": cosine(ours["grads"], reference["grads"]),
+            "gradient cosine (harmonization term)": cosine(ours["harmonization_grads"],
+                                                           reference["harmonization_grads"]),
+        }
+        rows.append(row)
+        print(f"batch {index}: exact {middle - start:.1f} s, frozen {end - middle:.1f} s | "
+              + ", ".join(f"{name} {value:.4g}" for name, value in row.items()), flush=True)
+    print("mean over batches: " + ", ".join(f"{name} {statistics.mean(r[name] for r in rows):.4g}" for name in rows[0]))
+
+
+if __name__ == "__main__":
+    main()

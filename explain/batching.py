@@ -1,0 +1,84 @@
+"""``batch_size="auto"``: the largest batch that fits in memory, found once per model and input shape.
+
+:class:`AutoBatchSize` runs a computation with a batch size, starting large; on an out-of-memory error it halves
+the size and runs it again, until it fits (or a size of 1 does not). The size that fit is remembered per key
+(the explainer's model is fixed, so the key is the input shape, dtype and device) and logged once.
+
+Out-of-memory errors it recognises: CUDA's (``torch.OutOfMemoryError``) and the CPU allocator's refusal
+(``RuntimeError: DefaultCPUAllocator: can't allocate memory``). On the CPU, Linux usually grants memory it does
+not have and later kills the process (the OOM killer), which no program can catch: the CPU start is therefore
+moderate (:data:`CPU_START`), and a refusal only comes for requests larger than the machine.
+
+Halving and rerunning gives the same result as a fixed batch size for every computation whose result does not
+depend on how its inputs are chunked (all of ``explain``'s: their noise and designs are drawn per call, not per
+chunk).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Hashable
+from typing import Literal, TypeVar, Union
+
+import torch
+
+T = TypeVar("T")
+#: an explainer's ``batch_size``: inputs per pass, or ``"auto"`` (the largest that fits)
+BatchSize = Union[int, Literal["auto"]]
+log = logging.getLogger(__name__)
+
+#: first batch size tried on an accelerator (CUDA, MPS, ...) and on the CPU
+ACCELERATOR_START = 1024
+CPU_START = 64
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA's out-of-memory error and the CPU allocator's ``can't allocate memory``."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def release_cached_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back after a failed attempt (the failed attempt's tensors are
+    gone once its exception is)."""
+    if torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+class AutoBatchSize:
+    """``AutoBatchSize()(key, device, run)``: ``run(batch_size)`` with the largest batch size that fits, halving
+    from the remembered size for ``key`` (or from :data:`ACCELERATOR_START` / :data:`CPU_START` on ``device``).
+
+    ``fitted`` maps each key to the size that fit; the first size found for a key is logged (``INFO``, logger
+    ``explain.batching``).
+
+    Raises:
+        The out-of-memory error itself when even a batch of 1 does not fit; any other error at once.
+    """
+
+    def __init__(self, name: str = "explainer") -> None:
+        self.name = name
+        self.fitted: dict[Hashable, int] = {}
+
+    def __call__(self, key: Hashable, device: torch.device, run: Callable[[int], T]) -> T:
+        size = self.fitted.get(key, CPU_START if torch.device(device).type == "cpu" else ACCELERATOR_START)
+        while True:
+            try:
+                result = run(size)
+                break
+            except RuntimeError as error:
+                if not is_out_of_memory(error) or size == 1:
+                    raise
+            # out of the except block: the failed attempt's frames and tensors are released before the next one
+            release_cached_memory()
+            size //= 2
+        if key not in self.fitted:
+            log.info("%s: batch_size='auto' uses %d for %s", self.name, size, key)
+        self.fitted[key] = size
+        return result
+
+    def __repr__(self) -> str:
+        return f"AutoBatchSize({self.name!r}, fitted={self.fitted})"
