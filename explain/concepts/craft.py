@@ -19,6 +19,7 @@ mean of its activations and factorizes them, ``A ~= U W`` with NMF: the rows of 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import operator
 from collections.abc import Callable, Iterator, Mapping
@@ -30,8 +31,9 @@ from torch import Tensor, nn
 
 from explain.base import eval_mode, model_device
 from explain.concepts.crops import default_patch_size, default_stride, extract_crops
+from explain.concepts.dictionary import Dictionary, NMFDictionary, make_dictionary
 from explain.concepts.gallery import concept_gallery
-from explain.concepts.implicit import implicit_concept_maps
+from explain.concepts.implicit import jacobian_concept_maps
 from explain.concepts.importance import concept_importance
 from explain.concepts.nmf import NMF
 from explain.concepts.nnls import nnls
@@ -77,11 +79,18 @@ class Craft:
             ``n_concepts``); default ``init="nndsvda", max_iter=200`` as the reference's scikit-learn NMF.
         device: where the model parts and NMF run; default the device of ``input_to_latent`` when it is a
             module, else that of the images.
+        dictionary: how concepts are extracted: a name of :func:`~explain.concepts.make_dictionary` (``"nmf"``,
+            the default, ``"semi_nmf"``, ``"archetypal"``, ``"topk_sae"``, ``"batchtopk_sae"``,
+            ``"jumprelu_sae"``, ``"archetypal_sae"``) or a :class:`~explain.concepts.Dictionary` with
+            ``n_concepts`` atoms. Methods other than NMF take signed activations (no ``sign_split``).
+        dictionary_options: options of the named dictionary (for ``"nmf"`` they update ``nmf``).
 
     Fitted attributes (None until set; scikit-learn's trailing underscore): after ``fit``, ``W_`` [r, c] (concept
     bank, on ``device``), ``crops_`` [n, C, p, p] (on CPU), ``crops_u_`` [n, r] (their coefficients),
     ``crops_image_`` [n] (index of each crop's image), ``image_size_``, ``patch_size_``, ``stride_``,
-    ``class_id_`` and ``factorizer_`` (the fitted :class:`~explain.concepts.nmf.NMF`); after ``importance``,
+    ``class_id_``, ``crop_activations_`` [n, c] (the crops' spatially averaged activations that were
+    factorized), ``dictionary_`` (the fitted :class:`~explain.concepts.Dictionary`) and ``factorizer_`` (the
+    fitted :class:`~explain.concepts.nmf.NMF` for ``"nmf"``, else ``dictionary_``); after ``importance``,
     ``importances_`` [r]; on a child of :meth:`decompose`, ``parent_``, ``parent_concept_``, ``parent_crops_``,
     ``parent_weights_`` and ``parent_error_``. The names without the underscore (``W``, ``crops_u``, ...) are
     read-only aliases kept for earlier code.
@@ -112,6 +121,8 @@ class Craft:
         batch_size: int = 64,
         nmf: Mapping[str, Any] | NMF | None = None,
         device: torch.device | str | None = None,
+        dictionary: str | Dictionary = "nmf",
+        dictionary_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not callable(input_to_latent):
             raise TypeError(f"input_to_latent must be callable (a module or a function), got {input_to_latent!r}")
@@ -128,6 +139,17 @@ class Craft:
                    "warmup": nmf.warmup, "seed": nmf.seed}
         self.nmf_options = dict(nmf or {})
         NMF(n_concepts, **self.nmf_options)  # fail now on a bad option
+        if isinstance(dictionary, Dictionary):
+            if dictionary.n_concepts != n_concepts:
+                raise ValueError(
+                    f"dictionary has {dictionary.n_concepts} atoms but n_concepts={n_concepts}: make them equal"
+                )
+            if dictionary_options:
+                raise ValueError("dictionary_options go with a dictionary name; a Dictionary carries its own options")
+        elif not isinstance(dictionary, str):
+            raise TypeError(f"dictionary must be a name or an explain.concepts.Dictionary, got {dictionary!r}")
+        self.dictionary, self.dictionary_options = dictionary, dict(dictionary_options or {})
+        self._new_dictionary(n_concepts)  # fail now on an unknown name or a bad option
         self.input_to_latent, self.latent_to_logit = input_to_latent, latent_to_logit
         self.n_concepts, self.patch_size, self.stride, self.batch_size = n_concepts, patch_size, stride, batch_size
         self.device = torch.device(device) if device is not None else None
@@ -140,7 +162,9 @@ class Craft:
         self.patch_size_: int | None = None
         self.stride_: int | None = None
         self.class_id_: int | None = None
-        self.factorizer_: NMF | None = None
+        self.factorizer_: NMF | Dictionary | None = None
+        self.dictionary_: Dictionary | None = None
+        self.crop_activations_: Tensor | None = None
         # fitted by importance()
         self.importances_: Tensor | None = None
         # set on the child of decompose()
@@ -149,6 +173,23 @@ class Craft:
         self.parent_crops_: Tensor | None = None
         self.parent_weights_: Tensor | None = None
         self.parent_error_: float | None = None
+
+    def _new_dictionary(self, n_concepts: int) -> Dictionary:
+        """An unfitted dictionary of ``n_concepts`` atoms as asked at construction (the given one, when it fits)."""
+        if isinstance(self.dictionary, Dictionary):
+            if n_concepts == self.dictionary.n_concepts:
+                return self.dictionary
+            params = {k: v for k, v in self.dictionary.get_params().items() if k != "n_concepts"}
+            return type(self.dictionary)(n_concepts, **params)
+        options = dict(self.dictionary_options)
+        if self.dictionary == "nmf":
+            options = {**self.nmf_options, **options}
+        return make_dictionary(self.dictionary, n_concepts, **options)
+
+    @property
+    def _nonnegative(self) -> bool:
+        kind = type(self.dictionary) if isinstance(self.dictionary, Dictionary) else None
+        return kind.nonnegative_inputs if kind is not None else self.dictionary == "nmf"
 
     # ------------------------------------------------------------------ model evaluation
     def _device(self, like: Tensor) -> torch.device:
@@ -173,7 +214,7 @@ class Craft:
                     raise ValueError(
                         f"input_to_latent must return activations [B, c, h, w] or [B, c], got {tuple(latent.shape)}"
                     )
-                if float(latent.min()) < 0:
+                if self._nonnegative and float(latent.min()) < 0:
                     raise ValueError(
                         f"input_to_latent returned negative activations (min {float(latent.min()):.4g}). "
                         + _NEGATIVE_HELP
@@ -184,6 +225,10 @@ class Craft:
     def _check_fitted(self) -> Tensor:
         if self.W_ is None:
             raise RuntimeError("this Craft is not fitted yet: call craft.fit(images) first")
+        if self.dictionary_ is None or self.dictionary_.dictionary_ is not self.W_:
+            # a concept bank set by hand: its codes are the NNLS ones, as before dictionaries existed
+            self.dictionary_ = NMFDictionary(self.W_.shape[0])
+            self.dictionary_.dictionary_ = self.W_
         return self.W_
 
     # ------------------------------------------------------------------ concepts
@@ -208,9 +253,11 @@ class Craft:
                 "ones), a smaller patch_size/stride, or fewer concepts"
             )
         activations = self._latents(crops, size=image_size, pool=True)
-        self.factorizer_ = NMF(self.n_concepts, **self.nmf_options)
-        self.crops_u_ = self.factorizer_.fit_transform(activations)
-        self.W_ = self.factorizer_.W
+        self.dictionary_ = self._new_dictionary(self.n_concepts)
+        self.crops_u_ = self.dictionary_.fit_transform(activations)
+        self.crop_activations_ = activations
+        self.W_ = self.dictionary_.dictionary_
+        self.factorizer_ = getattr(self.dictionary_, "factorizer_", self.dictionary_)
         self.crops_ = crops.detach().cpu()
         self.image_size_, self.class_id_ = tuple(image_size), class_id
         return self
@@ -218,18 +265,19 @@ class Craft:
     def transform(self, images: Tensor) -> Tensor:
         """Concept coefficients of ``images``: [B, h, w, r] per latent location ([B, r] for a flat latent).
 
-        NNLS ``argmin_{U >= 0} ||A - U W||`` at every location, ``W`` fixed (the reference's ``transform``).
+        The dictionary's ``encode`` at every location, ``W`` fixed: for NMF the NNLS ``argmin_{U >= 0} ||A - U W||``
+        (the reference's ``transform``).
         """
         _check_images(images)
         return self._coefficients(self._latents(images)).to(images.device)
 
     def _coefficients(self, activations: Tensor) -> Tensor:
-        w = self._check_fitted()
+        self._check_fitted()
         if activations.ndim == 2:
-            return nnls(activations, w)
+            return self.dictionary_.encode(activations)
         batch, channels, height, width = activations.shape
         flat = activations.permute(0, 2, 3, 1).reshape(-1, channels)
-        return nnls(flat, w).reshape(batch, height, width, -1)
+        return self.dictionary_.encode(flat).reshape(batch, height, width, -1)
 
     # ------------------------------------------------------------------ importance
     def importance(
@@ -278,8 +326,10 @@ class Craft:
         """Where each concept is in each image: [B, r, H, W] (needs spatial activations).
 
         * ``"implicit"``: ``ReLU(A . J_k) / (h w)`` at every latent location, with ``J = du/d(mean_hw A)`` the
-          implicit derivative of the image's NNLS coefficients (:mod:`explain.concepts.implicit`), resized
-          bicubic (as the reference's Grad-CAM) and clipped at 0.
+          derivative of the image's codes (the dictionary's ``code_jacobian``: for NMF and semi-NMF the implicit
+          derivative of the NNLS coefficients, :mod:`explain.concepts.implicit`; for an SAE the encoder's own
+          gradient), resized bicubic (as the reference's Grad-CAM) and clipped at 0. Archetypal analysis has no
+          derivative: it raises ``NotImplementedError`` (use ``"activation"``).
         * ``"activation"``: the coefficients ``U`` [B, h, w, r] of :meth:`transform`, set to 0 where at most
           the ``percentile``-th percentile of that concept over all the given images and locations (the
           reference notebook's display; None keeps all), resized bilinear.
@@ -297,7 +347,7 @@ class Craft:
             )
         size = tuple(images.shape[-2:])
         if method == "implicit":
-            maps = implicit_concept_maps(activations, w)
+            maps = jacobian_concept_maps(activations, self.dictionary_.code_jacobian(activations.mean(dim=(2, 3))))
             maps = F.interpolate(maps, size=size, mode="bicubic", align_corners=False).clamp_min(0)
         elif method == "activation":
             maps = self._coefficients(activations).permute(0, 3, 1, 2)
@@ -354,9 +404,11 @@ class Craft:
                 "more images"
             )
         selected = scores.topk(count).indices.cpu()
+        dictionary = self._new_dictionary(n_concepts)
         child = Craft(
             input_to_latent, latent_to_logit, n_concepts, patch_size=self.patch_size, stride=self.stride,
             batch_size=self.batch_size, nmf=self.nmf_options, device=self.device,
+            dictionary=dictionary if dictionary is not self.dictionary else copy.deepcopy(dictionary),
         )
         child.patch_size_, child.stride_ = self.patch_size_, self.stride_
         child.crops_image_ = self.crops_image_[selected] if self.crops_image_ is not None else None

@@ -58,7 +58,15 @@ def implicit_concept_maps(activations: Tensor, w: Tensor, u: Tensor | None = Non
     pooled = activations.mean(dim=(2, 3))
     if u is None:
         u = nnls(pooled, w)
-    jacobian = nnls_jacobian(u, w)  # [B, r, c]
+    return jacobian_concept_maps(activations, nnls_jacobian(u, w))
+
+
+def jacobian_concept_maps(activations: Tensor, jacobian: Tensor) -> Tensor:
+    """``ReLU(A[:, i, j] . J[k]) / (h w)`` [B, r, h, w] from activations [B, c, h, w] and the derivative ``J``
+    [B, r, c] of each image's codes with respect to its spatially averaged activations (module docstring; any
+    dictionary's ``code_jacobian``)."""
+    if activations.ndim != 4:
+        raise ValueError(f"concept maps need spatial activations [B, c, h, w], got {tuple(activations.shape)}")
     height, width = activations.shape[-2:]
-    contributions = (jacobian @ activations.flatten(2)).unflatten(-1, (height, width))
+    contributions = (jacobian.to(activations) @ activations.flatten(2)).unflatten(-1, (height, width))
     return contributions.clamp_min(0) / (height * width)

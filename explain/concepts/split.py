@@ -7,9 +7,15 @@ CRAFT factorizes the activations of ``g`` (Fel et al. 2023). :func:`split_model`
 * torchvision ResNets (whose ``forward`` flattens before ``fc``), by default after ``layer4``;
 * timm models, through their ``forward_features`` / ``forward_head``: CNNs as they are ([B, C, h, w] features),
   vision transformers by their patch tokens reshaped to [B, C, h, w] (the class/register tokens are dropped,
-  which is exact when the head pools the patch tokens: ``global_pool="avg"``, ``"max"`` or ``"avgmax"``; with
-  the default class-token readout the patches reach the logits only through attention, and no split of them
-  exists: build the model with ``global_pool="avg"``). Transformer tokens are signed: use ``sign_split=True``.
+  which is exact when the head pools the patch tokens: ``global_pool="avg"``, ``"max"`` or ``"avgmax"``).
+* class-token vision transformers (timm's default ``global_pool="token"``, every pretrained ViT-S/16): split
+  before the last block. The latent is the tokens that leave block L-1: the patch tokens as [B, C, h, w], with the
+  P prefix (class/register) tokens appended as P C more channels, the same at every location
+  (:class:`TimmTokensBeforeLastBlock`); ``latent_to_logit`` reads the prefix tokens back as the spatial mean of
+  those channels and runs the last block, the norm and the head on the class token
+  (:class:`TimmLastBlockHead`). Exact on the model's own latents; concepts of the patch tokens then drive the
+  logit through the last block's attention (and a concept also carries its part of the class token).
+Transformer tokens are signed: use ``sign_split=True`` for NMF (other dictionaries take signed activations).
 
 CRAFT needs ``g >= 0``. 1-Lipschitz networks with GroupSort2/MaxMin activations have signed activations:
 ``sign_split=True`` makes the split exact for them too, with ``g'(x) = cat(relu(z), relu(-z))`` (``z = g(x)``,
@@ -101,6 +107,53 @@ class TimmHead(nn.Module):
         return self.model.forward_head(features)
 
 
+def _patch_grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    patch = model.patch_embed.patch_size
+    return x.shape[-2] // patch[0], x.shape[-1] // patch[1]
+
+
+class TimmTokensBeforeLastBlock(nn.Module):
+    """The tokens that leave block L-1 of a timm vision transformer: patches [B, C, h, w], then the P prefix
+    tokens as P C channels broadcast over the grid: [B, (1 + P) C, h, w] (module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        model = self.model
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        tokens = model.blocks[:-1](tokens)
+        prefix, height, width = model.num_prefix_tokens, *_patch_grid(model, x)
+        batch, count, channels = tokens.shape
+        if count != prefix + height * width:
+            raise ValueError(
+                f"{type(model).__name__} gives {count - prefix} patch tokens for a {tuple(x.shape[-2:])} image, not "
+                f"the {height} x {width} grid of its patches"
+            )
+        patches = tokens[:, prefix:].transpose(1, 2).reshape(batch, channels, height, width)
+        extra = tokens[:, :prefix].reshape(batch, prefix * channels, 1, 1).expand(-1, -1, height, width)
+        return torch.cat([patches, extra], dim=1)
+
+
+class TimmLastBlockHead(nn.Module):
+    """The last block, the norm and the head of a timm vision transformer on the latent of
+    :class:`TimmTokensBeforeLastBlock` (prefix tokens: the spatial mean of their channels)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent: Tensor) -> Tensor:
+        model = self.model
+        prefix, channels = model.num_prefix_tokens, model.embed_dim
+        batch = latent.shape[0]
+        patches = latent[:, :channels].flatten(2).transpose(1, 2)
+        extra = latent[:, channels:].mean(dim=(2, 3)).reshape(batch, prefix, channels)
+        tokens = model.blocks[-1](torch.cat([extra, patches], dim=1))
+        return model.forward_head(model.norm(tokens))
+
+
 def _is_transformer(model: nn.Module) -> bool:
     return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
 
@@ -113,12 +166,14 @@ def _split_timm(model: nn.Module, at: str | None) -> tuple[nn.Module, nn.Module]
     transformer = _is_transformer(model)
     if transformer:
         pooling = getattr(model, "global_pool", None)
+        if pooling == "token" and getattr(model, "attn_pool", None) is None and hasattr(model, "blocks"):
+            return TimmTokensBeforeLastBlock(model), TimmLastBlockHead(model)
         if pooling not in ("avg", "max", "avgmax"):
             raise ValueError(
-                f"{type(model).__name__} reads its logits with global_pool={pooling!r}: the patch tokens reach them "
-                "only through attention, so no split of the patch tokens gives the logits. Build it with "
-                "global_pool='avg' (e.g. align.models.timm_model(name, num_classes, global_pool='avg')), or pass "
-                "your own input_to_latent / latent_to_logit to Craft"
+                f"{type(model).__name__} reads its logits with global_pool={pooling!r}: split_model handles the "
+                "patch-pooling heads ('avg', 'max', 'avgmax') and the class token ('token'). Build it with "
+                "global_pool='avg' or 'token' (e.g. align.models.timm_model(name, num_classes, global_pool='avg')), "
+                "or pass your own input_to_latent / latent_to_logit to Craft"
             )
     return TimmFeatures(model), TimmHead(model, transformer)
 

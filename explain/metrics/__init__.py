@@ -2,6 +2,7 @@
 
 from explain.metrics.alignment import HumanAlignment
 from explain.metrics.base import UPDATE_KEYS, ExplanationMetric
+from explain.metrics.dictionary import DictionaryQuality
 from explain.metrics.drift import ExplanationDrift
 from explain.metrics.fidelity import Deletion, Insertion, MuFidelity
 from explain.metrics.functional.stability import mege_reco
@@ -12,6 +13,7 @@ from explain.metrics.stability import AverageStability
 __all__ = [
     "AverageStability",
     "Deletion",
+    "DictionaryQuality",
     "ExplanationDrift",
     "ExplanationMetric",
     "HumanAlignment",

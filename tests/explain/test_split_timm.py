@@ -55,9 +55,9 @@ def test_split_of_a_vit_reshapes_the_patch_tokens_and_is_exact():
         torch.testing.assert_close(h(latent), model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_split_errors_for_a_class_token_vit_and_an_at_name():
-    with pytest.raises(ValueError, match="global_pool='avg'"):
-        split_model(timm_vit(global_pool="token"))
+def test_split_errors_for_a_map_pooled_vit_and_an_at_name():
+    with pytest.raises(ValueError, match="global_pool='avg' or 'token'"):
+        split_model(timm_vit(global_pool="map"))
     with pytest.raises(ValueError, match="forward_features"):
         split_model(timm_cnn(), at="layer1")
 
@@ -78,3 +78,32 @@ def test_craft_fits_and_ranks_concepts_on_timm_models(name):
 def test_eva_refuses_attention_with_a_clear_error():
     with pytest.raises(UnsupportedLayerError, match="VisionTransformer|Attention"):  # names the layer
         EVA(timm_vit(), eps=0.01, grid_size=2)(images(1), torch.tensor([0]))
+
+
+def test_class_token_vit_splits_before_its_last_block_exactly():
+    model = timm_vit(global_pool="token")
+    x = images(3)
+    g, h = split_model(model)
+    with torch.no_grad():
+        latent = g(x)
+        assert latent.shape == (3, 24 + 24, 4, 4)  # patches, then the class token's 24 channels at every location
+        tokens = model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x))))  # block L-1 = block 0
+        torch.testing.assert_close(latent[:, :24, 1, 2], tokens[:, 1 + 4 + 2])
+        torch.testing.assert_close(latent[:, 24:, 3, 0], tokens[:, 0])
+        torch.testing.assert_close(h(latent), model(x), rtol=1e-5, atol=1e-5)
+        # the patches drive the logit through the last block's attention
+        moved = latent.clone()
+        moved[:, :24] += torch.randn(3, 24, 4, 4, generator=torch.Generator().manual_seed(0))
+        assert not torch.allclose(h(moved), model(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("dictionary", ["nmf", "topk_sae"])
+def test_craft_on_a_class_token_vit(dictionary):
+    model = timm_vit(global_pool="token")
+    g, h = split_model(model, sign_split=dictionary == "nmf")  # an SAE takes the signed tokens as they are
+    options = {"epochs": 3, "progress": False, "top_k": 1} if dictionary == "topk_sae" else {"max_iter": 50}
+    craft = Craft(g, h, n_concepts=3, dictionary=dictionary, dictionary_options=options).fit(images(), class_id=1)
+    importance = craft.importance(images())
+    assert importance.shape == (3,) and torch.isfinite(importance).all() and importance.max() > 0
+    maps = craft.concept_maps(images(2))
+    assert maps.shape == (2, 3, 32, 32) and torch.isfinite(maps).all()

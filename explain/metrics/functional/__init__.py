@@ -9,6 +9,17 @@ from explain.metrics.functional.alignment import (
     top_fraction_dice_iou,
     top_fraction_mask,
 )
+from explain.metrics.functional.dictionary import (
+    active_codes,
+    dead_code_fraction,
+    hoyer,
+    hungarian_match,
+    importance_concentration,
+    l0,
+    matched_cosine,
+    r2_global,
+    r2_per_dimension,
+)
 from explain.metrics.functional.drift import merge_references, reference_spearman, unique_by_id
 from explain.metrics.functional.fidelity import (
     auc,
@@ -32,6 +43,15 @@ from explain.metrics.functional.stability import (
 )
 
 __all__ = [
+    "active_codes",
+    "dead_code_fraction",
+    "hoyer",
+    "hungarian_match",
+    "importance_concentration",
+    "l0",
+    "matched_cosine",
+    "r2_global",
+    "r2_per_dimension",
     "CLICKME_CEILING",
     "DISTANCES",
     "auc",
