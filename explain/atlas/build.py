@@ -107,7 +107,7 @@ def build_atlas(
         "format": FORMAT,
         "title": title or f"{loaded.spec}",
         "model": {"spec": loaded.spec, "weights": loaded.weights, "fingerprint": loaded.fingerprint},
-        "layer": layer, "sign_split": sign_split, "image_size": image_size, "n_concepts": options.n_concepts,
+        "layer": layer_name(input_to_latent), "sign_split": sign_split, "image_size": image_size, "n_concepts": options.n_concepts,
         "dictionary": options.dictionary, "dictionary_options": options.dictionary_options or {},
         "max_images": max_images, "classes": [],
     }
@@ -208,6 +208,13 @@ def add_nearest(root: Path, folders: dict[int, str], names: dict[int, str]) -> N
             ]
         position += count
         write_json(path, data)
+
+
+def layer_name(input_to_latent: torch.nn.Module) -> str:
+    """The name of the layer the atlas reads: the last child of ``input_to_latent`` (``forward_features`` for timm)."""
+    names = [name for name, _ in input_to_latent.named_children() if name != "sign_split"]
+    return "forward_features" if names == ["features"] and not isinstance(input_to_latent[0], torch.nn.Sequential) \
+        else names[-1]
 
 
 def _n_classes(latent_to_logit: Any, by_class: dict[int, Any], dataset: Any) -> int:

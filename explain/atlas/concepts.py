@@ -240,10 +240,11 @@ class ConceptPredictor(L.LightningModule):
         return (image * self.std.cpu() + self.mean.cpu()).clamp(0, 1)
 
     @override
-    def predict_step(self, batch: Tensor, batch_idx: int) -> None:
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         for class_id in batch.tolist():
             if not (self.root / class_folder(class_id, self.n_classes) / "class.json").is_file():
                 self.write_class(class_id)
+        return batch  # the classes done (Lightning warns about a None prediction)
 
     def write_class(self, class_id: int) -> Path:
         from explain.atlas.activations import load_latents
