@@ -43,11 +43,12 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def atlas(data, tmp_path_factory) -> Path:
-    return build(data, tmp_path_factory.mktemp("atlas") / "atlas", "--render", "false")
+    return build(data, tmp_path_factory.mktemp("atlas") / "atlas")
 
 
 def test_planted_concept_is_recovered_and_ranked_first(atlas):
     manifest = check_atlas(json.loads((atlas / "atlas.json").read_text()))
+    assert (atlas / "index.html").is_file() and (atlas / "config.yaml").is_file()  # stage 3 ran (the site's tests check it)
     assert [(c["index"], c["status"], c["n_images"]) for c in manifest["classes"]] == [(k, "done", 6) for k in range(3)]
     for k in range(3):
         folder = atlas / "classes" / f"{k:04d}"
@@ -108,6 +109,7 @@ def test_a_run_killed_in_stage_1_or_2_resumes_to_the_same_atlas(data, atlas, tmp
     build(data, out, "--render", "false")
     assert calls["classes"] == [0, 1, 1, 2]  # the finished class 0 was not recomputed
     assert class_jsons(out) == class_jsons(atlas)
+    assert not (out / "index.html").exists()  # --render false: no stage 3
     resumed, uninterrupted = json.loads((out / "atlas.json").read_text()), json.loads((atlas / "atlas.json").read_text())
     assert resumed["classes"] == uninterrupted["classes"]
     for name in ("0000", "0002"):
