@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install clean atlas
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) train.py fit --config configs/shortcut/harmonized_lipschitz.yaml
+
+# a concept atlas of EfficientNet-Lite0 on the photos that ship with installed packages (docs/atlas.md)
+atlas: $(VENV)/.installed
+	$(PY) -m explain.atlas.photos data/atlas_photos
+	$(PY) -m explain.atlas --config configs/atlas/efficientnet_lite0.yaml
+	@echo "open atlas/efficientnet_lite0/index.html"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -195,9 +195,10 @@ class ConceptOptions:
     n_crops: int = 10
     n_maps: int = 3
     n_thumbs: int = 24
-    maco_steps: int | None = None  # None: 256 on a GPU (as Xplique), 24 on a CPU
-    maco_crops: int = 8
-    maco_size: int | None = None
+    maco_steps: int | None = None  # None: 256 on a GPU (as Xplique), 16 on a CPU
+    maco_crops: int | None = None  # None: 32 on a GPU (as Xplique), 4 on a CPU
+    maco_size: int | None = None  # side of the optimised image; None: the input side
+    maco_input_size: int | None = None  # side of the crops fed to the model; None: the input side
     seed: int = 0
     batch_size: int = 64
 
@@ -232,7 +233,13 @@ class ConceptPredictor(L.LightningModule):
     def maco_steps(self) -> int:
         if self.options.maco_steps is not None:
             return self.options.maco_steps
-        return 256 if self.device.type == "cuda" else 24
+        return 256 if self.device.type == "cuda" else 16
+
+    @property
+    def maco_crops(self) -> int:
+        if self.options.maco_crops is not None:
+            return self.options.maco_crops
+        return 32 if self.device.type == "cuda" else 4
 
     def display(self, index: int) -> Tensor:
         """Image ``index`` of the data as a picture [3, H, W] in [0, 1] (the normalisation undone)."""
@@ -347,6 +354,6 @@ class ConceptPredictor(L.LightningModule):
 
         objective = concept_direction(Normalised(), atom)
         image, _ = maco(objective, maco_size, steps=self.maco_steps, magnitude=magnitude,
-                        crops_per_step=options.maco_crops, seed=options.seed, device=self.device,
-                        input_size=size)
+                        crops_per_step=self.maco_crops, seed=options.seed, device=self.device,
+                        input_size=options.maco_input_size or size)
         return image

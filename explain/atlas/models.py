@@ -171,18 +171,22 @@ def load_weights(
 def _timm(name: str, options: Mapping[str, Any]) -> LoadedModel:
     import timm
 
-    network = timm.create_model(name, pretrained=False, **options)
-    config = network.pretrained_cfg or {}
-    names = None
-    if network.num_classes == 1000:
-        from timm.data import ImageNetInfo
+    return _with_timm_config(LoadedModel(timm.create_model(name, pretrained=False, **options), f"timm:{name}", None, ""))
 
+
+def _with_timm_config(loaded: LoadedModel) -> LoadedModel:
+    """The preprocessing and (for 1000 classes) ImageNet names of a timm network built by a function."""
+    config = getattr(loaded.network, "pretrained_cfg", None)
+    if not isinstance(config, Mapping):
+        return loaded
+    from timm.data import ImageNetInfo
+
+    loaded.mean, loaded.std = tuple(config.get("mean", ())) or None, tuple(config.get("std", ())) or None
+    loaded.interpolation, loaded.crop_pct = config.get("interpolation"), config.get("crop_pct")
+    if getattr(loaded.network, "num_classes", None) == 1000:
         info = ImageNetInfo()
-        names = [info.index_to_description(i) for i in range(1000)]
-    return LoadedModel(
-        network, f"timm:{name}", None, "", tuple(config.get("mean", ())) or None, tuple(config.get("std", ())) or None,
-        config.get("interpolation"), config.get("crop_pct"), names,
-    )
+        loaded.class_names = [info.index_to_description(i) for i in range(1000)]
+    return loaded
 
 
 def _torchvision(name: str, options: Mapping[str, Any]) -> LoadedModel:
@@ -262,7 +266,7 @@ def load_model(
         network = factory(**options)
         if not isinstance(network, nn.Module):
             raise ValueError(f"model {spec!r} returned {type(network).__name__}, not an nn.Module")
-        loaded = LoadedModel(network, spec, None, "", *(getattr(network, a, None) for a in ("mean", "std")))
+        loaded = _with_timm_config(LoadedModel(network, spec, None, ""))
     if weights is not None:
         state = load_weights(loaded.network, weights, key_map)
         loaded.weights = str(Path(weights).resolve())
