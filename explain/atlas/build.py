@@ -204,7 +204,7 @@ def add_nearest(root: Path, folders: dict[int, str], names: dict[int, str]) -> N
             by_id[int(ids[row])]["nearest"] = [
                 {"class_index": int(owners[j]), "class_name": names.get(int(owners[j]), f"class {int(owners[j])}"),
                  "concept": int(ids[j]), "cosine": round(float(value), 6)}
-                for value, j in zip(cosines[row].tolist(), neighbours[row].tolist()) if j >= 0
+                for value, j in zip(cosines[row].tolist(), neighbours[row].tolist()) if j >= 0 and round(value, 6) > 0
             ]
         position += count
         write_json(path, data)

@@ -137,11 +137,12 @@ def class_concepts(
     return ClassConcepts(atoms, codes, importance, share, order)
 
 
-def concept_map_2d(codes: Tensor) -> tuple[Tensor, Tensor]:
+def concept_map_2d(codes: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(xy [n, 2] in [-1, 1], dominant [n])``: PCA of the images' mean coefficients (rows L1-normalised), signs
-    fixed so that each axis's largest loading is positive; the dominant concept of each image."""
+    fixed so that each axis's largest loading is positive; the dominant concept of each image, the largest
+    ``mean coefficient x weights`` (``weights`` [r]: e.g. each concept's weight in the class logit; default 1)."""
     pooled = codes.mean((1, 2)).float()
-    dominant = pooled.argmax(1)
+    dominant = (pooled * (weights.float().cpu() if weights is not None else 1)).argmax(1)
     profiles = pooled / pooled.sum(1, keepdim=True).clamp_min(1e-12)
     centred = profiles - profiles.mean(0)
     if centred.shape[0] < 2 or float(centred.abs().max()) == 0:
@@ -309,7 +310,10 @@ class ConceptPredictor(L.LightningModule):
                 "logit_share": None if result.logit_share is None else float(result.logit_share[k]),
                 "maco": maco_name, "crops": crops, "maps": maps, "nearest": [],
             })
-        xy, dominant = concept_map_2d(codes)
+        # dominant concept: the largest contribution to the class logit (linear head), else to the activations
+        weights = result.atoms @ self._head[class_id].to(result.atoms) if self._head is not None \
+            else result.atoms.norm(dim=1)
+        xy, dominant = concept_map_2d(codes, weights)
         images = []
         for position, row in enumerate(rows):
             entry = {"source": self.dataset.source(row["index"]), "x": float(xy[position, 0]),
