@@ -15,7 +15,8 @@ inside the atlas, existing) before they reach an attribute.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ MAP_SIZE = (420, 300)
 MAP_MARGIN = 12
 
 
-def render_site(root: Path) -> Path:
+def render_site(root: Path | str) -> Path:
     """Write the site of the atlas in ``root`` (``index.html``, ``classes/NNNN/index.html``, ``assets/``).
 
     Reads only ``atlas.json`` and ``classes/*/class.json``; re-running it rewrites the pages. Raises
@@ -49,40 +50,25 @@ def render_site(root: Path) -> Path:
     """
     root = Path(root)
     atlas = check_atlas(read_json(root / "atlas.json", "atlas.json"))
-    folders = class_folders(root)
-    pages = {}  # class index -> folder name, for the classes that get a page (links between pages use it)
-    for i, entry in enumerate(atlas["classes"]):
-        if entry["status"] == "done":
-            if entry["index"] not in folders:
-                raise AtlasFormatError(
-                    f"atlas.json: classes[{i}]: class {entry['index']} ({entry['name']!r}) is 'done' but no "
-                    f"folder classes/{entry['index']:04d}/ holds its class.json"
-                )
-            pages[entry["index"]] = folders[entry["index"]]
+    pages = _class_pages(atlas, root)
     env = _environment()
     common = _atlas_header(atlas)
     template = env.get_template("class.html.j2")
     for entry in atlas["classes"]:
-        if entry["status"] != "done":
-            continue
-        folder = pages[entry["index"]]
-        label = f"classes/{folder}/class.json"
-        data = check_class(read_json(root / label, label), label, root)
-        for key in ("index", "name"):
-            if data[key] != entry[key]:
-                raise AtlasFormatError(f"{label}: {key}: {data[key]!r} differs from atlas.json's {entry[key]!r}")
-        html = template.render(up="../../", **common, **_class_view(data, pages, up="../../"))
-        write_text(root / "classes" / folder / "index.html", html)
+        if entry["index"] in pages:
+            data = _read_class(root, pages[entry["index"]], entry)
+            html = template.render(up="../../", **common, **_class_view(data, pages, up="../../"))
+            write_text(root / "classes" / pages[entry["index"]] / "index.html", html)
     rows = [_index_row(entry, pages) for entry in atlas["classes"]]
     counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "skipped", "pending")}
     html = env.get_template("index.html.j2").render(up="", rows=rows, counts=counts | {"total": len(rows)}, **common)
     copy_assets(root)
     index = root / "index.html"
-    write_text(index, html)
+    write_text(index, html)  # last: an index never links to a page that a failed run did not write
     return index
 
 
-def render_comparison(root: Path) -> Path:
+def render_comparison(root: Path | str) -> Path:
     """Write the pages of the comparison in ``root`` (from ``compare.json`` and ``classes/*/compare.json``).
 
     Each class page shows the concepts matched between atlas A and atlas B with their importance shift, the ones that
@@ -105,10 +91,14 @@ def render_comparison(root: Path) -> Path:
             )
         label = f"classes/{folder}/compare.json"
         data = check_class_compare(read_json(root / label, label), label)
+        for key in ("index", "name"):
+            if data[key] != entry[key]:
+                raise AtlasFormatError(f"{label}: {key}: {data[key]!r} differs from compare.json's {entry[key]!r}")
         page_dir = root / "classes" / folder
         view = _comparison_view(data, manifest, sides, page_dir)
         write_text(page_dir / "index.html", template.render(up="../../", **view))
-        rows.append(entry | {"href": f"classes/{quote(folder)}/index.html", "search": _search_key(entry)})
+        rows.append(entry | _comparison_summary(data) | {
+            "href": f"classes/{quote(folder)}/index.html", "search": _search_key(entry)})
     copy_assets(root)
     index = root / "index.html"
     titles = {side: sides[side].title for side in sides}
@@ -130,13 +120,12 @@ def class_folders(root: Path, name: str = "class.json") -> dict[int, str]:
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # plain open: the file gets the umask's mode
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -148,7 +137,7 @@ def copy_assets(root: Path) -> None:
 
 
 def percent(value: float | None) -> str | None:
-    """``0.39 -> '39%'``, ``0.042 -> '4.2%'``, ``-0.05 -> '−5.0%'``; one decimal under 10% so small shares stay distinct.
+    """``0.39 -> '39%'``, ``0.042 -> '4.2%'``, ``-0.05 -> '−5.0%'``: one decimal under 10%, so small shares differ.
 
     >>> percent(0.39), percent(0.042), percent(-0.05), percent(None)
     ('39%', '4.2%', '−5.0%', None)
@@ -159,11 +148,58 @@ def percent(value: float | None) -> str | None:
     return ("−" if value < 0 else "") + text
 
 
+def concepts_holding(fraction: float, importances: list[float]) -> int:
+    """How many of the most important concepts it takes to reach ``fraction`` of the total importance (Lens's "number
+    of important concepts"); 0 when there is no positive importance.
+
+    >>> concepts_holding(0.8, [0.5, 0.3, 0.15, 0.05])
+    2
+    """
+    ranked = sorted((max(v, 0.0) for v in importances), reverse=True)
+    total, held = sum(ranked), 0.0
+    for count, value in enumerate(ranked, 1):
+        held += value
+        if held >= fraction * total - 1e-9:
+            return count if total > 0 else 0
+    return 0
+
+
 def concept_color(rank: int) -> str:
     """Colour of the concept of rank ``rank``: Tableau 10, then hues spread by the golden angle."""
     if rank < len(PALETTE):
         return PALETTE[rank]
     return f"hsl({(rank * 137.508) % 360:.0f}, 55%, 50%)"
+
+
+def _class_pages(atlas: dict, root: Path) -> dict[int, str]:
+    """``{class index: folder}`` of the classes that get a page: the ones ``done`` in ``atlas.json``, each of which
+    must have its ``class.json``. A ``class.json`` that ``atlas.json`` does not list is reported, not rendered."""
+    folders = class_folders(root)
+    pages = {}
+    for i, entry in enumerate(atlas["classes"]):
+        if entry["status"] == "done":
+            if entry["index"] not in folders:
+                raise AtlasFormatError(
+                    f"atlas.json: classes[{i}]: class {entry['index']} ({entry['name']!r}) is 'done' but no "
+                    f"folder classes/{entry['index']:04d}/ holds its class.json"
+                )
+            pages[entry["index"]] = folders[entry["index"]]
+    unlisted = sorted(set(folders) - {entry["index"] for entry in atlas["classes"]})
+    if unlisted:
+        names = ", ".join(f"classes/{folders[i]}/class.json" for i in unlisted[:5])
+        names += " ..." if len(unlisted) > 5 else ""
+        warnings.warn(f"{len(unlisted)} class.json not listed in atlas.json get no page: {names}", stacklevel=3)
+    return pages
+
+
+def _read_class(root: Path, folder: str, entry: dict) -> dict:
+    """The checked ``class.json`` in ``folder``, which must name the class as ``atlas.json``'s ``entry`` does."""
+    label = f"classes/{folder}/class.json"
+    data = check_class(read_json(root / label, label), label, root)
+    for key in ("index", "name"):
+        if data[key] != entry[key]:
+            raise AtlasFormatError(f"{label}: {key}: {data[key]!r} differs from atlas.json's {entry[key]!r}")
+    return data
 
 
 def _environment() -> jinja2.Environment:
@@ -177,7 +213,7 @@ def _environment() -> jinja2.Environment:
 
 
 def _src(path: str, up: str) -> str:
-    """URL of an atlas-relative file from a page ``up`` levels deep (``%``-encoded: ``#``, ``?`` and spaces are safe)."""
+    """URL of an atlas-relative file from a page below ``up`` (``%``-encoded: ``#``, ``?`` and spaces are safe)."""
     return up + quote(path)
 
 
@@ -259,6 +295,8 @@ def _class_view(data: dict, pages: dict[int, str], up: str) -> dict[str, Any]:
         "index": data["index"],
         "name": data["name"],
         "n_images": data["n_images"],
+        "n_main": concepts_holding(0.8, [c["importance"] for c in concepts]),
+        "related": _related_classes(concepts, pages),
         "logit_share_available": available,
         "concepts": views,
         "points": points,
@@ -266,22 +304,40 @@ def _class_view(data: dict, pages: dict[int, str], up: str) -> dict[str, Any]:
     }
 
 
+def _related_classes(concepts: list[dict], pages: dict[int, str], top: int = 6) -> list[dict[str, Any]]:
+    """The other classes whose concepts are nearest to this class's (best cosine over the concepts' ``nearest``)."""
+    best: dict[int, dict] = {}
+    for c in concepts:
+        for n in c.get("nearest", []):
+            if n["class_index"] not in best or n["cosine"] > best[n["class_index"]]["cosine"]:
+                best[n["class_index"]] = n
+    ranked = sorted(best.values(), key=lambda n: (-n["cosine"], n["class_index"]))[:top]
+    return [
+        {
+            "name": n["class_name"],
+            "cosine": f"{n['cosine']:.2f}",
+            "href": f"../{quote(pages[n['class_index']])}/index.html" if n["class_index"] in pages else None,
+        }
+        for n in ranked
+    ]
+
+
 def _map_points(images: list[dict], colors: dict[int, str], up: str) -> list[dict[str, Any]]:
     """The 2D embedding scaled into the SVG's box (the same scale on both axes, so distances keep their meaning)."""
     if not images:
         return []
     xs, ys = [im["x"] for im in images], [im["y"] for im in images]
+    x_low, x_high, y_low, y_high = min(xs), max(xs), min(ys), max(ys)
     width, height = MAP_SIZE[0] - 2 * MAP_MARGIN, MAP_SIZE[1] - 2 * MAP_MARGIN
-    span = max(max(xs) - min(xs), max(ys) - min(ys)) or 1.0
-    scale = min(width, height) / span
-    x0 = MAP_MARGIN + (width - scale * (max(xs) - min(xs))) / 2
-    y0 = MAP_MARGIN + (height - scale * (max(ys) - min(ys))) / 2
+    scale = min(width, height) / (max(x_high - x_low, y_high - y_low) or 1.0)
+    x0 = MAP_MARGIN + (width - scale * (x_high - x_low)) / 2
+    y0 = MAP_MARGIN + (height - scale * (y_high - y_low)) / 2
     points = []
     for i, im in enumerate(images):
         source = im.get("source") or f"image {i}"
         points.append({
-            "cx": f"{x0 + scale * (im['x'] - min(xs)):.1f}",
-            "cy": f"{y0 + scale * (max(ys) - im['y']):.1f}",  # y grows upwards, as on a plot
+            "cx": f"{x0 + scale * (im['x'] - x_low):.1f}",
+            "cy": f"{y0 + scale * (y_high - im['y']):.1f}",  # y grows upwards, as on a plot
             "color": colors[im["dominant"]],
             "concept": im["dominant"],
             "thumb": _src(im["thumb"], up) if im.get("thumb") else None,
@@ -303,13 +359,15 @@ class _Side:
         root = path if path.is_absolute() else compare_root / path
         if not (root / "atlas.json").is_file():
             raise AtlasFormatError(f"compare.json: {side}.path: no atlas.json in {root}")
-        title = entry.get("title") or check_atlas(read_json(root / "atlas.json", str(root / "atlas.json")))["title"]
+        title = entry.get("title") or check_atlas(read_json(root / "atlas.json", str(root / "atlas.json"))).get("title")
         return cls(root, title or str(path), side)
 
     def concepts(self, index: int) -> dict[int, dict]:
         """``{concept id: concept}`` of class ``index`` in this atlas, from its checked ``class.json``."""
         if index not in self.folders:
-            raise AtlasFormatError(f"{self.root / 'classes'}: atlas {self.side.upper()} has no class.json for class {index}")
+            raise AtlasFormatError(
+                f"{self.root / 'classes'}: atlas {self.side.upper()} has no class.json for class {index}"
+            )
         path = self.root / "classes" / self.folders[index] / "class.json"
         return {c["id"]: c for c in check_class(read_json(path, str(path)), str(path), self.root)["concepts"]}
 
@@ -377,6 +435,18 @@ def _comparison_view(data: dict, manifest: dict, sides: dict[str, _Side], page_d
         "matched": matched,
         "lost": lost,
         "born": born,
+    }
+
+
+def _comparison_summary(data: dict) -> dict[str, Any]:
+    """One row of the comparison's index: how much importance vanished and appeared, and the largest shift."""
+    lost = sum(item["importance_a"] for item in data["lost"])
+    born = sum(item["importance_b"] for item in data["born"])
+    shift = max((m["shift"] for m in data["matched"]), key=abs, default=0.0)
+    return {
+        "lost_importance": lost, "lost_pct": percent(lost),
+        "born_importance": born, "born_pct": percent(born),
+        "shift": shift, "shift_text": f"{'+' if shift >= 0 else '−'}{abs(shift) * 100:.0f} pts",
     }
 
 

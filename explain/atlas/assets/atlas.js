@@ -1,4 +1,4 @@
-// Concept atlas: class search on the index pages; hover preview and concept highlight on the class map.
+// Concept atlas: class search and column sorting on the index pages; hover preview and concept highlight on the map.
 // Data comes from the page's own escaped HTML (data-* attributes); text is only ever set with textContent.
 "use strict";
 
@@ -21,6 +21,29 @@ function setUpSearch() {
   };
   input.addEventListener("input", filter);
   filter();
+}
+
+function setUpSorting() {
+  for (const table of document.querySelectorAll("table.sortable")) {
+    const body = table.tBodies[0];
+    table.querySelectorAll("th").forEach((header, column) => {
+      header.addEventListener("click", () => {
+        const numeric = header.classList.contains("num");
+        // numbers sort largest first on the first click, names A to Z; a second click reverses
+        const first = numeric ? "descending" : "ascending";
+        const order = header.getAttribute("aria-sort") === first ? (numeric ? "ascending" : "descending") : first;
+        const key = (row) => {
+          const cell = row.cells[column];
+          return numeric ? Number(cell.dataset.sort ?? cell.textContent) : cell.textContent.trim().toLowerCase();
+        };
+        const sign = order === "ascending" ? 1 : -1;
+        const rows = Array.from(body.rows).sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * sign);
+        for (const other of table.querySelectorAll("th")) other.removeAttribute("aria-sort");
+        header.setAttribute("aria-sort", order);
+        body.append(...rows);
+      });
+    });
+  }
 }
 
 function setUpMap() {
@@ -54,5 +77,6 @@ function setUpMap() {
 
 document.addEventListener("DOMContentLoaded", () => {
   setUpSearch();
+  setUpSorting();
   setUpMap();
 });

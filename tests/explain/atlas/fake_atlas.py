@@ -1,6 +1,6 @@
 """Fake atlases on disk, written exactly as the atlas format describes (atlas.json, classes/NNNN/class.json, PNGs),
 for the tests of the site. Images are small PNGs drawn with PIL: a coloured texture per concept (the "MACO"), tinted
-crops, thumbnails, and semi-transparent heat-map overlays.
+crops, thumbnails (one of them WebP), and semi-transparent heat-map overlays.
 
 Class 1 is hostile: its name, its image sources and a nearest-concept name hold HTML and script that must render as
 text. One crop file name holds a space and a ``#`` (which a URL must encode). The last class is skipped.
@@ -31,14 +31,12 @@ def _png(path: Path, array: np.ndarray) -> str:
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A smooth coloured texture: a few random sinusoids per channel."""
+    """A smooth texture: sinusoidal stripes of one random hue over a pale ground."""
     y, x = np.mgrid[0:size, 0:size] / size
-    channels = []
-    for _ in range(3):
-        f = rng.uniform(1, 6, size=2)
-        phase = rng.uniform(0, 2 * np.pi)
-        channels.append(0.5 + 0.5 * np.sin(2 * np.pi * (f[0] * x + f[1] * y) + phase))
-    return (np.stack(channels, -1) * 255).astype(np.uint8)
+    f = rng.uniform(1, 4, size=2)
+    wave = 0.5 + 0.5 * np.sin(2 * np.pi * (f[0] * x + f[1] * y) + rng.uniform(0, 2 * np.pi))
+    hue = rng.uniform(0.15, 0.85, size=3)
+    return (255 * (0.92 - wave[..., None] * (0.92 - hue))).astype(np.uint8)
 
 
 def _overlay(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -60,8 +58,9 @@ def _images(root: Path, folder: str, rng: np.random.Generator, n_concepts: int, 
     out: dict[str, Any] = {"maco": [], "crops": [], "maps": [], "thumbs": []}
     photos = [_texture(rng, size) for _ in range(3)]
     for i, photo in enumerate(photos):
-        _png(base / f"image_{i:02d}.png", photo)
-        out["thumbs"].append(rel(base / f"image_{i:02d}.png"))
+        name = f"image_{i:02d}.webp" if i == 2 else f"image_{i:02d}.png"  # the format allows WebP too
+        _png(base / name, photo)
+        out["thumbs"].append(rel(base / name))
     for k in range(n_concepts):
         texture = _texture(rng, size)
         _png(base / f"concept_{k:02d}_maco.png", texture)
