@@ -72,5 +72,23 @@ class PlantedModule(L.LightningModule):
         return self.backbone(x)
 
 
+
+class PlantedDataModule(L.LightningDataModule):
+    """The planted images as a datamodule whose validation batches are dicts (the project's data contract)."""
+
+    def __init__(self, per_class: int = 6, class_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.per_class = per_class
+        self.class_names = class_names or ["red", "green", "blue"]
+
+    def val_dataloader(self):
+        samples = [
+            {"image": torch.from_numpy(planted_image(label, seed=100 * label + i)).permute(2, 0, 1).float() / 255,
+             "label": label}
+            for i in range(self.per_class) for label in range(3)
+        ]
+        return torch.utils.data.DataLoader(samples, batch_size=4)
+
+
 if __name__ == "__main__":
     write_planted(sys.argv[1])

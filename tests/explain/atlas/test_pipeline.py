@@ -140,6 +140,21 @@ def test_classes_without_enough_images_and_unreadable_files_are_reported(tmp_pat
     assert not (out / "classes" / "0002").exists()
 
 
+def test_a_datamodule_gives_the_same_concepts_as_its_image_files(atlas, tmp_path):
+    out = tmp_path / "atlas"
+    main(["--model", "planted.planted_model", "--data", "planted.PlantedDataModule", "--data.class_names",
+          "[red, '<b>green</b>', blue]", "--out", str(out), *SMALL, "--render", "false"])
+    manifest = json.loads((out / "atlas.json").read_text())
+    assert [c["name"] for c in manifest["classes"]] == ["red", "<b>green</b>", "blue"]  # escaping is the site's job
+    for k in range(3):
+        from_files = json.loads((atlas / "classes" / f"{k:04d}" / "class.json").read_text())
+        from_module = json.loads((out / "classes" / f"{k:04d}" / "class.json").read_text())
+        # the same pixels (PNG round trip is lossless), in another order: the same concepts and importances
+        assert [c["importance"] for c in from_module["concepts"]] == pytest.approx(
+            [c["importance"] for c in from_files["concepts"]], abs=1e-4)
+        assert from_module["images"][0]["source"].startswith("sample ")
+
+
 def test_an_unknown_layer_is_named(data, tmp_path):
     with pytest.raises(ValueError, match=r"at='blocks\.9' is not a child of Sequential; its children are \['conv'"):
         build(data, tmp_path / "atlas", "--layer", "blocks.9")
