@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -109,7 +109,3 @@ def datamodule_dataset(datamodule: Any, split: str = "predict") -> IndexedDatase
         raise ValueError(f"{type(datamodule).__name__} has no {split}_dataloader(): pick data_split among "
                          "predict, val, test, train")
     return IndexedDataset(dataloader.dataset)
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Tensor]:
-    return default_collate(samples)
