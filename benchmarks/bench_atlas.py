@@ -180,8 +180,10 @@ def run_colour_atlas(folder: Path, num_classes: int) -> dict:
     out = folder / f"atlas_{num_classes}"
     command = [
         sys.executable, "-c",
-        "import resource, sys, time; from explain.atlas.cli import main; t = time.perf_counter(); main(sys.argv[1:]); "
-        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, 'SECONDS', time.perf_counter() - t)",
+        # VmHWM of the child's own memory map (ru_maxrss would carry the parent's peak over fork + exec)
+        "import re, sys, time; from explain.atlas.cli import main; t = time.perf_counter(); main(sys.argv[1:]); "
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print('PEAK', hwm, 'SECONDS', time.perf_counter() - t)",
         "--model", "bench_atlas.colour_model", "--data", str(folder / f"images_{num_classes}"), "--out", str(out),
         "--image_size", "16", "--crop_pct", "1", "--mean", "[0,0,0]", "--std", "[1,1,1]", "--max_images", "4",
         "--batch_size", "256", "--concepts.n_concepts", "2", "--concepts.nb_design", "4",
