@@ -8,7 +8,7 @@ export WANDB_SILENT ?= true
 # your package"), by its message only: it is about setuptools' mechanism, not the user's run
 EDITABLE_QUIET := PYTHONWARNINGS="ignore:Editable installation"
 
-.PHONY: demo test test-slow bench docs install clean
+.PHONY: demo test test-slow bench docs install clean atlas
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) train.py fit --config configs/shortcut/harmonized_lipschitz.yaml
+
+# a concept atlas of EfficientNet-Lite0 on the photos that ship with installed packages (docs/atlas.md)
+atlas: $(VENV)/.installed
+	$(PY) -m explain.atlas.photos data/atlas_photos
+	$(PY) -m explain.atlas --config configs/atlas/efficientnet_lite0.yaml
+	@echo "open atlas/efficientnet_lite0/index.html"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -1,0 +1,233 @@
+"""Cost of the concept atlas (``python -m explain.atlas``), measured on this machine.
+
+1. Stage 1, ResNet-50 (timm, random weights: the cost does not depend on them) at 224 px: images/s through
+   ``Trainer.predict`` with the activation writer (float16 shards), and the bare forward for comparison.
+2. Stage 2, one class of ``--images`` images of that ResNet-50 (layer4, 2048 x 7 x 7), split by part: dictionary
+   (NMF), importance (Sobol, nb_design 32), MACO (seconds per step, 8 crops per step), and the rest (crops, maps,
+   thumbnails, PNG and JSON writes).
+3. A synthetic 1000-class atlas with a tiny model (one colour per class) through the CLI, and its peak memory
+   next to a 100-class one: the peak must not grow with the number of classes.
+
+    python benchmarks/bench_atlas.py [--images 64] [--stage1-images 64] [--skip-classes]
+
+Then extrapolate with the figures printed (BENCHMARKS.md, "Concept atlas").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from explain.atlas import concepts as atlas_concepts  # noqa: E402
+
+STEPS_GPU = 256
+
+
+# ---------------------------------------------------------------------------------------------- synthetic data
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` random images [3, size, size] with their index (stage 1's sample dicts)."""
+
+    def __init__(self, n: int, size: int = 224) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def source(self, index: int) -> str:
+        return f"random {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        generator = torch.Generator().manual_seed(index)
+        return {"image": torch.randn(3, self.size, self.size, generator=generator), "index": index, "ok": True}
+
+
+def colour_model(num_classes: int = 1000) -> nn.Sequential:
+    """Tiny network reading a colour: latent ``[R, G, B, 1]`` per location; the head scores class ``k`` by
+    ``2 c_k . x - |c_k|^2`` (the nearest of 10 x 10 x 10 grid colours ``c_k``), a linear head after pooling."""
+    colours = _grid_colours(num_classes)
+    conv = nn.Conv2d(3, 4, 1)
+    head = nn.Linear(4, num_classes)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:3, :, 0, 0] = torch.eye(3)
+        conv.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+        head.weight.copy_(torch.cat([2 * colours, -(colours ** 2).sum(1, keepdim=True)], 1))
+        head.bias.zero_()
+    return nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+
+
+def _grid_colours(num_classes: int) -> torch.Tensor:
+    side = round(num_classes ** (1 / 3)) if round(num_classes ** (1 / 3)) ** 3 == num_classes else 10
+    grid = torch.stack(torch.meshgrid(*[torch.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    return (grid[:num_classes].float() + 0.5) / side
+
+
+def write_colour_images(folder: Path, num_classes: int, per_class: int, size: int = 16) -> None:
+    from PIL import Image
+
+    colours = _grid_colours(1000)[:num_classes].numpy()
+    rng = np.random.default_rng(0)
+    for k, colour in enumerate(colours):
+        target = folder / f"{k:04d}"
+        target.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = np.clip(colour + rng.uniform(-0.02, 0.02, size=(size, size, 3)), 0, 1)
+            Image.fromarray((image * 255).round().astype(np.uint8)).save(target / f"{i}.png")
+
+
+# ---------------------------------------------------------------------------------------------- 1. stage 1
+def bench_stage1(n_images: int, batch_size: int = 32) -> dict:
+    import lightning as L
+    import timm
+
+    from explain.atlas.activations import ActivationWriter, LatentPredictor
+    from explain.concepts import split_model
+
+    model = timm.create_model("resnet50", pretrained=False).eval()
+    g, h = split_model(model)
+    dataset = RandomImages(n_images)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    # bare forward (the same batches), then Trainer.predict with the writer; both once to warm up
+    with torch.no_grad():
+        g(torch.randn(2, 3, 224, 224))
+        start = time.perf_counter()
+        for batch in loader:
+            h(g(batch["image"]))
+        bare = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, inference_mode=False,
+                            callbacks=[ActivationWriter(Path(folder) / "stage1", max_images=10**9)])
+        start = time.perf_counter()
+        with torch.no_grad():
+            trainer.predict(LatentPredictor(g, h), loader, return_predictions=False)
+        lightning = time.perf_counter() - start
+        stored = sum(p.stat().st_size for p in Path(folder).rglob("*.npy"))
+    return {"images": n_images, "bare_images_per_s": n_images / bare, "stage1_images_per_s": n_images / lightning,
+            "bytes_per_image": stored / n_images}
+
+
+# ---------------------------------------------------------------------------------------------- 2. stage 2
+def bench_stage2(n_images: int, maco_steps: int = 2) -> dict:
+    import timm
+
+    from explain.atlas.concepts import ConceptOptions, ConceptPredictor
+    from explain.concepts import split_model
+
+    model = timm.create_model("resnet50", pretrained=False).eval()
+    g, h = split_model(model)
+    dataset = RandomImages(n_images)
+    timings: dict[str, float] = defaultdict(float)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timings[name] += time.perf_counter() - start
+        return wrapper
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        stage1 = root / "stage1" / "rank0"
+        stage1.mkdir(parents=True)
+        rows = []
+        with torch.no_grad():
+            for start in range(0, n_images, 32):
+                images = torch.stack([dataset[i]["image"] for i in range(start, min(start + 32, n_images))])
+                np.save(stage1 / f"shard_{start:06d}.npy", g(images).half().numpy())
+                rows += [{"index": start + j, "class": 0, "logit": 0.0, "shard": f"shard_{start:06d}.npy", "row": j,
+                          "rank": "rank0"} for j in range(images.shape[0])]
+        options = ConceptOptions(n_concepts=10, nb_design=32, maco_steps=maco_steps, maco_crops=8)
+        module = ConceptPredictor(g, h, root, root / "stage1", {0: rows}, {0: "class 0"}, 1000, dataset,
+                                  (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), options)
+        originals = (atlas_concepts.fit_dictionary, atlas_concepts.concept_importance, ConceptPredictor.maco_image)
+        atlas_concepts.fit_dictionary = timed("dictionary", originals[0])
+        atlas_concepts.concept_importance = timed("importance", originals[1])
+        ConceptPredictor.maco_image = timed("maco", originals[2])
+        try:
+            start = time.perf_counter()
+            with torch.no_grad():
+                module.write_class(0)
+            total = time.perf_counter() - start
+        finally:
+            atlas_concepts.fit_dictionary, atlas_concepts.concept_importance, ConceptPredictor.maco_image = originals
+    maco_per_step = timings["maco"] / (options.n_concepts * maco_steps)
+    rest = total - timings["dictionary"] - timings["importance"] - timings["maco"]
+    return {"images": n_images, "dictionary_s": timings["dictionary"], "importance_s": timings["importance"],
+            "maco_s_per_step": maco_per_step, "maco_s_at_256_steps": maco_per_step * STEPS_GPU * options.n_concepts,
+            "rest_s": rest, "total_measured_s": total}
+
+
+# ---------------------------------------------------------------------------------------------- 3. many classes
+def run_colour_atlas(folder: Path, num_classes: int) -> dict:
+    out = folder / f"atlas_{num_classes}"
+    command = [
+        sys.executable, "-c",
+        # VmHWM of the child's own memory map (ru_maxrss would carry the parent's peak over fork + exec)
+        "import re, sys, time; from explain.atlas.cli import main; t = time.perf_counter(); main(sys.argv[1:]); "
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print('PEAK', hwm, 'SECONDS', time.perf_counter() - t)",
+        "--model", "bench_atlas.colour_model", "--data", str(folder / f"images_{num_classes}"), "--out", str(out),
+        "--image_size", "16", "--crop_pct", "1", "--mean", "[0,0,0]", "--std", "[1,1,1]", "--max_images", "4",
+        "--batch_size", "256", "--concepts.n_concepts", "2", "--concepts.nb_design", "4",
+        "--concepts.maco_steps", "1", "--concepts.maco_crops", "1", "--concepts.n_crops", "2",
+        "--concepts.n_maps", "1", "--concepts.n_thumbs", "2", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)])}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    peak, seconds = result.stdout.split("PEAK")[-1].split("SECONDS")
+    manifest = json.loads((out / "atlas.json").read_text())
+    done = sum(c["status"] == "done" for c in manifest["classes"])
+    index_bytes = (out / "index.html").stat().st_size if (out / "index.html").is_file() else None
+    return {"classes": num_classes, "done": done, "peak_rss_mib": int(peak) / 1024, "seconds": float(seconds),
+            "index_html_bytes": index_bytes}
+
+
+def bench_classes(counts: tuple[int, ...] = (100, 1000)) -> list[dict]:
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        results = []
+        for count in counts:
+            write_colour_images(folder / f"images_{count}", count, per_class=3)
+            results.append(run_colour_atlas(folder, count))
+            print(results[-1], flush=True)
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=64, help="images of the stage-2 class")
+    parser.add_argument("--stage1-images", type=int, default=64)
+    parser.add_argument("--skip-classes", action="store_true", help="skip the 100/1000-class runs")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch threads: {torch.get_num_threads()}, CPU count: {os.cpu_count()}", flush=True)
+    print("stage 1:", bench_stage1(args.stage1_images), flush=True)
+    print("stage 2:", bench_stage2(args.images), flush=True)
+    if not args.skip_classes:
+        bench_classes()
+    print("peak RSS of this process (MiB):", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+if __name__ == "__main__":
+    main()
