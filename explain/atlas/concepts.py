@@ -5,7 +5,8 @@ For a class with images ``x_1..x_n`` (those the model predicts as the class, fro
 ``A_i`` [c, h, w] at the layer:
 
 * **dictionary**: every spatial location of every image is a sample, ``X = [A_i(p)]`` [n h w, c], factorised
-  ``X ~= U W`` (CRAFT's NMF, Fel et al. 2023): the rows of ``W`` [r, c] are the class's concepts, ``U`` their
+  ``X ~= U W`` (CRAFT's NMF, Fel et al. 2023, by default; any :func:`explain.concepts.make_dictionary` name, e.g.
+  ``topk_sae``, whose codes are nonnegative): the rows of ``W`` [r, c] are the class's concepts, ``U`` their
   coefficients at each location (Lens applies CRAFT to the last block of ResNet-50 the same way);
 * **importance**: CRAFT's total Sobol indices of the concept coefficients (:func:`explain.concepts.concept_importance`,
   one mask value per concept shared by every location), averaged over the images, normalised to sum to 1;
@@ -38,19 +39,11 @@ from typing_extensions import override
 from explain.atlas.storage import write_json, write_png, write_tensors
 from explain.concepts import concept_importance
 from explain.concepts.crops import default_patch_size
-from explain.concepts.nmf import NMF
-
-DICTIONARIES = ("nmf",)
-
+from explain.concepts.dictionary import make_dictionary
 
 def check_dictionary(dictionary: str, options: dict[str, Any] | None) -> None:
-    """Raise a clear error for a dictionary this version cannot fit, or an option NMF refuses."""
-    if dictionary not in DICTIONARIES:
-        raise ValueError(
-            f"dictionary={dictionary!r}: this atlas fits {list(DICTIONARIES)} (the sparse dictionaries of "
-            "overcomplete are not wired in yet)"
-        )
-    NMF(2, **(options or {}))
+    """Raise a clear error for an unknown dictionary (the message lists the known ones) or an option it refuses."""
+    make_dictionary(dictionary, 2, **(options or {}))
 
 
 def class_folder(index: int, n_classes: int) -> str:
@@ -63,12 +56,11 @@ def fit_dictionary(
     latents: Tensor, n_concepts: int, dictionary: str = "nmf", options: dict[str, Any] | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(W [r, c], U [n, h, w, r])`` with ``A[i, :, y, x] ~= U[i, y, x] W`` (module docstring)."""
-    check_dictionary(dictionary, options)
     n, channels, height, width = latents.shape
     samples = latents.permute(0, 2, 3, 1).reshape(-1, channels)
-    factorizer = NMF(n_concepts, **(options or {}))
+    factorizer = make_dictionary(dictionary, n_concepts, **(options or {}))
     codes = factorizer.fit_transform(samples)
-    return factorizer.W, codes.reshape(n, height, width, n_concepts)
+    return factorizer.dictionary_, codes.reshape(n, height, width, n_concepts)
 
 
 def linear_head(latent_to_logit: Callable[[Tensor], Tensor], latent_shape: Sequence[int]) -> Tensor | None:

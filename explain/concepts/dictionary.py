@@ -107,8 +107,16 @@ class Dictionary:
         return self
 
     def fit_transform(self, activations: Activations) -> Tensor:
-        """Learn the atoms and return the codes [n, r] of ``activations`` (read twice when it is a DataLoader)."""
-        codes = self._fit(activations)
+        """Learn the atoms and return the codes [n, r] of ``activations`` (read twice when it is a DataLoader).
+
+        The fit is a training loop for the SAEs: it runs with autograd on even when called under ``no_grad`` or
+        inference mode (``Trainer.predict``, validation hooks); inference-mode activations are cloned for it.
+        """
+        if isinstance(activations, Tensor) and activations.is_inference():
+            with torch.inference_mode(False):
+                activations = activations.clone()
+        with torch.inference_mode(False), torch.enable_grad():
+            codes = self._fit(activations)
         if self.dictionary_ is None:  # pragma: no cover - a subclass bug
             raise RuntimeError(f"{type(self).__name__}._fit did not set dictionary_")
         if not bool(torch.isfinite(self.dictionary_).all()):

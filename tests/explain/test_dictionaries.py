@@ -94,6 +94,16 @@ def test_sae_is_seeded_and_trains_from_a_dataloader(signed_data):
     assert recovery(make_dictionary("topk_sae", 32, **SAE_OPTIONS).fit(loader).dictionary_, atoms) >= 0.95
 
 
+def test_sae_trains_the_same_under_inference_mode(signed_data):
+    """Trainer.predict and validation hooks call fit under inference mode / no_grad: the training loop still runs,
+    with the same atoms as outside."""
+    x, _ = signed_data
+    outside = make_dictionary("topk_sae", 32, **SAE_OPTIONS, epochs=2).fit(x)
+    with torch.inference_mode():
+        inside = make_dictionary("topk_sae", 32, **SAE_OPTIONS, epochs=2).fit(x.clone())
+    torch.testing.assert_close(inside.dictionary_, outside.dictionary_)
+
+
 def test_topk_code_jacobian_is_the_encoder_rows_of_the_active_codes(signed_data):
     x, _ = signed_data
     dictionary = make_dictionary("topk_sae", 32, **SAE_OPTIONS, epochs=2).fit(x)

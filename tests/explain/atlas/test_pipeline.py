@@ -172,5 +172,18 @@ def test_a_folder_holding_another_models_atlas_is_refused(data, atlas, tmp_path)
 
 
 def test_unknown_dictionary_is_refused(data, tmp_path):
-    with pytest.raises(ValueError, match=r"dictionary='topk_sae': this atlas fits \['nmf'\]"):
-        build(data, tmp_path / "atlas", "--concepts.dictionary", "topk_sae")
+    with pytest.raises(ValueError, match=r"unknown dictionary 'kmeans': choose one of nmf, .*topk_sae"):
+        build(data, tmp_path / "atlas", "--concepts.dictionary", "kmeans")
+
+
+def test_a_sparse_autoencoder_finds_the_planted_concept(data, tmp_path):
+    """The atlas with a TopK SAE (explain.concepts.make_dictionary) instead of NMF: the planted colour of each class
+    is still one of its concepts, and the most important one."""
+    atlas = build(data, tmp_path / "atlas", "--concepts.dictionary", "topk_sae",
+                  "--concepts.dictionary_options", "{top_k: 1, epochs: 200, seed: 0}")
+    for k in range(3):
+        folder = atlas / "classes" / f"{k:04d}"
+        page = check_class(json.loads((folder / "class.json").read_text()), f"class {k}", root=atlas)
+        atoms = torch.load(folder / "dictionary.pt", weights_only=True)["atoms"]
+        first = atoms[page["concepts"][0]["id"]]
+        assert torch.nn.functional.cosine_similarity(first, torch.eye(4)[k], dim=0) > 0.9
