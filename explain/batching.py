@@ -56,7 +56,8 @@ class AutoBatchSize:
     ``explain.batching``).
 
     Raises:
-        The out-of-memory error itself when even a batch of 1 does not fit; any other error at once.
+        torch.OutOfMemoryError: (or the CPU allocator's ``RuntimeError``) when even a batch of 1 does not fit;
+            any other error is raised at once, unchanged.
     """
 
     def __init__(self, name: str = "explainer") -> None:
