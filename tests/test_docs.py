@@ -34,7 +34,7 @@ LANGUAGES = {"python", "yaml", "json", "text", *SHELL}
 #: commands the docs may show that are not ours to run here (they need a login, a cluster, a browser or files of
 #: the reader's own)
 OTHER_TOOLS = {"wandb", "tensorboard", "mkdocs", "git", "cd", "export", "ls", "cat", "mkdir", "chromium", "xdg-open",
-               "open", "nvidia-smi"}
+               "open", "nvidia-smi", "apt-get"}
 LAUNCHERS = {"srun", "torchrun"}
 
 
@@ -69,6 +69,21 @@ def test_every_block_names_a_language_this_test_knows(page):
     assert not unknown, f"{page_id(page)}: code blocks in {unknown}; use one of {sorted(LANGUAGES)}"
 
 
+def _fake_atlases(folder: Path) -> None:
+    """``atlas/`` and ``compare/`` in the atlas format (the atlas tests' fake atlases), for the re-rendering example."""
+    sys.path.insert(0, str(ROOT / "tests" / "explain" / "atlas"))
+    try:
+        from fake_atlas import write_fake_atlas, write_fake_comparison
+    finally:
+        sys.path.pop(0)
+    write_fake_atlas(folder / "atlas")
+    write_fake_atlas(folder / "atlas_b", seed=1)
+    write_fake_comparison(folder / "compare", folder / "atlas", folder / "atlas_b")
+
+
+#: what a page's python blocks expect on disk before they run (in the test's working folder)
+SETUP = {"docs/atlas-site.md": _fake_atlases}
+
 PYTHON_PAGES = [page for page in PAGES if any(lang == "python" for lang, _ in blocks(page))]
 
 
@@ -78,6 +93,8 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     torch.manual_seed(0)
     namespace = {"__name__": "__docs__"}
+    if page_id(page) in SETUP:
+        SETUP[page_id(page)](tmp_path)
     for index, (lang, body) in enumerate(blocks(page)):
         if lang == "python":
             exec(compile(body, f"{page_id(page)}:python block {index}", "exec"), namespace)
