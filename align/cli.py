@@ -17,19 +17,17 @@ On top of Lightning's CLI (subclass mode for the model and the data, every ``--t
 * after every test, a compact summary (one row per test split, :mod:`align.summary`) and one sentence that reads
   it, instead of Lightning's per-dataloader tables (back with ``--run.lightning_tables=true``);
 * a quiet start: library notices that are not about the run are filtered by message and module
-  (:func:`quiet_library_notices`).
+  (:func:`explain.quiet.quiet_library_notices`).
 """
 
 from __future__ import annotations
 
-import logging
 import netrc
 import os
 import socket
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,7 @@ from typing_extensions import override
 from align.module import HarmonizedClassifier
 from align.summary import print_summary
 from explain.metrics.functional.alignment import CLICKME_CEILING
+from explain.quiet import quiet_library_notices
 
 #: environment variable through which the DDP processes that Lightning launches get the run version of rank 0
 VERSION_ENV = "ALIGN_RUN_VERSION"
@@ -148,30 +147,6 @@ def choose_wandb_mode(environ: Mapping[str, str] | None = None, timeout: float =
         "yourself"
     )
     return "offline"
-
-
-class _DropLightningTips(logging.Filter):
-    """Drops Lightning's "💡 Tip: ..." adverts (litlogger, litmodels) from its rank-zero logger."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
-
-
-def quiet_library_notices() -> None:
-    """Filter the start-up notices of our libraries that say nothing about the user's run, each by its message and
-    the module that emits it (nothing else is hidden):
-
-    * Lightning's litlogger / litmodels adverts (INFO records of ``lightning.pytorch.utilities.rank_zero``);
-    * the ``FutureWarning`` that torch's ``_pytree`` raises when ``lightning.pytorch.utilities._pytree`` builds a
-      ``LeafSpec`` (Lightning's code, fixed upstream, not the user's).
-    """
-    rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(existing, _DropLightningTips) for existing in rank_zero_log.filters):
-        rank_zero_log.addFilter(_DropLightningTips())
-    warnings.filterwarnings(
-        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
-        module=r"lightning\.pytorch\.utilities\._pytree",
-    )
 
 
 class LoggedConfigCallback(SaveConfigCallback):

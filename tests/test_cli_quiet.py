@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from align.cli import main, quiet_library_notices
+from align.cli import main
+from explain.quiet import quiet_library_notices
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
 

@@ -23,6 +23,7 @@ from lightning import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 
 from explain.atlas.concepts import ConceptOptions
+from explain.quiet import quiet_library_notices
 
 #: Trainer settings of an atlas run (the user's --trainer.* win)
 TRAINER_DEFAULTS = {
@@ -140,6 +141,7 @@ def compare_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path | None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_library_notices()
     if argv[:1] == ["compare"]:
         from explain.atlas.links.compare import compare_atlases
 
