@@ -24,6 +24,14 @@ The neuron basis is the identity dictionary (codes = the activations, ``r = c``)
 would give the same atoms for every seed). r = 64 concepts for NMF and the SAEs (``top_k=8``).
 
     python scripts/dictionary_comparison.py [--crops 16] [--concepts 64] [--out comparison.md]
+
+With ``--checkpoint`` (one or more checkpoints of this project's shortcut configs, e.g. ``baseline_lipschitz`` and
+``harmonized_lipschitz``), the same comparison runs on those models instead: the rows are every location of
+``--images`` images of the ``iid`` test split (the data the checkpoint was trained with), the importance and
+fidelity use the first ``--centres`` of them, and the depths are the outputs of the backbone's ``stage1``,
+``stage2`` and ``stage3`` (signed GroupSort activations; the rest is the L2-norm pooling and the head).
+
+    python scripts/dictionary_comparison.py --checkpoint runs/baseline_lipschitz/.../best.ckpt [...] --concepts 32
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torchvision.transforms.v2 as T
@@ -128,40 +137,61 @@ def importance_and_fidelity(dictionary, activations: Tensor, tail: nn.Module, cl
     return statistics.mean(shares), statistics.mean(drops), statistics.mean(random_drops)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--crops", type=int, default=16, help="random crops per photo")
-    parser.add_argument("--concepts", type=int, default=64)
-    parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--sae-epochs", type=int, default=5)
-    parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+def efficientnet_setup(args: argparse.Namespace) -> tuple[dict[str, tuple[nn.Module, nn.Module]], Tensor, Tensor]:
+    """EfficientNet-Lite0 at three depths, random crops of the sample photos, and the photos' centre crops."""
     model = efficientnet_lite0()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
     preprocess = efficientnet_lite0_transform()
     augment = T.Compose([T.RandomResizedCrop(256, scale=(0.25, 1.0)), T.RandomHorizontalFlip()])
     photos = sample_photos()
     crops = torch.stack([preprocess(augment(photo)) for photo in photos.values() for _ in range(args.crops)])
     centres = torch.stack([preprocess(photo) for photo in photos.values()])
+    print(f"{len(photos)} photos x {args.crops} crops = {crops.shape[0]} images")
+    return {depth: network_parts(model, depth) for depth in ("blocks.3", "blocks.5", "head")}, crops, centres
+
+
+def shortcut_setup(checkpoint: str, args: argparse.Namespace) -> tuple[dict[str, tuple[nn.Module, nn.Module]],
+                                                                        Tensor, Tensor]:
+    """A shortcut checkpoint's backbone split after stage1/2/3, and ``iid`` test images of its own data."""
+    import inspect
+
+    from align import HarmonizedClassifier
+    from datamodules import ShortcutShapesDataModule
+
+    model = HarmonizedClassifier.load_from_checkpoint(checkpoint, map_location="cpu").backbone.eval()
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters", {})
+    names = inspect.signature(ShortcutShapesDataModule).parameters
+    options = {key: value for key, value in saved.items() if key in names}
+    data = ShortcutShapesDataModule(**{**options, "test_size": max(args.images, options.get("test_size", 0))})
+    iid = data.dataset("iid")
+    images = torch.stack([sample["image"] for sample in iid.__getitems__(list(range(args.images)))])
+    children = [name for name, _ in model.named_children()]
+    parts = {}
+    for stage in ("stage1", "stage2", "stage3"):
+        cut = children.index(stage) + 1
+        modules = list(model.children())
+        parts[stage] = nn.Sequential(*modules[:cut]), nn.Sequential(*modules[cut:])
+    print(f"{checkpoint}: {images.shape[0]} iid images")
+    return parts, images, images[: args.centres]
+
+
+def compare(label: str, parts: dict[str, tuple[nn.Module, nn.Module]], crops: Tensor, centres: Tensor,
+            args: argparse.Namespace, lines: list[str]) -> None:
+    """One table row per depth and method (module docstring)."""
+    for body, tail in parts.values():
+        for parameter in [*body.parameters(), *tail.parameters()]:
+            parameter.requires_grad_(False)
     with torch.no_grad():
-        classes = model(centres).argmax(dim=1)
-    print(f"{len(photos)} photos x {args.crops} crops = {crops.shape[0]} images; predicted classes "
-          f"{dict(zip(photos, classes.tolist()))}")
+        first_body, first_tail = next(iter(parts.values()))
+        classes = first_tail(first_body(centres)).argmax(dim=1)
     sae = {"top_k": 8, "epochs": args.sae_epochs, "batch_size": 256, "progress": False}
-    lines = ["| depth | method | r | R² (per dim.) | Hoyer | active codes | stability (3 seeds) | "
-             f"top-{args.top} importance share | logit drop top-{args.top} | logit drop {args.top} random |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for depth in ("blocks.3", "blocks.5", "head"):
-        body, tail = network_parts(model, depth)
+    for depth, (body, tail) in parts.items():
         with torch.no_grad():
             activations = torch.cat([body(chunk) for chunk in crops.split(32)])
             centre_activations = body(centres)
         x = rows_of(activations)
         signed = bool((x < 0).any())
         channels = x.shape[1]
-        print(f"{depth}: {tuple(x.shape)} rows, signed={signed}", flush=True)
+        print(f"{label} {depth}: {tuple(x.shape)} rows, signed={signed}", flush=True)
         methods = {
             "neurons": lambda seed: Neurons(channels),
             "NMF": lambda seed: SignSplitNMF(args.concepts, seed, signed).fit(x),
@@ -181,11 +211,35 @@ def main() -> None:
             share, drop, random_drop = importance_and_fidelity(
                 first, centre_activations, tail, classes, args.top, torch.Generator().manual_seed(0))
             active = float((codes != 0).float().sum(dim=1).mean())
-            row = (f"| {depth} | {name} | {codes.shape[1]} | {float(r2_per_dimension(x, rebuilt)):.3f} | "
+            row = (f"| {label} | {depth} | {name} | {codes.shape[1]} | {float(r2_per_dimension(x, rebuilt)):.3f} | "
                    f"{float(hoyer(codes).mean()):.3f} | {active:.1f} | {stability:.3f} | {share:.3f} | {drop:.3f} | "
                    f"{random_drop:.3f} |")
             lines.append(row)
             print(row, f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--crops", type=int, default=16, help="random crops per photo")
+    parser.add_argument("--concepts", type=int, default=64)
+    parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--sae-epochs", type=int, default=5)
+    parser.add_argument("--checkpoint", nargs="+", default=None,
+                        help="shortcut checkpoints to compare on instead of EfficientNet-Lite0")
+    parser.add_argument("--images", type=int, default=256, help="with --checkpoint: iid images whose rows are fitted")
+    parser.add_argument("--centres", type=int, default=32, help="with --checkpoint: images for importance/fidelity")
+    parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lines = ["| model | depth | method | r | R² (per dim.) | Hoyer | active codes | stability (3 seeds) | "
+             f"top-{args.top} importance share | logit drop top-{args.top} | logit drop {args.top} random |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if args.checkpoint:
+        for checkpoint in args.checkpoint:
+            label = Path(checkpoint).parts[-4] if len(Path(checkpoint).parts) >= 4 else Path(checkpoint).stem
+            compare(label, *shortcut_setup(checkpoint, args), args, lines)
+    else:
+        compare("EfficientNet-Lite0", *efficientnet_setup(args), args, lines)
     table = "\n".join(lines)
     print(table)
     if args.out:
