@@ -190,7 +190,21 @@ class Dictionary:
         return f"{type(self).__name__}(n_concepts={self.n_concepts}, {state})"
 
 
-class NMFDictionary(Dictionary):
+class NNLSCodes(Dictionary):
+    """A dictionary whose codes are the exact NNLS ``argmin_{U >= 0} ||A - U D||`` with the atoms fixed (NMF,
+    semi-NMF); their derivative is the implicit one of :func:`explain.concepts.implicit.nnls_jacobian`."""
+
+    def _encode(self, x: Tensor) -> Tensor:
+        return nnls(x, self.dictionary_)
+
+    def code_jacobian(self, activations: Tensor) -> Tensor:
+        """Implicit derivative of the NNLS codes: rows of the active set ``(D_S D_S^T)^-1 D_S``, others 0."""
+        atoms = self._check_fitted()
+        x = check_activations(activations).to(atoms)
+        return nnls_jacobian(nnls(x, atoms), atoms)
+
+
+class NMFDictionary(NNLSCodes):
     """The project's NMF (:class:`explain.concepts.nmf.NMF`, accelerated HALS from NNDSVDa): ``A, U, D >= 0``.
 
     ``encode`` is the exact NNLS ``argmin_{U >= 0} ||A - U D||`` (CRAFT's ``transform``); its derivative is the
@@ -231,14 +245,6 @@ class NMFDictionary(Dictionary):
         self.dictionary_ = self.factorizer_.W
         return codes
 
-    def _encode(self, x: Tensor) -> Tensor:
-        return nnls(x, self.dictionary_)
-
-    def code_jacobian(self, activations: Tensor) -> Tensor:
-        """Implicit derivative of the NNLS codes: rows of the active set ``(D_S D_S^T)^-1 D_S``, others 0."""
-        atoms = self._check_fitted()
-        x = check_activations(activations).to(atoms)
-        return nnls_jacobian(nnls(x, atoms), atoms)
 
 
 def _registry() -> dict[str, type[Dictionary]]:

@@ -23,9 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from explain.concepts.dictionary import Activations, Dictionary, check_activations, gather
-from explain.concepts.implicit import nnls_jacobian
-from explain.concepts.nnls import nnls
+from explain.concepts.dictionary import Activations, Dictionary, NNLSCodes, gather
 from explain.concepts.overcomplete_import import optimization
 from explain.validation import one_of, positive_int
 
@@ -40,7 +38,7 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-class SemiNMF(Dictionary):
+class SemiNMF(NNLSCodes):
     """Semi-NMF (module docstring): ``U >= 0``, signed atoms. Options: ``max_iter=500``, ``tol=1e-4``,
     ``solver="mu"`` (or ``"pgd"``), ``l1_penalty=0`` (on the codes, overcomplete's), ``seed``, ``device``."""
 
@@ -73,14 +71,6 @@ class SemiNMF(Dictionary):
         self.dictionary_ = model.get_dictionary().detach().to(x.dtype)
         return self._encode(x)
 
-    def _encode(self, x: Tensor) -> Tensor:
-        return nnls(x, self.dictionary_)
-
-    def code_jacobian(self, activations: Tensor) -> Tensor:
-        """Implicit derivative of the NNLS codes (as :class:`~explain.concepts.dictionary.NMFDictionary`)."""
-        atoms = self._check_fitted()
-        x = check_activations(activations).to(atoms)
-        return nnls_jacobian(nnls(x, atoms), atoms)
 
 
 def project_simplex(v: Tensor) -> Tensor:
