@@ -152,16 +152,13 @@ def efficientnet_setup(args: argparse.Namespace) -> tuple[dict[str, tuple[nn.Mod
 def shortcut_setup(checkpoint: str, args: argparse.Namespace) -> tuple[dict[str, tuple[nn.Module, nn.Module]],
                                                                         Tensor, Tensor]:
     """A shortcut checkpoint's backbone split after stage1/2/3, and ``iid`` test images of its own data."""
-    import inspect
-
     from align import HarmonizedClassifier
     from datamodules import ShortcutShapesDataModule
 
     model = HarmonizedClassifier.load_from_checkpoint(checkpoint, map_location="cpu").backbone.eval()
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters", {})
-    names = inspect.signature(ShortcutShapesDataModule).parameters
-    options = {key: value for key, value in saved.items() if key in names}
-    data = ShortcutShapesDataModule(**{**options, "test_size": max(args.images, options.get("test_size", 0))})
+    data = ShortcutShapesDataModule.load_from_checkpoint(checkpoint, map_location="cpu")  # the data it trained on
+    if data.test_size < args.images:
+        data = ShortcutShapesDataModule.load_from_checkpoint(checkpoint, map_location="cpu", test_size=args.images)
     iid = data.dataset("iid")
     images = torch.stack([sample["image"] for sample in iid.__getitems__(list(range(args.images)))])
     children = [name for name, _ in model.named_children()]
