@@ -61,37 +61,100 @@ def recorded_batch_statistics(model: nn.Module) -> Iterator[Statistics]:
     ``torch.var_mean`` of their input, which costs a pass over it.
     """
     statistics: Statistics = {}
+    with _batch_statistics_hooks(model, lambda layer, n, mean, var: statistics.__setitem__(layer, (mean, var))):
+        yield statistics
+
+
+def _updates_running_statistics(layer: nn.Module) -> bool:
+    return layer.training and layer.running_mean is not None and layer.momentum != 0
+
+
+def _update_factor(layer: nn.Module) -> float:
+    """``f`` of the running-statistics update ``r' = (1 - f) r + f s``: the momentum, or the cumulative average's
+    ``1 / num_batches_tracked`` (after the update) when it is None."""
+    return layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
+
+
+@contextlib.contextmanager
+def _batch_statistics_hooks(model: nn.Module, record) -> Iterator[None]:
+    """Within the block, ``record(layer, n, mean, var)`` after every run of a batch-statistics BatchNorm layer of
+    ``model``: ``n`` values per channel, their mean and biased variance (float32 or wider), read back from the
+    running-statistics update where there is one (see :func:`recorded_batch_statistics`)."""
     previous: dict[nn.Module, tuple[Tensor, Tensor]] = {}
 
-    def from_running(layer: nn.Module) -> bool:
-        return layer.training and layer.running_mean is not None and layer.momentum != 0
-
     def before(layer: nn.Module, args: tuple) -> None:
-        if from_running(layer):
+        if _updates_running_statistics(layer):
             previous[layer] = (layer.running_mean.clone(), layer.running_var.clone())
 
     def after(layer: nn.Module, args: tuple, output: Tensor) -> None:
         x = args[0]
+        n = x.numel() // x.shape[1]
         with torch.no_grad():
             if layer in previous:
                 old_mean, old_var = previous.pop(layer)
-                f = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
-                n = x.numel() // x.shape[1]
+                f = _update_factor(layer)
                 mean = (layer.running_mean - (1 - f) * old_mean) / f
                 var = (layer.running_var - (1 - f) * old_var) / f * ((n - 1) / n)
             else:
                 var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)], correction=0)
             dtype = torch.promote_types(x.dtype, torch.float32)  # float32 under bf16/fp16 autocast, as BatchNorm's
-            statistics[layer] = (mean.to(dtype), var.to(dtype))
+            record(layer, n, mean.to(dtype), var.to(dtype))
 
     layers = batch_norm_layers(model)
     handles = [layer.register_forward_pre_hook(before) for layer in layers]
     handles += [layer.register_forward_hook(after) for layer in layers]
     try:
-        yield statistics
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def pooled_running_statistics(model: nn.Module) -> Iterator[None]:
+    """Within the block, the batch-statistics BatchNorm layers of ``model`` may run on several ghost batches (Hoffer
+    et al. 2017, "Train longer, generalize better"), each normalised with its own statistics; on exit each layer's
+    running statistics hold ONE update, as in a plain step, with the pooled statistics of all its runs: the batch
+    statistics of everything the layer saw in the block (for the first BatchNorm layer, the plain step's own; later
+    layers see inputs normalised per ghost batch). With ``n_i`` values per channel, mean ``m_i`` and biased variance ``v_i`` in run ``i``
+    (``n = sum n_i``):
+
+    ``m = sum_i n_i m_i / n``, ``v = sum_i n_i (v_i + (m_i - m)^2) / n``, then ``running_mean = (1 - f) r_0 + f m``,
+    ``running_var = (1 - f) r_0' + f v n / (n - 1)`` and ``num_batches_tracked = t_0 + 1`` from the values
+    ``r_0, r_0', t_0`` before the block. A layer that ran once is left as it is; if the block raises, every layer's
+    running statistics are restored.
+    """
+    layers = [layer for layer in batch_norm_layers(model) if _updates_running_statistics(layer)]
+    start = {layer: (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+             for layer in layers}
+    runs: dict[nn.Module, list[tuple[int, Tensor, Tensor]]] = {}
+    try:
+        with _batch_statistics_hooks(model, lambda layer, n, mean, var: runs.setdefault(layer, []).append(
+                (n, mean, var))):
+            yield
+    except BaseException:
+        with torch.no_grad():
+            for layer, (mean, var, tracked) in start.items():
+                layer.running_mean.data.copy_(mean), layer.running_var.data.copy_(var)
+                layer.num_batches_tracked.copy_(tracked)
+        raise
+    with torch.no_grad():
+        for layer, (mean0, var0, tracked0) in start.items():
+            if len(runs.get(layer, ())) < 2:
+                continue
+            counts = torch.tensor([n for n, _, _ in runs[layer]], dtype=runs[layer][0][1].dtype,
+                                  device=mean0.device)[:, None]
+            means = torch.stack([mean for _, mean, _ in runs[layer]])
+            variances = torch.stack([var for _, _, var in runs[layer]])
+            n = counts.sum()
+            mean = (counts * means).sum(0) / n
+            var = (counts * (variances + (means - mean) ** 2)).sum(0) / n
+            layer.num_batches_tracked.copy_(tracked0 + 1)
+            f = _update_factor(layer)
+            # through .data: the graph of the ghost passes saved the buffers (BatchNorm's backward checks their
+            # version), and this rewrite of their values is not part of what it differentiates
+            layer.running_mean.data.copy_((1 - f) * mean0 + f * mean)
+            layer.running_var.data.copy_((1 - f) * var0 + f * var * (n / (n - 1)))
 
 
 @contextlib.contextmanager

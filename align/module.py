@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from align.batch_statistics import batch_norm_layers, frozen_statistics_input_gradient
+from align.batch_statistics import batch_norm_layers, frozen_statistics_input_gradient, pooled_running_statistics
 from align.certification import certified_correct, last_linear, margin_lipschitz
 from align.losses.harmonization import HarmonizationLoss, Reduce, check_reduce, input_gradient
 from align.losses.rrr import RRRLoss
@@ -85,13 +85,19 @@ class HarmonizedClassifier(LightningModule):
             this value are where the model should not look.
         split_annotated: in a training batch where only some images have a human map, take the double backprop
             on those only and a plain forward on the others (exact, see :meth:`harmonized_forward`; networks
-            with BatchNorm in training mode use the whole batch unless ``frozen_batch_statistics``). False: always
-            the whole batch.
-        frozen_batch_statistics: with ``split_annotated``, let BatchNorm networks in training mode split too: one
-            plain forward of the whole batch (task loss, batch statistics and running statistics exactly as a plain
-            step), then the double backprop on the annotated images with those statistics held constant
-            (:mod:`align.batch_statistics`). The saliency then misses the paths through the statistics;
-            docs/speed.md gives the measured difference. False (default): the exact full-batch step.
+            with BatchNorm in training mode use the whole batch unless ``batch_statistics`` says otherwise). False:
+            always the whole batch.
+        batch_statistics: how BatchNorm networks in training mode take the split step (:mod:`align.batch_statistics`;
+            docs/speed.md gives the measured difference of each from ``"full"``):
+
+            * ``"full"`` (default): no split; the exact full-batch step, as the reference;
+            * ``"frozen"``: one plain forward of the whole batch (task loss, batch statistics and running
+              statistics exactly as a plain step), then the double backprop on the annotated images with those
+              statistics held constant; the saliency misses the paths through the statistics;
+            * ``"ghost"``: ghost batch normalisation (Hoffer et al. 2017): the annotated images and the others
+              are two ghost batches, each normalised with its own statistics, the annotated one through the exact
+              double backprop; the running statistics get one update per step, as in a plain step, with the
+              pooled statistics of both ghost batches.
         channels_last: keep the backbone's weights and the images in ``torch.channels_last`` memory format
             (faster convolutions with ``bf16-mixed`` on tensor-core GPUs).
     """
@@ -115,7 +121,7 @@ class HarmonizedClassifier(LightningModule):
         rrr_threshold: float = 0.1,
         split_annotated: bool = True,
         channels_last: bool = False,
-        frozen_batch_statistics: bool = False,
+        batch_statistics: Literal["full", "frozen", "ghost"] = "full",
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -135,7 +141,7 @@ class HarmonizedClassifier(LightningModule):
         self.save_hyperparameters(ignore=ignore + (["num_classes"] if num_classes is None else []))
         self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
         self.split_annotated, self.channels_last = bool(split_annotated), bool(channels_last)
-        self.frozen_batch_statistics = bool(frozen_batch_statistics)
+        self.batch_statistics = one_of("batch_statistics", batch_statistics, ("full", "frozen", "ghost"))
         self.num_classes = self._infer_num_classes(backbone, num_classes)
         self.lipschitz = bool(getattr(backbone, "lipschitz_body", False))
         self.task_loss = TaskLoss(task_loss, **(task_loss_options or {}))
@@ -239,26 +245,26 @@ class HarmonizedClassifier(LightningModule):
 
         BatchNorm in training mode couples the images through the batch statistics: there the whole batch goes
         through one forward with the double backprop, exactly as the reference (its statistics, and so every
-        logit and gradient, are those of the full batch); see :func:`batch_coupled`. With
-        ``frozen_batch_statistics``, a plain forward of the whole batch and the double backprop on the annotated
-        images with its statistics held constant instead
-        (:func:`~align.batch_statistics.frozen_statistics_input_gradient`).
+        logit and gradient, are those of the full batch); see :func:`batch_coupled`. ``batch_statistics``
+        ``"frozen"`` and ``"ghost"`` split such networks too (see the class docstring).
         """
         annotated = has_heatmap.reshape(-1).to(torch.bool)
         coupled = batch_coupled(self.backbone)
-        if bool(annotated.all()) or not self.split_annotated or (coupled and not self.frozen_batch_statistics):
+        if bool(annotated.all()) or not self.split_annotated or (coupled and self.batch_statistics == "full"):
             logits, gradient = input_gradient(self.backbone, images, labels, create_graph=True)
             return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
         with_map = annotated.nonzero().flatten()
         scale = with_map.numel() / images.shape[0]  # the reference's mean over the whole batch
-        if coupled:
+        if coupled and self.batch_statistics == "frozen":
             with orthogonal_kernels_once(self.backbone):
                 logits, gradient = frozen_statistics_input_gradient(self.backbone, images, labels, with_map)
             return logits, self.harmonization(reduce_channels(gradient, self.reduce), human[with_map]) * scale
         without_map = (~annotated).nonzero().flatten()
         # the orthogonal kernels of the Lipschitz zoo computed once for both passes (see orthogonal_kernels_once for
-        # why not parametrize.cached()): one step then costs, and advances the power iteration, as one full pass
-        with orthogonal_kernels_once(self.backbone):
+        # why not parametrize.cached()): one step then costs, and advances the power iteration, as one full pass.
+        # Ghost batches: the two passes are the two ghost batches, and the running statistics get one update with
+        # their pooled statistics (nothing to pool for networks without batch statistics).
+        with orthogonal_kernels_once(self.backbone), pooled_running_statistics(self.backbone):
             logits_map, gradient = input_gradient(self.backbone, images[with_map], labels[with_map], create_graph=True)
             logits_plain = self.backbone(images[without_map])
         logits = logits_map.new_empty(images.shape[0], logits_map.shape[1])

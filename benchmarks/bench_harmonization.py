@@ -9,9 +9,11 @@ repeated steps, the two sides alternating step by step (machine drift hits both 
   the annotated images only (target <= 1.35); ``--no-split`` measures the full-batch computation instead;
 * ``resnet18``: torchvision ResNet-18 (BatchNorm), 64 px, batch 16, all annotated (target <= 2.5);
 * ``resnet18_mix``: ResNet-18, 64 px, batch 64, 20% annotated, the exact step (BatchNorm in training mode: the
-  full-batch double backprop); ``resnet18_frozen``: the same with ``frozen_batch_statistics=True`` (a plain pass of
+  full-batch double backprop); ``resnet18_frozen``: the same with ``batch_statistics="frozen"`` (a plain pass of
   the whole batch, the double backprop on the 13 annotated images with its statistics held constant; target <= 1.5),
-  with the exact step as a third side alternating with the two (``exact ratio``);
+  with the exact step as a third side alternating with the two (``exact ratio``); ``resnet18_ghost``: the same
+  with ``batch_statistics="ghost"`` (two ghost batches: the double backprop on the 13 annotated images with their
+  own statistics, a plain pass on the 51 others);
 * ``vit``: ``timm`` ``vit_tiny_patch16_224`` at 32 px, patch 4, 20% annotated (LayerNorm: the split is exact).
 
 ``--floor`` adds a third side, alternating with the two: the bare PyTorch double backprop of the same network on
@@ -43,7 +45,7 @@ class Case:
     annotated: float
     task_loss: str
     target: float
-    frozen_batch_statistics: bool = False
+    batch_statistics: str = "full"  # HarmonizedClassifier(batch_statistics=...) for BatchNorm networks
 
 
 CASES = {
@@ -51,7 +53,8 @@ CASES = {
     "mix": Case("lip_vgg", 32, 64, 0.2, "tau_ce", 1.35),
     "resnet18": Case("resnet18", 64, 16, 1.0, "ce", 2.5),
     "resnet18_mix": Case("resnet18", 64, 64, 0.2, "ce", 2.5),
-    "resnet18_frozen": Case("resnet18", 64, 64, 0.2, "ce", 1.5, frozen_batch_statistics=True),
+    "resnet18_frozen": Case("resnet18", 64, 64, 0.2, "ce", 1.5, batch_statistics="frozen"),
+    "resnet18_ghost": Case("resnet18", 64, 64, 0.2, "ce", 1.5, batch_statistics="ghost"),
     "vit": Case("vit", 32, 64, 0.2, "ce", 1.35),
 }
 
@@ -121,20 +124,20 @@ def run(name: str, case: Case, repeats: int, warmup: int, split: bool, floor: bo
         "has_heatmap": annotated,
     }
     steps = {}
-    sides = ["without", "with"] + (["floor"] if floor else []) + (["exact"] if case.frozen_batch_statistics else [])
+    sides = ["without", "with"] + (["floor"] if floor else []) + (["exact"] if case.batch_statistics != "full" else [])
     for side in sides:
         torch.manual_seed(0)
         module = HarmonizedClassifier(backbone(case.model), task_loss=case.task_loss, split_annotated=split,
-                                      frozen_batch_statistics=case.frozen_batch_statistics and side != "exact")
+                                      batch_statistics="full" if side == "exact" else case.batch_statistics)
         module.train()
         optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
         steps[side] = make_floor_step(module, optimizer) if side == "floor" else make_step(module, optimizer,
                                                                                            side != "without")
     times = interleaved_medians(steps, batch, warmup, repeats)
     ratio = times["with"] / times["without"]
-    coupled = case.model == "resnet18" and not case.frozen_batch_statistics
+    coupled = case.model == "resnet18" and case.batch_statistics == "full"
     how = "full batch" if not split or coupled or case.annotated == 1 else "annotated only"
-    how += ", frozen BN" if case.frozen_batch_statistics else ""
+    how += f", {case.batch_statistics} BN" if case.batch_statistics != "full" else ""
     extra = f" | floor {times['floor'] * 1e3:7.1f} ms, floor ratio {times['floor'] / times['without']:.2f}" if floor else ""
     if "exact" in times:  # the same step without the option (full batch), alternating with the two others
         extra += f" | exact {times['exact'] * 1e3:7.1f} ms, exact ratio {times['exact'] / times['without']:.2f}"

@@ -65,7 +65,7 @@ def model_options(name: str) -> dict:
 
 
 def build(name: str, harmonized: bool, channels_last: bool, device: torch.device, image_size: int,
-          frozen_batch_statistics: bool = False):
+          batch_statistics: str = "full"):
     options = model_options(name)
     spec = options.pop("backbone")
     if spec:
@@ -74,7 +74,7 @@ def build(name: str, harmonized: bool, channels_last: bool, device: torch.device
         backbone = timm.create_model("vit_small_patch16_224", num_classes=1000, img_size=image_size)
     # timm's fused attention stays on: the double-backprop pass swaps in align.models.attention's double backward
     module = HarmonizedClassifier(backbone, harmonization_weight=1.0 if harmonized else 0.0,
-                                  channels_last=channels_last, frozen_batch_statistics=frozen_batch_statistics,
+                                  channels_last=channels_last, batch_statistics=batch_statistics,
                                   **options)
     return module.to(device).train()
 
@@ -111,8 +111,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block", type=int, default=10, help="steps per side before switching")
-    parser.add_argument("--frozen-batch-statistics", action="store_true",
-                        help="BatchNorm networks split too (HarmonizedClassifier(frozen_batch_statistics=True))")
+    parser.add_argument("--batch-statistics", choices=("full", "frozen", "ghost"), default="full",
+                        help="how BatchNorm networks take the split step (HarmonizedClassifier(batch_statistics=...))")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -139,7 +139,7 @@ def main() -> None:
             torch.cuda.synchronize(device)
 
     steps = {side: make_step(build(args.backbone, side == "harmonized", args.channels_last, device, size,
-                                   args.frozen_batch_statistics), side == "harmonized", autocast)
+                                   args.batch_statistics), side == "harmonized", autocast)
              for side in ("plain", "harmonized")}
     for step in steps.values():
         for _ in range(args.warmup):
@@ -159,7 +159,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.backbone} on {name}, {size} px, batch {b}, {args.precision}, channels_last={args.channels_last}, "
           f"{int(annotated.sum())} annotated per batch, {args.steps} steps per side, torch {torch.__version__}, "
-          f"frozen_batch_statistics={args.frozen_batch_statistics}")
+          f"batch_statistics={args.batch_statistics}")
     for side in steps:
         print(f"  {side:10s} {done[side] * b / seconds[side]:9.1f} images/s  ({seconds[side] / done[side] * 1e3:.1f} ms/step)")
     print(f"  harmonized / plain step time: {seconds['harmonized'] / seconds['plain']:.2f}")

@@ -1,8 +1,8 @@
-"""How far the frozen-statistics split of a BatchNorm network is from the exact full-batch harmonized step.
+"""How far the split step of a BatchNorm network (frozen or ghost statistics) is from the exact full-batch step.
 
 For ``--batches`` random batches (uniform images, random labels and human maps, ``--annotated`` of each batch with
 a map) through one network in training mode, the exact step (``HarmonizedClassifier``'s default: the whole batch
-through the double backprop) and the frozen-statistics split (``frozen_batch_statistics=True``) are computed from
+through the double backprop) and the split (``batch_statistics=--mode``: ``frozen`` or ``ghost``) are computed from
 the same weights and running statistics, and compared:
 
 * the task loss and the harmonization loss (relative difference);
@@ -10,7 +10,7 @@ the same weights and running statistics, and compared:
   Spearman rank correlation with the exact one, over the pixels (scipy);
 * the parameter gradient of the whole loss, and of the harmonization term alone: cosine with the exact one.
 
-    python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64
+    python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64 [--mode ghost]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--annotated", type=float, default=0.2)
     parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--mode", choices=("frozen", "ghost"), default="frozen", help="the split's batch_statistics")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -73,11 +74,11 @@ def main() -> None:
     torch.manual_seed(0)
     exact = HarmonizedClassifier(BACKBONES[args.backbone](num_classes=1000)).to(device).train()
     frozen = copy.deepcopy(exact)
-    frozen.frozen_batch_statistics = True
+    frozen.batch_statistics = args.mode
     b, size = args.batch_size, args.image_size
     count = max(1, round(args.annotated * b))
     print(f"{args.backbone} (random init, training mode), {size} px, batch {b}, {count} annotated, "
-          f"{args.batches} batches, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.batches} batches, {args.mode} statistics, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     for index in range(args.batches):
         generator = torch.Generator().manual_seed(index)
@@ -109,7 +110,7 @@ def main() -> None:
                                                            reference["harmonization_grads"]),
         }
         rows.append(row)
-        print(f"batch {index}: exact {middle - start:.1f} s, frozen {end - middle:.1f} s | "
+        print(f"batch {index}: exact {middle - start:.1f} s, {args.mode} {end - middle:.1f} s | "
               + ", ".join(f"{name} {value:.4g}" for name, value in row.items()), flush=True)
     print("mean over batches: " + ", ".join(f"{name} {statistics.mean(r[name] for r in rows):.4g}" for name in rows[0]))
 

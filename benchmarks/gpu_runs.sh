@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_runs.sh speed OUT    images/s at 224 px (bf16-mixed, channels_last) of resnet50, ViT-S/16 and
 #                                            the 1-Lipschitz ResNet; the ClickMe monitor's overhead; explainers on CUDA
 #   bash benchmarks/gpu_runs.sh issue24 OUT  the main recipe at full speed (issue 24), one call of about 8 minutes:
-#                                            harmonized/plain of resnet50 (exact and frozen_batch_statistics) and
+#                                            harmonized/plain of resnet50 (exact, frozen and ghost batch statistics) and
 #                                            ViT-S/16 (fused attention with its double backward) at 224 px, bf16,
 #                                            channels_last; the ViT-Tiny attention time/memory vs the math kernel;
 #                                            the profiler's top kernels of the harmonized resnet50 step; the frozen
@@ -42,7 +42,7 @@ if [ "$part" = table ]; then
   wait
 elif [ "$part" = issue24 ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/issue24.txt"
-  for args in "resnet50" "resnet50 --frozen-batch-statistics" "vit_s16"; do
+  for args in "resnet50" "resnet50 --batch-statistics frozen" "resnet50 --batch-statistics ghost" "vit_s16"; do
     # shellcheck disable=SC2086
     timeout 100 python benchmarks/bench_throughput.py --backbone $args --precision bf16-mixed --channels-last \
       --steps 60 --warmup 5 >> "$out/issue24.txt" 2>&1
@@ -53,7 +53,7 @@ elif [ "$part" = issue24 ]; then
   timeout 100 python benchmarks/profile_harmonized.py --backbone resnet50 --precision bf16-mixed --channels-last \
     --plain --steps 3 --top 25 > "$out/profile_resnet50.txt" 2>&1
   timeout 60 python benchmarks/profile_harmonized.py --backbone resnet50 --precision bf16-mixed --channels-last \
-    --frozen-batch-statistics --steps 3 --top 25 > "$out/profile_resnet50_frozen.txt" 2>&1
+    --batch-statistics frozen --steps 3 --top 25 > "$out/profile_resnet50_frozen.txt" 2>&1
   timeout 60 python benchmarks/profile_harmonized.py --backbone vit_s16 --precision bf16-mixed --steps 3 --top 25 \
     > "$out/profile_vit_s16.txt" 2>&1
   timeout 60 python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64 \

@@ -47,7 +47,7 @@ def profile_step(args, harmonized: bool) -> None:
         "heatmap": torch.rand(b, size, size, device=device) * annotated[:, None, None],
         "has_heatmap": annotated,
     }
-    module = build(args.backbone, harmonized, args.channels_last, device, size, args.frozen_batch_statistics)
+    module = build(args.backbone, harmonized, args.channels_last, device, size, args.batch_statistics)
 
     def autocast():
         if args.precision == "bf16-mixed":
@@ -69,7 +69,7 @@ def profile_step(args, harmonized: bool) -> None:
     total = sum(getattr(event, attribute) for event in averages)
     side = "harmonized" if harmonized else "plain"
     print(f"\n{side} step: {args.backbone}, {size} px, batch {b}, {int(annotated.sum())} annotated, {args.precision}, "
-          f"channels_last={args.channels_last}, frozen_batch_statistics={args.frozen_batch_statistics}, "
+          f"channels_last={args.channels_last}, batch_statistics={args.batch_statistics}, "
           f"{args.device}; {total / 1e3 / args.steps:.1f} ms of self time per step")
     shares: dict[str, float] = {}
     for event in averages:
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--annotated", type=float, default=0.2)
-    parser.add_argument("--frozen-batch-statistics", action="store_true")
+    parser.add_argument("--batch-statistics", choices=("full", "frozen", "ghost"), default="full")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=20)

@@ -1,5 +1,6 @@
-"""The frozen-statistics split of BatchNorm networks: a plain forward of the whole batch, then the double backprop
-on the annotated images with the batch statistics of that forward held constant."""
+"""The split step of BatchNorm networks. Frozen statistics: a plain forward of the whole batch, then the double
+backprop on the annotated images with the batch statistics of that forward held constant. Ghost statistics: the
+annotated images and the others as two ghost batches, the running statistics updated once with the pooled ones."""
 
 import copy
 
@@ -8,7 +9,12 @@ import torch
 from torch import nn
 
 from align import HarmonizedClassifier
-from align.batch_statistics import frozen_batch_statistics, frozen_statistics_input_gradient, recorded_batch_statistics
+from align.batch_statistics import (
+    frozen_batch_statistics,
+    frozen_statistics_input_gradient,
+    pooled_running_statistics,
+    recorded_batch_statistics,
+)
 from align.losses import harmonization_loss
 from align.losses.harmonization import input_gradient
 from align.models import small_cnn
@@ -104,11 +110,12 @@ def test_train_mode_saliency_treats_the_batch_statistics_as_constants(running):
     assert (gradient - exact[ANNOTATED]).norm() > 1e-3 * exact[ANNOTATED].norm()
 
 
-def test_running_statistics_are_updated_once_as_in_a_plain_step():
+@pytest.mark.parametrize("running", ["momentum", "cumulative"])
+def test_running_statistics_are_updated_once_as_in_a_plain_step(running):
     images, labels, human = batch()
     has_heatmap = torch.zeros(len(images), dtype=torch.bool)
     has_heatmap[ANNOTATED] = True
-    module = HarmonizedClassifier(network(), levels=2, frozen_batch_statistics=True).train()
+    module = HarmonizedClassifier(network(running), levels=2, batch_statistics="frozen").train()
     plain = copy.deepcopy(module.backbone)
     logits, harmonization = module.harmonized_forward(images, labels, human, has_heatmap)
     (module.task_loss(logits, labels) + harmonization).backward()
@@ -117,7 +124,7 @@ def test_running_statistics_are_updated_once_as_in_a_plain_step():
         torch.testing.assert_close(module.backbone.get_buffer(name), buffer, rtol=0, atol=0, msg=name)
     for layer in module.backbone.modules():  # and the layers are back in training mode with their own buffers
         if isinstance(layer, nn.BatchNorm2d):
-            assert layer.training and int(layer.num_batches_tracked) == 1
+            assert layer.training and int(layer.num_batches_tracked) == (1 if running == "momentum" else 2)
 
 
 def test_module_step_is_plain_task_loss_plus_frozen_harmonization():
@@ -126,7 +133,7 @@ def test_module_step_is_plain_task_loss_plus_frozen_harmonization():
     images, labels, human = batch()
     has_heatmap = torch.zeros(len(images), dtype=torch.bool)
     has_heatmap[ANNOTATED] = True
-    module = HarmonizedClassifier(network(), levels=2, harmonization_weight=3.0, frozen_batch_statistics=True)
+    module = HarmonizedClassifier(network(), levels=2, harmonization_weight=3.0, batch_statistics="frozen")
     module.train()
     state = copy.deepcopy(module.state_dict())
     logits, harmonization = module.harmonized_forward(images, labels, human, has_heatmap)
@@ -157,7 +164,7 @@ def test_default_keeps_the_full_batch_and_recording_leaves_the_network_alone():
     module.backbone.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
     module.harmonized_forward(images, labels, human, has_heatmap)
     assert calls == [8]  # one double-backprop pass of the whole batch
-    module.frozen_batch_statistics = True
+    module.batch_statistics = "frozen"
     calls.clear()
     module.harmonized_forward(images, labels, human, has_heatmap)
     assert calls == [8, 2]  # the plain whole batch, then the annotated images
@@ -178,3 +185,90 @@ def test_frozen_statistics_refuse_a_layer_that_was_not_recorded():
     with pytest.raises(ValueError, match="no recorded statistics"):
         with frozen_batch_statistics(model, {}):
             pass
+
+
+def test_ghost_step_is_the_exact_step_of_two_ghost_batches():
+    """``batch_statistics="ghost"``: the annotated images are one batch (their own statistics, the exact double
+    backprop through them) and the others a second one; the loss and its parameter gradient equal those of the two
+    batches run apart through the reference's full-batch step (the whole-batch means weighted by the sizes)."""
+    images, labels, human = batch()
+    has_heatmap = torch.zeros(len(images), dtype=torch.bool)
+    has_heatmap[ANNOTATED] = True
+    others = (~has_heatmap).nonzero().flatten()
+    module = HarmonizedClassifier(network(), levels=2, harmonization_weight=3.0, batch_statistics="ghost").train()
+    state = copy.deepcopy(module.state_dict())
+    logits, harmonization = module.harmonized_forward(images, labels, human, has_heatmap)
+    loss = module.task_loss(logits, labels) + 3.0 * harmonization
+    ours = torch.autograd.grad(loss, list(module.backbone.parameters()))
+
+    module.load_state_dict(state)
+    logits_map, gradient = input_gradient(module.backbone, images[ANNOTATED], labels[ANNOTATED], create_graph=True)
+    logits_plain = module.backbone(images[others])
+    n = len(images)
+    task = (module.task_loss(logits_map, labels[ANNOTATED]) * len(ANNOTATED)
+            + module.task_loss(logits_plain, labels[others]) * len(others)) / n
+    saliency = reduce_channels(gradient, "mean")
+    everywhere = torch.ones(len(ANNOTATED), dtype=torch.bool)
+    expected = task + 3.0 * harmonization_loss(saliency, human[ANNOTATED], everywhere, levels=2) * len(ANNOTATED) / n
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-13)
+    theirs = torch.autograd.grad(expected, list(module.backbone.parameters()))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # and it is not the full-batch step: the ghost batches normalise with their own statistics
+    module.load_state_dict(state)
+    full = module.backbone(images)
+    assert (full[ANNOTATED] - logits_map).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("running", ["momentum", "cumulative"])
+def test_ghost_running_statistics_are_one_update_with_the_pooled_statistics(running):
+    """One update per step (``num_batches_tracked`` + 1) with the mean and unbiased variance of everything each
+    layer saw in both ghost batches: written out from the layers' recorded inputs. The first layer sees the raw
+    images, so it ends exactly as after a plain step of the whole batch."""
+    images, labels, human = batch()
+    has_heatmap = torch.zeros(len(images), dtype=torch.bool)
+    has_heatmap[ANNOTATED] = True
+    module = HarmonizedClassifier(network(running), levels=2, batch_statistics="ghost").train()
+    norms = [layer for layer in module.backbone.modules() if isinstance(layer, nn.BatchNorm2d)]
+    start = [(layer.running_mean.clone(), layer.running_var.clone(), int(layer.num_batches_tracked)) for layer in norms]
+    plain = copy.deepcopy(module.backbone)
+    seen = {layer: [] for layer in norms}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: seen[layer].append(args[0].detach())) for layer in norms]
+    logits, harmonization = module.harmonized_forward(images, labels, human, has_heatmap)
+    (module.task_loss(logits, labels) + harmonization).backward()
+    for hook in hooks:
+        hook.remove()
+    for layer, (mean0, var0, tracked0) in zip(norms, start, strict=True):
+        x = torch.cat(seen[layer])
+        assert len(seen[layer]) == 2 and x.shape[0] == len(images)
+        f = layer.momentum if layer.momentum is not None else 1 / (tracked0 + 1)
+        assert int(layer.num_batches_tracked) == tracked0 + 1
+        torch.testing.assert_close(layer.running_mean, (1 - f) * mean0 + f * x.mean((0, 2, 3)), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(layer.running_var, (1 - f) * var0 + f * x.var((0, 2, 3)), rtol=1e-12, atol=1e-13)
+    plain(images)
+    first = norms[0]
+    torch.testing.assert_close(first.running_mean, plain[0][1].running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(first.running_var, plain[0][1].running_var, rtol=1e-12, atol=1e-14)
+
+
+def test_pooled_running_statistics_restores_them_on_error_and_skips_single_runs():
+    images, _, _ = batch()
+    model = network().train()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with pooled_running_statistics(model):
+            model(images[:3]), model(images[3:])
+            raise RuntimeError("boom")
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, before[name], rtol=0, atol=0, msg=name)
+    once = copy.deepcopy(model)
+    with pooled_running_statistics(model):
+        model(images)  # one run: the plain update, untouched
+    once(images)
+    for name, buffer in once.named_buffers():
+        torch.testing.assert_close(model.get_buffer(name), buffer, rtol=0, atol=0, msg=name)
+
+
+def test_batch_statistics_option_is_checked():
+    with pytest.raises(ValueError, match="batch_statistics"):
+        HarmonizedClassifier(network(), batch_statistics="frozen_ish")
