@@ -10,6 +10,9 @@ the same weights and running statistics, and compared:
   Spearman rank correlation with the exact one, over the pixels (scipy);
 * the parameter gradient of the whole loss, and of the harmonization term alone: cosine with the exact one.
 
+``--mode redrawn`` is the noise floor: the exact step again, with the images WITHOUT a map redrawn (the same
+annotated images in another batch): how much the exact step itself moves with the batch around an image.
+
     python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64 [--mode ghost]
 """
 
@@ -66,7 +69,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--annotated", type=float, default=0.2)
     parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--mode", choices=("frozen", "ghost"), default="frozen", help="the split's batch_statistics")
+    parser.add_argument("--mode", choices=("frozen", "ghost", "redrawn"), default="frozen",
+                        help="the split's batch_statistics, or the exact step on a redrawn batch (noise floor)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -74,7 +78,7 @@ def main() -> None:
     torch.manual_seed(0)
     exact = HarmonizedClassifier(BACKBONES[args.backbone](num_classes=1000)).to(device).train()
     frozen = copy.deepcopy(exact)
-    frozen.batch_statistics = args.mode
+    frozen.batch_statistics = "full" if args.mode == "redrawn" else args.mode
     b, size = args.batch_size, args.image_size
     count = max(1, round(args.annotated * b))
     print(f"{args.backbone} (random init, training mode), {size} px, batch {b}, {count} annotated, "
@@ -95,6 +99,10 @@ def main() -> None:
         start = time.perf_counter()
         reference = step(exact, batch, state)
         middle = time.perf_counter()
+        if args.mode == "redrawn":  # the same annotated images, the others redrawn
+            others = ~batch["has_heatmap"]
+            redrawn = torch.rand(int(others.sum()), 3, size, size, generator=torch.Generator().manual_seed(100 + index))
+            batch = {**batch, "image": batch["image"].clone().index_put_((others,), redrawn.to(device))}
         ours = step(frozen, batch, state)
         end = time.perf_counter()  # (times are indicative: no device synchronisation)
         rhos = [spearmanr(a.flatten().cpu().numpy(), b.flatten().cpu().numpy()).statistic
