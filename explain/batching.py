@@ -58,8 +58,8 @@ class AutoBatchSize:
     """``AutoBatchSize()(key, device, run)``: ``run(batch_size)`` with the largest batch size that fits, halving
     from the remembered size for ``key`` (or from :data:`ACCELERATOR_START` / :data:`CPU_START` on ``device``).
 
-    ``fitted`` maps each key to the size that fit; the first size found for a key is logged (``INFO``, logger
-    ``explain.batching``). ``start`` replaces both first sizes (e.g. rows of activations encoded at once, far more
+    ``fitted`` maps each key to the size that fit; it is logged once (``INFO``, logger ``explain.batching``), and
+    again only if a later call has to lower it. ``start`` replaces both first sizes (e.g. rows of activations encoded at once, far more
     than images).
 
     Raises:
@@ -72,7 +72,9 @@ class AutoBatchSize:
         self.start = start
         self.fitted: dict[Hashable, int] = {}
 
-    def __call__(self, key: Hashable, device: torch.device, run: Callable[[int], T]) -> T:
+    def __call__(self, key: Hashable, device: torch.device, run: Callable[[int], T], total: int | None = None) -> T:
+        """``run(size)`` with the largest size that fits; ``total``, the number of inputs ``run`` splits: a size
+        above it that fails is halved from ``total`` (every size above it is one chunk of them all)."""
         start = self.start or (CPU_START if torch.device(device).type == "cpu" else ACCELERATOR_START)
         size = self.fitted.get(key, start)
         while True:
@@ -84,8 +86,8 @@ class AutoBatchSize:
                     raise
             # out of the except block: the failed attempt's frames and tensors are released before the next one
             release_cached_memory()
-            size //= 2
-        if key not in self.fitted:
+            size = min(size, total or size) // 2
+        if self.fitted.get(key) != size:  # found, or lowered by a larger input of the same shape later
             log.info("%s: batch_size='auto' uses %d for %s", self.name, size, key)
         self.fitted[key] = size
         return result
@@ -109,11 +111,13 @@ def resolve_batch_size(
     return AutoBatchSize(owner, start) if batch_size_or_auto(name, value) == "auto" else value
 
 
-def run_batched(batch_size: int | AutoBatchSize, key: Hashable, device: torch.device, run: Callable[[int], T]) -> T:
+def run_batched(
+    batch_size: int | AutoBatchSize, key: Hashable, device: torch.device, run: Callable[[int], T], total: int
+) -> T:
     """``run(batch_size)`` for an int; for an :class:`AutoBatchSize`, ``run`` with the largest size that fits
-    (``batch_size(key, device, run)``).
+    (``batch_size(key, device, run, total)``; ``total``: the number of inputs ``run`` splits).
 
     ``run(size)`` must do the whole chunked computation with chunks of ``size`` (an attempt that runs out of
     memory is thrown away and run again at half the size), and draw its random numbers outside the chunks.
     """
-    return batch_size(key, device, run) if isinstance(batch_size, AutoBatchSize) else run(batch_size)
+    return batch_size(key, device, run, total) if isinstance(batch_size, AutoBatchSize) else run(batch_size)

@@ -213,7 +213,8 @@ class Craft:
         """``input_to_latent`` of ``inputs`` (resized to ``size``), ``batch_size`` at a time, checked >= 0."""
         device = self._device(inputs)
         key = ("input_to_latent", *inputs.shape[1:-2], *(size or inputs.shape[-2:]), inputs.dtype, device)
-        return run_batched(self._batch, key, device, lambda batch: self._latents_by(batch, inputs, size, pool))
+        run = lambda batch: self._latents_by(batch, inputs, size, pool)  # noqa: E731
+        return run_batched(self._batch, key, device, run, inputs.shape[0])
 
     def _latents_by(self, batch_size: int, inputs: Tensor, size: tuple[int, int] | None, pool: bool) -> Tensor:
         device, outputs = self._device(inputs), []

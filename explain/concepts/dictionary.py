@@ -209,7 +209,8 @@ class Dictionary:
         (``fn`` must treat rows independently)."""
         rows = self.auto_batch_size if self.auto_batch_size is not None else self.encode_batch_size
         key = (what, *x.shape[1:], x.dtype, x.device)
-        return run_batched(rows, key, x.device, lambda size: torch.cat([fn(chunk) for chunk in x.split(size)]))
+        run = lambda size: torch.cat([fn(chunk) for chunk in x.split(size)])  # noqa: E731
+        return run_batched(rows, key, x.device, run, x.shape[0])
 
     def _fit_device(self, x: Tensor) -> torch.device:
         return self.device if self.device is not None else x.device

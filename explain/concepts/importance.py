@@ -65,7 +65,7 @@ def concept_importance(
     latent_shape = (w.shape[1], *u.shape[1:-1])  # [c] or [c, h, w]
     key = ("latent_to_logit", *latent_shape, u.dtype, u.device)
     run = lambda size: _masked_logits(u, w, masks, latent_to_logit, classes, size)  # noqa: E731
-    outputs = run_batched(batch_size, key, u.device, run).reshape(n_images, n_masks)
+    outputs = run_batched(batch_size, key, u.device, run, n_images * n_masks).reshape(n_images, n_masks)
     return total_sobol_indices(outputs, rank, nb_design, estimator)
 
 
