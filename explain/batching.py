@@ -59,8 +59,8 @@ class AutoBatchSize:
     from the remembered size for ``key`` (or from :data:`ACCELERATOR_START` / :data:`CPU_START` on ``device``).
 
     ``fitted`` maps each key to the size that fit; it is logged once (``INFO``, logger ``explain.batching``), and
-    again only if a later call has to lower it. ``start`` replaces both first sizes (e.g. rows of activations encoded at once, far more
-    than images).
+    again only if a later call has to lower it. ``start`` replaces both first sizes (e.g. rows of activations
+    encoded at once, far more than images).
 
     Raises:
         torch.OutOfMemoryError: (or the CPU allocator's ``RuntimeError``) when even a batch of 1 does not fit;

@@ -51,8 +51,8 @@ class FeatureVizMonitor(RankZeroMonitor):
 
     Raises:
         ValueError: ``classes``, ``steps``, ``crops_per_step``, ``spectrum_images`` or ``image_size`` out of
-            their domain, unknown ``maco_options``, a ``batch_size`` neither None, a positive int nor ``"auto"``, or a common option as
-            :class:`~explain.callbacks.base.MonitorCallback` refuses.
+            their domain, unknown ``maco_options``, a ``batch_size`` neither None, a positive int nor ``"auto"``, or
+            a common option as :class:`~explain.callbacks.base.MonitorCallback` refuses.
     """
 
     state_fields = ("classes", "image_size", "steps")  # its state_key

@@ -102,7 +102,8 @@ class Craft:
     Raises:
         TypeError: ``input_to_latent`` (or a given ``latent_to_logit``) is not callable.
         ValueError: ``n_concepts`` not a positive int, ``batch_size`` neither that nor ``"auto"``,
-            ``patch_size``/``stride`` neither None nor positive ints, an ``NMF`` whose rank is not ``n_concepts``, or a bad NMF option.
+            ``patch_size``/``stride`` neither None nor positive ints, an ``NMF`` whose rank is not ``n_concepts``, or a
+            bad NMF option.
 
     >>> import torch
     >>> from torch import nn

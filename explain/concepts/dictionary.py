@@ -239,8 +239,8 @@ class NMFDictionary(NNLSCodes):
 
     ``encode`` is the exact NNLS ``argmin_{U >= 0} ||A - U D||`` (CRAFT's ``transform``); its derivative is the
     implicit one of :func:`explain.concepts.implicit.nnls_jacobian`. Options: those of ``NMF`` (``init``,
-    ``max_iter``, ``tol``, ``inner_iter``, ``warmup``), ``encode_batch_size``, ``seed`` and ``device``. The fitted ``NMF`` is
-    ``factorizer_``. A DataLoader is read whole (NMF needs every row at once).
+    ``max_iter``, ``tol``, ``inner_iter``, ``warmup``), ``encode_batch_size``, ``seed`` and ``device``. The fitted
+    ``NMF`` is ``factorizer_``. A DataLoader is read whole (NMF needs every row at once).
     """
 
     name = "nmf"
