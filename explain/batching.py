@@ -96,7 +96,6 @@ class AutoBatchSize:
         return f"AutoBatchSize({self.name!r}, fitted={self.fitted})"
 
 
-
 def resolve_batch_size(
     name: str, value: BatchSize | AutoBatchSize, owner: str, start: int | None = None
 ) -> int | AutoBatchSize:
