@@ -56,7 +56,8 @@ class ConceptMonitor(RankZeroMonitor):
         nb_design: Sobol design size of the importance.
         top_k: crops per concept in the gallery.
         craft_options: other :class:`~explain.concepts.Craft` options (``patch_size``, ``stride``, ``nmf``,
-            ``dictionary``, ``dictionary_options``: e.g. ``{"dictionary": "topk_sae"}``).
+            ``dictionary``, ``dictionary_options``: e.g. ``{"dictionary": "topk_sae"}``; ``batch_size`` and the
+            dictionary's ``encode_batch_size`` may be ``"auto"``: one size is found for all classes and epochs).
         match_threshold: a matched pair of concepts with ``|cosine|`` below it counts as one concept born and one
             lost.
         top_concepts: k of the importance concentration.
@@ -96,6 +97,7 @@ class ConceptMonitor(RankZeroMonitor):
         reserved = sorted(set(self.craft_options) & {"input_to_latent", "latent_to_logit", "n_concepts"})
         if reserved:
             raise ValueError(f"ConceptMonitor: set {reserved} with the monitor's own arguments, not craft_options")
+        share_auto_batch_sizes(self.craft_options)
         Craft(nn.Identity(), n_concepts=n_concepts, **self.craft_options)  # a bad option fails now
         self.num_images, self.n_concepts, self.at, self.sign_split = num_images, n_concepts, at, sign_split
         self.nb_design, self.top_k = nb_design, top_k
@@ -200,6 +202,22 @@ class ConceptMonitor(RankZeroMonitor):
         craft.fit(images, class_id=class_id)
         importance = craft.importance(images, nb_design=self.nb_design, seed=self.seed)
         return craft, importance.detach().cpu(), figure_to_array(craft.gallery(top_k=self.top_k))
+
+
+def share_auto_batch_sizes(craft_options: dict[str, Any]) -> None:
+    """Replace ``"auto"`` in ``craft_options`` (``batch_size``, ``dictionary_options["encode_batch_size"]``) by one
+    :class:`~explain.batching.AutoBatchSize` each, in place: the Crafts of every class and evaluation then share
+    the sizes that fit (found, and logged, once)."""
+    from explain.batching import AutoBatchSize
+    from explain.concepts.dictionary import ENCODE_BATCH_SIZE
+
+    if craft_options.get("batch_size") == "auto":
+        craft_options["batch_size"] = AutoBatchSize("ConceptMonitor")
+    options = craft_options.get("dictionary_options")
+    if isinstance(options, Mapping) and options.get("encode_batch_size") == "auto":
+        craft_options["dictionary_options"] = {
+            **options, "encode_batch_size": AutoBatchSize("ConceptMonitor dictionary", ENCODE_BATCH_SIZE)
+        }
 
 
 def concept_strips(crops: Tensor, codes: Tensor, top_k: int) -> list[Any]:

@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer
 from torch import Tensor, nn
 from typing_extensions import override
 
+from explain.batching import resolve_batch_size
 from explain.callbacks.base import RankZeroMonitor
 from explain.callbacks.batches import draw_monitor_set, first_dataloader
 from explain.callbacks.media import log_images
@@ -44,14 +45,14 @@ class FeatureVizMonitor(RankZeroMonitor):
         crops_per_step: random crops per step.
         spectrum_images: validation images whose mean Fourier magnitude MACO keeps fixed.
         maco_options: other options of :func:`explain.featureviz.maco` (``lr``, ``noise``, ``value_range``,
-            ``box_size``...).
+            ``box_size``, ``batch_size``...; ``batch_size="auto"``: one size is found for all classes and epochs).
         **monitor_options: the options every monitor takes (``model_attr``, ``batch_adapter``, ``on_error``,
             ``seed``): see :class:`~explain.callbacks.base.MonitorCallback`.
 
     Raises:
         ValueError: ``classes``, ``steps``, ``crops_per_step``, ``spectrum_images`` or ``image_size`` out of
-            their domain, unknown ``maco_options``, or a common option as
-            :class:`~explain.callbacks.base.MonitorCallback` refuses.
+            their domain, unknown ``maco_options``, a ``batch_size`` neither None, a positive int nor ``"auto"``, or
+            a common option as :class:`~explain.callbacks.base.MonitorCallback` refuses.
     """
 
     state_fields = ("classes", "image_size", "steps")  # its state_key
@@ -81,6 +82,10 @@ class FeatureVizMonitor(RankZeroMonitor):
         unknown = sorted(set(self.maco_options) - accepted)
         if unknown:
             raise ValueError(f"FeatureVizMonitor: unknown maco_options {unknown} (accepted: {sorted(accepted)})")
+        if self.maco_options.get("batch_size") is not None:  # "auto": one AutoBatchSize remembers it all along
+            self.maco_options["batch_size"] = resolve_batch_size(
+                "FeatureVizMonitor: maco_options batch_size", self.maco_options["batch_size"], "FeatureVizMonitor"
+            )
         self.image_size, self.steps, self.crops_per_step = image_size, steps, crops_per_step
         self.spectrum_images = spectrum_images
         self._magnitude: Tensor | None = None

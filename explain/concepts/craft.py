@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from explain.base import eval_mode, model_device
+from explain.batching import AutoBatchSize, BatchSize, resolve_batch_size, run_batched
 from explain.concepts.crops import default_patch_size, default_stride, extract_crops
 from explain.concepts.dictionary import Dictionary, NMFDictionary, make_dictionary
 from explain.concepts.gallery import concept_gallery
@@ -74,7 +75,10 @@ class Craft:
         n_concepts: r, the NMF rank.
         patch_size: crop side in pixels; default ``round(min(H, W) * 64 / 224)`` (the reference's 64 at 224).
         stride: crop stride; default ``int(0.8 * patch_size)`` (the reference's).
-        batch_size: inputs sent through ``input_to_latent`` / ``latent_to_logit`` at once.
+        batch_size: inputs sent through ``input_to_latent`` / ``latent_to_logit`` at once, or ``"auto"``: the
+            largest that fits (:mod:`explain.batching`), found and remembered per part and input shape in
+            ``auto_batch_size`` (an :class:`~explain.batching.AutoBatchSize` that may be shared between the Crafts
+            of one model: :class:`~explain.callbacks.ConceptMonitor` does). The results do not depend on it.
         nmf: options of :class:`~explain.concepts.nmf.NMF` (a mapping, or an ``NMF`` whose rank is
             ``n_concepts``); default ``init="nndsvda", max_iter=200`` as the reference's scikit-learn NMF.
         device: where the model parts and NMF run; default the device of ``input_to_latent`` when it is a
@@ -97,8 +101,9 @@ class Craft:
 
     Raises:
         TypeError: ``input_to_latent`` (or a given ``latent_to_logit``) is not callable.
-        ValueError: ``n_concepts``, ``batch_size`` not positive ints, ``patch_size``/``stride`` neither None nor
-            positive ints, an ``NMF`` whose rank is not ``n_concepts``, or a bad NMF option.
+        ValueError: ``n_concepts`` not a positive int, ``batch_size`` neither that nor ``"auto"``,
+            ``patch_size``/``stride`` neither None nor positive ints, an ``NMF`` whose rank is not ``n_concepts``, or a
+            bad NMF option.
 
     >>> import torch
     >>> from torch import nn
@@ -118,7 +123,7 @@ class Craft:
         n_concepts: int = 10,
         patch_size: int | None = None,
         stride: int | None = None,
-        batch_size: int = 64,
+        batch_size: BatchSize = 64,
         nmf: Mapping[str, Any] | NMF | None = None,
         device: torch.device | str | None = None,
         dictionary: str | Dictionary = "nmf",
@@ -129,7 +134,9 @@ class Craft:
         if latent_to_logit is not None and not callable(latent_to_logit):
             raise TypeError(f"latent_to_logit must be callable or None, got {latent_to_logit!r}")
         positive_int("n_concepts", n_concepts)
-        positive_int("batch_size", batch_size)
+        resolved = resolve_batch_size("batch_size", batch_size, "Craft")
+        #: with ``batch_size="auto"``, what finds and remembers the sizes that fit (None otherwise)
+        self.auto_batch_size: AutoBatchSize | None = resolved if isinstance(resolved, AutoBatchSize) else None
         positive_int("patch_size", patch_size, allow_none=True)
         positive_int("stride", stride, allow_none=True)
         if isinstance(nmf, NMF):
@@ -199,11 +206,21 @@ class Craft:
             return model_device(self.input_to_latent, default=like.device)
         return like.device
 
+    @property
+    def _batch(self) -> int | AutoBatchSize:
+        return self.auto_batch_size if self.auto_batch_size is not None else self.batch_size
+
     def _latents(self, inputs: Tensor, size: tuple[int, int] | None = None, pool: bool = False) -> Tensor:
         """``input_to_latent`` of ``inputs`` (resized to ``size``), ``batch_size`` at a time, checked >= 0."""
+        device = self._device(inputs)
+        key = ("input_to_latent", *inputs.shape[1:-2], *(size or inputs.shape[-2:]), inputs.dtype, device)
+        run = lambda batch: self._latents_by(batch, inputs, size, pool)  # noqa: E731
+        return run_batched(self._batch, key, device, run, inputs.shape[0])
+
+    def _latents_by(self, batch_size: int, inputs: Tensor, size: tuple[int, int] | None, pool: bool) -> Tensor:
         device, outputs = self._device(inputs), []
         with _evaluating(self.input_to_latent):
-            for chunk in inputs.split(self.batch_size):
+            for chunk in inputs.split(batch_size):
                 chunk = chunk.to(device)
                 if size is not None and tuple(chunk.shape[-2:]) != tuple(size):
                     chunk = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)
@@ -311,7 +328,7 @@ class Craft:
         with _evaluating(self.latent_to_logit):
             indices = concept_importance(
                 u, w, self.latent_to_logit, class_id, nb_design=nb_design, sampler=sampler, estimator=estimator,
-                seed=seed, batch_size=self.batch_size,
+                seed=seed, batch_size=self._batch,
             ).to(images.device)
         self.importances_ = indices.mean(dim=0)
         return indices if per_image else self.importances_

@@ -10,24 +10,33 @@ CRAFT's importance and the metrics treat all of them alike. Implementations:
   the activations (:mod:`explain.concepts.sae`).
 
 ``make_dictionary(name, n_concepts, **options)`` builds one by name.
+
+Every dictionary encodes (and differentiates its codes, ``code_jacobian``) ``encode_batch_size`` rows at a time:
+rows are independent problems, so the codes do not depend on it (up to float round-off), and ``"auto"`` takes the
+largest that fits (:mod:`explain.batching`, starting at :data:`ENCODE_BATCH_SIZE` rows). The fits need every row
+at once (NMF, semi-NMF, archetypal analysis) or are optimisations whose result depends on their minibatch (the
+SAEs' ``batch_size``), so they are never chunked or halved.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from explain.batching import AutoBatchSize, BatchSize, resolve_batch_size, run_batched
 from explain.concepts.implicit import nnls_jacobian
 from explain.concepts.nmf import NMF
 from explain.concepts.nnls import nnls
 from explain.validation import positive_int
 
 Activations = Tensor | DataLoader | Iterable[Tensor]
+#: rows encoded at once by default, and the first size ``encode_batch_size="auto"`` tries
+ENCODE_BATCH_SIZE = 65536
 
 
 def check_activations(x: Any, what: str = "activations") -> Tensor:
@@ -78,6 +87,8 @@ class Dictionary:
 
     Args:
         n_concepts: r, the number of atoms.
+        encode_batch_size: rows encoded at once by :meth:`encode` and :meth:`code_jacobian` (module docstring),
+            or ``"auto"``: the largest that fits, remembered per width, dtype and device in ``auto_batch_size``.
         seed: seeds every random choice of the fit (initialisation, minibatches); None: not seeded.
         device: where the fit runs and ``dictionary_`` lives; None: the device of the activations.
 
@@ -94,8 +105,19 @@ class Dictionary:
     nonnegative_inputs: ClassVar[bool] = False
     gives_maps: ClassVar[bool] = False
 
-    def __init__(self, n_concepts: int, *, seed: int | None = 0, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        n_concepts: int,
+        *,
+        encode_batch_size: BatchSize = ENCODE_BATCH_SIZE,
+        seed: int | None = 0,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.n_concepts = positive_int("n_concepts", n_concepts)
+        rows = resolve_batch_size("encode_batch_size", encode_batch_size, type(self).__name__, ENCODE_BATCH_SIZE)
+        self.encode_batch_size = encode_batch_size
+        #: with ``encode_batch_size="auto"``, what finds and remembers the sizes that fit (None otherwise)
+        self.auto_batch_size: AutoBatchSize | None = rows if isinstance(rows, AutoBatchSize) else None
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
         self.dictionary_: Tensor | None = None
@@ -135,7 +157,7 @@ class Dictionary:
         if x.shape[1] != atoms.shape[1]:
             raise ValueError(f"activations have {x.shape[1]} channels but the atoms {atoms.shape[1]}")
         self._check_sign(x)
-        return self._encode(x.to(atoms.device, atoms.dtype)).to(x.device, x.dtype)
+        return self._by_rows("encode", self._encode, x.to(atoms.device, atoms.dtype)).to(x.device, x.dtype)
 
     def decode(self, codes: Tensor) -> Tensor:
         """Activations [n, c] = ``codes`` [n, r] @ ``dictionary_``."""
@@ -182,6 +204,14 @@ class Dictionary:
                 "or use a dictionary for signed data ('semi_nmf', 'archetypal' or an SAE)"
             )
 
+    def _by_rows(self, what: str, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``cat([fn(chunk) for chunk in x.split(encode_batch_size)])``, halved on out-of-memory with ``"auto"``
+        (``fn`` must treat rows independently)."""
+        rows = self.auto_batch_size if self.auto_batch_size is not None else self.encode_batch_size
+        key = (what, *x.shape[1:], x.dtype, x.device)
+        run = lambda size: torch.cat([fn(chunk) for chunk in x.split(size)])  # noqa: E731
+        return run_batched(rows, key, x.device, run, x.shape[0])
+
     def _fit_device(self, x: Tensor) -> torch.device:
         return self.device if self.device is not None else x.device
 
@@ -201,7 +231,7 @@ class NNLSCodes(Dictionary):
         """Implicit derivative of the NNLS codes: rows of the active set ``(D_S D_S^T)^-1 D_S``, others 0."""
         atoms = self._check_fitted()
         x = check_activations(activations).to(atoms)
-        return nnls_jacobian(nnls(x, atoms), atoms)
+        return self._by_rows("code_jacobian", lambda rows: nnls_jacobian(nnls(rows, atoms), atoms), x)
 
 
 class NMFDictionary(NNLSCodes):
@@ -209,8 +239,8 @@ class NMFDictionary(NNLSCodes):
 
     ``encode`` is the exact NNLS ``argmin_{U >= 0} ||A - U D||`` (CRAFT's ``transform``); its derivative is the
     implicit one of :func:`explain.concepts.implicit.nnls_jacobian`. Options: those of ``NMF`` (``init``,
-    ``max_iter``, ``tol``, ``inner_iter``, ``warmup``), ``seed`` and ``device``. The fitted ``NMF`` is
-    ``factorizer_``. A DataLoader is read whole (NMF needs every row at once).
+    ``max_iter``, ``tol``, ``inner_iter``, ``warmup``), ``encode_batch_size``, ``seed`` and ``device``. The fitted
+    ``NMF`` is ``factorizer_``. A DataLoader is read whole (NMF needs every row at once).
     """
 
     name = "nmf"
@@ -226,10 +256,11 @@ class NMFDictionary(NNLSCodes):
         tol: float = 1e-4,
         inner_iter: int = 4,
         warmup: int = 10,
+        encode_batch_size: BatchSize = ENCODE_BATCH_SIZE,
         seed: int | None = 0,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(n_concepts, seed=seed, device=device)
+        super().__init__(n_concepts, encode_batch_size=encode_batch_size, seed=seed, device=device)
         self.init, self.max_iter, self.tol, self.inner_iter, self.warmup = init, max_iter, tol, inner_iter, warmup
         self.factorizer_ = self._factorizer()  # checks the options now
 

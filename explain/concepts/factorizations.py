@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from explain.concepts.dictionary import Activations, Dictionary, NNLSCodes, gather
+from explain.batching import BatchSize
+from explain.concepts.dictionary import ENCODE_BATCH_SIZE, Activations, Dictionary, NNLSCodes, gather
 from explain.concepts.overcomplete_import import optimization
 from explain.validation import one_of, positive_int
 
@@ -40,7 +41,8 @@ def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 class SemiNMF(NNLSCodes):
     """Semi-NMF (module docstring): ``U >= 0``, signed atoms. Options: ``max_iter=500``, ``tol=1e-4``,
-    ``solver="mu"`` (or ``"pgd"``), ``l1_penalty=0`` (on the codes, overcomplete's), ``seed``, ``device``."""
+    ``solver="mu"`` (or ``"pgd"``), ``l1_penalty=0`` (on the codes, overcomplete's), ``encode_batch_size``, ``seed``,
+    ``device``."""
 
     name = "semi_nmf"
     gives_maps = True
@@ -53,10 +55,11 @@ class SemiNMF(NNLSCodes):
         tol: float = 1e-4,
         solver: str = "mu",
         l1_penalty: float = 0.0,
+        encode_batch_size: BatchSize = ENCODE_BATCH_SIZE,
         seed: int | None = 0,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(n_concepts, seed=seed, device=device)
+        super().__init__(n_concepts, encode_batch_size=encode_batch_size, seed=seed, device=device)
         self.max_iter = positive_int("max_iter", max_iter)
         self.solver = one_of("solver", solver, ("mu", "pgd"))
         self.tol, self.l1_penalty = tol, l1_penalty
@@ -69,7 +72,7 @@ class SemiNMF(NNLSCodes):
         with seeded(self.seed, device):
             model.fit(x, max_iter=self.max_iter)
         self.dictionary_ = model.get_dictionary().detach().to(x.dtype)
-        return self._encode(x)
+        return self._by_rows("encode", self._encode, x)
 
 
 
@@ -116,7 +119,7 @@ class ArchetypalAnalysis(Dictionary):
     ``1 / (||Z^T Z||_2 ||A||_2^2)``), both projected onto the simplex row by row; ``W`` starts at ``r`` data
     points far apart (:func:`furthest_sum`, from a row drawn with ``seed``), ``Z`` at their codes. ``encode``:
     ``encode_iter`` projected gradient steps from uniform codes.
-    Options: ``max_iter=500``, ``inner_iter=5``, ``encode_iter=300``, ``seed``, ``device``.
+    Options: ``max_iter=500``, ``inner_iter=5``, ``encode_iter=300``, ``encode_batch_size``, ``seed``, ``device``.
     """
 
     name = "archetypal"
@@ -128,10 +131,11 @@ class ArchetypalAnalysis(Dictionary):
         max_iter: int = 500,
         inner_iter: int = 5,
         encode_iter: int = 300,
+        encode_batch_size: BatchSize = ENCODE_BATCH_SIZE,
         seed: int | None = 0,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(n_concepts, seed=seed, device=device)
+        super().__init__(n_concepts, encode_batch_size=encode_batch_size, seed=seed, device=device)
         self.max_iter = positive_int("max_iter", max_iter)
         self.inner_iter = positive_int("inner_iter", inner_iter)
         self.encode_iter = positive_int("encode_iter", encode_iter)

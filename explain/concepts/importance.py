@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from explain.batching import AutoBatchSize, BatchSize, resolve_batch_size, run_batched
 from explain.sensitivity import Estimator, sobol_design, total_sobol_indices
 
 
@@ -32,19 +33,23 @@ def concept_importance(
     scramble: bool = True,
     estimator: Estimator = "jansen",
     seed: int | None = 0,
-    batch_size: int = 64,
+    batch_size: BatchSize | AutoBatchSize = 64,
 ) -> Tensor:
     """Total Sobol indices [B, r] of the concepts of each image (module docstring).
 
     ``u``: coefficients [B, r] or [B, h, w, r]; ``w``: concept bank [r, c]; ``latent_to_logit`` maps
     activations [N, c] (or [N, c, h, w] for a spatial ``u``) to logits [N, classes]; ``class_id``: an int or
     one per image [B]. Masked activations go through ``latent_to_logit`` ``batch_size`` at a time, mixing
-    images. Average over images for the class-level importance of the paper.
+    images; ``"auto"`` (or an :class:`~explain.batching.AutoBatchSize`, which remembers it) takes the largest that
+    fits. The design is drawn once, before the chunks, so the indices do not depend on the batch size. Average
+    over images for the class-level importance of the paper.
 
     Raises:
-        ValueError: ``u`` neither [B, r] nor [B, h, w, r], ``class_id`` neither an int nor one class per image, or
-            ``latent_to_logit`` not returning logits [N, classes].
+        ValueError: ``u`` neither [B, r] nor [B, h, w, r], ``class_id`` neither an int nor one class per image,
+            ``batch_size`` neither a positive int nor ``"auto"``, or ``latent_to_logit`` not returning logits
+            [N, classes].
     """
+    batch_size = resolve_batch_size("batch_size", batch_size, "concept_importance")
     if u.ndim not in (2, 4) or u.shape[-1] != w.shape[0]:
         raise ValueError(
             f"u must be [B, r] or [B, h, w, r] with r = {w.shape[0]} concepts, got {tuple(u.shape)}"
@@ -57,8 +62,21 @@ def concept_importance(
     masks = sobol_design(rank, nb_design, sampler=sampler, scramble=scramble, seed=seed).to(u)
     w = w.to(u)
     n_masks = masks.shape[0]
+    latent_shape = (w.shape[1], *u.shape[1:-1])  # [c] or [c, h, w]
+    key = ("latent_to_logit", *latent_shape, u.dtype, u.device)
+    run = lambda size: _masked_logits(u, w, masks, latent_to_logit, classes, size)  # noqa: E731
+    outputs = run_batched(batch_size, key, u.device, run, n_images * n_masks).reshape(n_images, n_masks)
+    return total_sobol_indices(outputs, rank, nb_design, estimator)
+
+
+def _masked_logits(
+    u: Tensor, w: Tensor, masks: Tensor, latent_to_logit: Callable[[Tensor], Tensor], classes: Tensor,
+    batch_size: int,
+) -> Tensor:
+    """The class logit of every (image, mask) pair [B * n_masks], ``batch_size`` pairs per forward."""
+    n_masks, rank = masks.shape[0], u.shape[-1]
     # every (image, mask) pair, in chunks: the masked activations of a chunk are built on the fly
-    pairs = torch.arange(n_images * n_masks, device=u.device)
+    pairs = torch.arange(u.shape[0] * n_masks, device=u.device)
     outputs = []
     with torch.no_grad():
         for chunk in pairs.split(batch_size):
@@ -74,5 +92,4 @@ def concept_importance(
                     f"{chunk.shape[0]} inputs"
                 )
             outputs.append(logits.gather(1, classes[image].to(logits.device)[:, None])[:, 0].to(u.device))
-    outputs = torch.cat(outputs).reshape(n_images, n_masks)
-    return total_sobol_indices(outputs, rank, nb_design, estimator)
+    return torch.cat(outputs)

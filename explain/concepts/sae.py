@@ -19,6 +19,9 @@ passes over minibatches of ``batch_size`` rows (a tensor is shuffled each epoch 
 (``progress=False`` hides it). The weights are initialised inside :func:`torch.random.fork_rng` seeded with
 ``seed``. The loss stays on the device; it is read every ``check_every`` steps to stop with an error on NaN.
 ``code_jacobian`` is the encoder's own gradient, ``d z / d a`` by autograd.
+
+``batch_size`` is the training minibatch: it changes the fit (the steps, and BatchTopK's codes), so it takes no
+``"auto"``. ``encode_batch_size`` (rows per encoding pass, ``"auto"`` allowed) does not change the codes.
 """
 
 from __future__ import annotations
@@ -29,12 +32,17 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
-from explain.concepts.dictionary import Activations, Dictionary, check_activations, iterate_batches
+from explain.batching import BatchSize
+from explain.concepts.dictionary import (
+    ENCODE_BATCH_SIZE,
+    Activations,
+    Dictionary,
+    check_activations,
+    iterate_batches,
+)
 from explain.concepts.factorizations import seeded
 from explain.concepts.overcomplete_import import sae as oc_sae
 from explain.validation import in_interval, positive_int
-
-_ENCODE_CHUNK = 65536  # rows encoded at once
 
 
 class SparseAutoencoder(Dictionary):
@@ -43,7 +51,8 @@ class SparseAutoencoder(Dictionary):
     Args:
         n_concepts: r, the number of atoms (may exceed the channels: overcomplete).
         top_k: active codes per row (TopK, BatchTopK, Archetypal); default ``max(r // 10, 1)``.
-        epochs, batch_size, lr, clip_grad: the training loop's (module docstring).
+        epochs, batch_size, lr, clip_grad: the training loop's (module docstring); ``batch_size`` is not
+            ``"auto"`` (it changes the fit), ``encode_batch_size`` may be.
         progress: show a rich progress bar.
         check_every: steps between the NaN checks of the loss (each reads it on the host once).
         seed, device: see :class:`~explain.concepts.dictionary.Dictionary`.
@@ -62,14 +71,20 @@ class SparseAutoencoder(Dictionary):
         clip_grad: float | None = 1.0,
         progress: bool = True,
         check_every: int = 50,
+        encode_batch_size: BatchSize = ENCODE_BATCH_SIZE,
         seed: int | None = 0,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__(n_concepts, seed=seed, device=device)
+        super().__init__(n_concepts, encode_batch_size=encode_batch_size, seed=seed, device=device)
         self.top_k = positive_int("top_k", top_k, allow_none=True)
         if top_k is not None and top_k > n_concepts:
             raise ValueError(f"top_k={top_k} is more than n_concepts={n_concepts}")
         self.epochs = positive_int("epochs", epochs)
+        if batch_size == "auto":
+            raise ValueError(
+                f"{self.name}: batch_size is the training minibatch, which changes the fit, so it is not chosen "
+                "automatically; give an int (encode_batch_size='auto' sizes the encoding passes)"
+            )
         self.batch_size = positive_int("batch_size", batch_size)
         self.lr = in_interval("lr", lr, 0, low_open=True)
         self.clip_grad = clip_grad
@@ -167,12 +182,16 @@ class SparseAutoencoder(Dictionary):
 
     def _encode(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.cat([self.model_.encode(chunk)[1] for chunk in x.split(_ENCODE_CHUNK)])
+            return self.model_.encode(x)[1]
 
     def code_jacobian(self, activations: Tensor) -> Tensor:
         """The encoder's own gradient ``d z_k / d a`` [n, r, c] by autograd (rows are independent in eval mode)."""
         atoms = self._check_fitted()
-        x = check_activations(activations).to(atoms).detach().requires_grad_(True)
+        x = check_activations(activations).to(atoms).detach()
+        return self._by_rows("code_jacobian", self._jacobian, x)
+
+    def _jacobian(self, x: Tensor) -> Tensor:
+        x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             codes = self.model_.encode(x)[1]
             rows = [torch.autograd.grad(codes[:, k].sum(), x, retain_graph=True)[0] for k in range(codes.shape[1])]
@@ -225,11 +244,13 @@ class JumpReLUSAE(SparseAutoencoder):
         clip_grad: float | None = 1.0,
         progress: bool = True,
         check_every: int = 50,
+        encode_batch_size: BatchSize = ENCODE_BATCH_SIZE,
         seed: int | None = 0,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(n_concepts, top_k=top_k, epochs=epochs, batch_size=batch_size, lr=lr, clip_grad=clip_grad,
-                         progress=progress, check_every=check_every, seed=seed, device=device)
+                         progress=progress, check_every=check_every, encode_batch_size=encode_batch_size, seed=seed,
+                         device=device)
         self.sparsity_penalty = in_interval("sparsity_penalty", sparsity_penalty, 0)
         self.bandwidth = in_interval("bandwidth", bandwidth, 0, low_open=True)
         if kernel not in oc_sae.JumpSAE._KERNELS:
@@ -268,11 +289,13 @@ class ArchetypalSAE(SparseAutoencoder):
         clip_grad: float | None = 1.0,
         progress: bool = True,
         check_every: int = 50,
+        encode_batch_size: BatchSize = ENCODE_BATCH_SIZE,
         seed: int | None = 0,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(n_concepts, top_k=top_k, epochs=epochs, batch_size=batch_size, lr=lr, clip_grad=clip_grad,
-                         progress=progress, check_every=check_every, seed=seed, device=device)
+                         progress=progress, check_every=check_every, encode_batch_size=encode_batch_size, seed=seed,
+                         device=device)
         self.n_candidates = positive_int("n_candidates", n_candidates)
         self.delta = in_interval("delta", delta, 0)
 

@@ -7,6 +7,11 @@ side ``N(size_t, 0.05)`` clipped to [0.05, 1] of the image side, ``size_t`` shri
 as in Xplique, the authors' reference implementation), resized to the model's input, plus Gaussian noise of std
 ``noise`` and uniform noise on ``[-noise/2, noise/2]``; NAdam (lr 1.0) ascends the objective averaged over the
 crops. The transparency map is the accumulated ``|d objective / d image|``: where the model looked.
+
+``batch_size`` bounds the crops sent through the objective at once: a step's crops and noise are drawn first, the
+gradient of the mean score with respect to the crops is summed chunk by chunk, then taken back to the phase, so
+the step is the un-chunked one (up to float round-off). ``"auto"`` takes the largest chunk that fits
+(:mod:`explain.batching`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from explain.base import eval_mode, grad_enabled, model_device
+from explain.batching import AutoBatchSize, BatchSize, resolve_batch_size, run_batched
 from explain.featureviz.parameterization import maco_image, symmetrize_magnitude
 from explain.featureviz.spectrum import (
     _check_spectrum,
@@ -104,7 +110,10 @@ def _prepare_magnitude(
 
 
 def _scores(objective: Callable[[Tensor], Tensor], crops: Tensor) -> Tensor:
-    scores = objective(crops)
+    return _mean_score(objective(crops), crops)
+
+
+def _mean_score(scores: Tensor, crops: Tensor) -> Tensor:
     if not isinstance(scores, Tensor) or scores.shape not in ((), (crops.shape[0],)):
         shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(
@@ -116,6 +125,23 @@ def _scores(objective: Callable[[Tensor], Tensor], crops: Tensor) -> Tensor:
             "or detach its output?"
         )
     return scores.mean()
+
+
+def _crops_gradient(objective: Callable[[Tensor], Tensor], crops: Tensor, batch_size: int) -> Tensor:
+    """``d mean(objective(crops)) / d crops``, ``batch_size`` crops per pass (the chunks' gradients are exact
+    pieces of it: each crop's score depends on that crop only)."""
+    gradients = []
+    for chunk in crops.split(batch_size):
+        chunk = chunk.detach().requires_grad_(True)
+        scores = objective(chunk)
+        if isinstance(scores, Tensor) and scores.shape == () and chunk.shape[0] < crops.shape[0]:
+            raise ValueError(
+                "the objective returns a scalar, which cannot be split into chunks of crops: return one score per "
+                "crop [N], or leave batch_size=None"
+            )
+        score = _mean_score(scores, chunk) * (chunk.shape[0] / crops.shape[0])
+        gradients.append(torch.autograd.grad(score, chunk)[0])
+    return torch.cat(gradients)
 
 
 def maco(
@@ -131,6 +157,7 @@ def maco(
     device: torch.device | str | None = None,
     box_size: float | tuple[float, float] = (0.5, 0.05),
     input_size: int | tuple[int, int] | None = None,
+    batch_size: BatchSize | AutoBatchSize | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Optimise the phase of an image of fixed Fourier magnitude to maximise ``objective``.
 
@@ -154,6 +181,10 @@ def maco(
         input_size: size the crops are resized to (the model's input); default ``image_size``. The crops
             shrink to 5% of the image by default, so optimise a larger image than the input, as Xplique
             (``image_size=512, input_size=224``).
+        batch_size: crops sent through the objective at once (module docstring); None: all of a step's crops
+            in one pass; ``"auto"``: the largest that fits (or an :class:`~explain.batching.AutoBatchSize`, which
+            remembers it from call to call: :class:`~explain.callbacks.FeatureVizMonitor` keeps one). Chunks
+            need one score per crop from the objective.
 
     Returns:
         ``(image [3,H,W] in value_range, alpha [H,W])``: alpha sums ``|d objective / d image|`` over the steps
@@ -161,7 +192,8 @@ def maco(
 
     Raises:
         TypeError: ``objective`` is not callable.
-        ValueError: ``steps`` or ``crops_per_step`` not a positive int, ``lr`` not positive, ``noise`` negative,
+        ValueError: ``steps`` or ``crops_per_step`` not a positive int, ``batch_size`` neither None, a positive int
+            nor ``"auto"``, ``lr`` not positive, ``noise`` negative,
             a bad ``value_range``, ``image_size`` or ``input_size``, or a magnitude of the wrong shape.
 
     >>> import torch
@@ -184,6 +216,7 @@ def maco(
         raise ValueError(f"value_range must be a pair (low, high) with low < high, got {value_range!r}")
     in_interval("noise", noise, 0)
     box_sizes = box_size_schedule(box_size, steps).tolist()
+    batch = None if batch_size is None else resolve_batch_size("batch_size", batch_size, "maco")
 
     model = getattr(objective, "model", None)
     model = model if isinstance(model, nn.Module) else nn.Identity()
@@ -198,8 +231,14 @@ def maco(
         for step in range(steps):
             image = maco_image(mag, phase, value_range, width=size[1])
             crops = random_crops(image, crops_per_step, box_sizes[step], crop_size, noise, generator)
-            score = _scores(objective, crops)
-            phase.grad, image_grad = torch.autograd.grad(score, [phase, image])
+            if batch is None:
+                score = _scores(objective, crops)
+                phase.grad, image_grad = torch.autograd.grad(score, [phase, image])
+            else:  # the crops are drawn: only the objective's passes are chunked
+                key = ("objective", *crops.shape[1:], crops.dtype, device)
+                run = lambda size: _crops_gradient(objective, crops, size)  # noqa: E731
+                crops_grad = run_batched(batch, key, device, run, crops_per_step)
+                phase.grad, image_grad = torch.autograd.grad(crops, [phase, image], crops_grad)
             alpha += image_grad.abs()
             optimizer.step()
         with torch.no_grad():
