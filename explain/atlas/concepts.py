@@ -16,8 +16,9 @@ For a class with images ``x_1..x_n`` (those the model predicts as the class, fro
 * **logit share** (Lens): when the head is linear after average pooling, ``logit_c = mean_p(U) W w_c + b``, so
   concept ``k`` carries ``s_k = sum_i mean_p(U_ik) (W_k . w_c)``; its share is ``s_k / sum_j s_j``;
 * **MACO** (Fel et al. 2023) of each concept direction ``W_k`` at the layer (``concept_direction``, dot x cos^2),
-  all the concepts of the class in one :func:`explain.featureviz.maco_batch` run (their crops share each network
-  pass; every concept has its own generator seeded with ``seed``, so each image is the one ``maco`` gives alone),
+  all the concepts of the class in one :func:`explain.featureviz.maco_batch` run (on a GPU, the crops of up to
+  256 / ``maco_crops`` concepts share each network pass; every concept has its own generator seeded with ``seed``,
+  so each image is the one ``maco`` gives alone),
   with the Fourier magnitude of the class's first ``SPECTRUM_IMAGES`` images;
 * **top crops**: for each concept, the images where it peaks highest, cut around that location;
 * **attribution maps**: ``U[..., k]`` upsampled on a few images;
@@ -211,7 +212,8 @@ class ConceptOptions:
     maco_crops: int | None = None  # None: 32 on a GPU (as Xplique), 4 on a CPU
     maco_size: int | None = None  # side of the optimised image; None: the input side
     maco_input_size: int | None = None  # side of the crops fed to the model; None: the input side
-    maco_batch: int | None = None  # concepts whose crops share a MACO network pass; None: all of the class's
+    maco_batch: int | None = None  # most crops in one MACO network pass (whole concepts, balanced); None: 256 on a
+    # GPU, one concept per pass on a CPU (where a larger pass saves nothing)
     seed: int = 0
     batch_size: int = 64
 
@@ -253,6 +255,13 @@ class ConceptPredictor(L.LightningModule):
         if self.options.maco_crops is not None:
             return self.options.maco_crops
         return 32 if self.device.type == "cuda" else 4
+
+    def concepts_per_pass(self, n_concepts: int) -> int:
+        """Concepts whose MACO crops share a network pass: at most ``maco_batch`` crops (default 256 on a GPU, one
+        concept on a CPU), in passes of equal size (10 concepts of 32 crops: 2 passes of 5 concepts)."""
+        limit = self.options.maco_batch or (256 if self.device.type == "cuda" else self.maco_crops)
+        per_pass = max(1, min(n_concepts, limit // self.maco_crops))
+        return math.ceil(n_concepts / math.ceil(n_concepts / per_pass))
 
     def display(self, index: int) -> Tensor:
         """Image ``index`` of the data as a picture [3, H, W] in [0, 1] (the normalisation undone)."""
@@ -376,5 +385,5 @@ class ConceptPredictor(L.LightningModule):
         images, _ = maco_batch(concept_directions(Normalised(), atoms), atoms.shape[0], maco_size,
                                steps=self.maco_steps, magnitude=magnitude, crops_per_step=self.maco_crops,
                                seeds=options.seed, device=self.device, input_size=options.maco_input_size or size,
-                               images_per_pass=options.maco_batch)
+                               images_per_pass=self.concepts_per_pass(atoms.shape[0]))
         return images
