@@ -123,7 +123,19 @@ def class_concepts(
     batch_size: int = 64,
     head: Tensor | None = None,
 ) -> ClassConcepts:
-    """Dictionary, importance and logit share of a class from its activations [n, c, h, w] (module docstring)."""
+    """Dictionary, importance and logit share of a class from its activations [n, c, h, w] (module docstring).
+
+    Runs in float32 even under an enclosing autocast (``--trainer.precision bf16-mixed``, meant for the network
+    passes of stages 1 and MACO): a dictionary fitted in bfloat16 would lose the small coefficients."""
+    with torch.autocast(latents.device.type, enabled=False):
+        return _class_concepts(latents.float(), latent_to_logit, class_id, n_concepts, dictionary,
+                               dictionary_options, nb_design, seed, batch_size, head)
+
+
+def _class_concepts(
+    latents: Tensor, latent_to_logit: Callable[[Tensor], Tensor], class_id: int, n_concepts: int, dictionary: str,
+    dictionary_options: dict[str, Any] | None, nb_design: int, seed: int, batch_size: int, head: Tensor | None,
+) -> ClassConcepts:
     atoms, codes = fit_dictionary(latents, n_concepts, dictionary, dictionary_options)
     with torch.no_grad():
         if head is None:
