@@ -13,17 +13,12 @@ independently). So ``maco_batch`` returns what ``count`` calls of ``maco`` retur
 rounding of a larger batch, with ``count`` times fewer, ``count`` times larger passes: the same arithmetic, but a
 batch large enough to keep a GPU busy (32 crops of ResNet-50 do not).
 
-The model's parameters are frozen (``requires_grad=False``) during the run, their flags restored afterwards:
-only the gradient with respect to the crops is needed, and PyTorch's convolution backward otherwise also computes
-the weights' gradient (measured: a forward + backward pass of ResNet-50 costs 1.24 times more with trainable
-weights, ``benchmarks/bench_atlas.py``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -161,7 +156,7 @@ def maco_batch(
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     chunks = [list(range(start, min(start + per_pass, count))) for start in range(0, count, per_pass)]
 
-    with grad_enabled(), eval_mode(model), frozen(model):
+    with grad_enabled(), eval_mode(model):
         mag = _prepare_magnitude(magnitude, size, device)
         phases = [torch.randn(mag.shape, generator=g, device=device).requires_grad_(True) for g in generators]
         optimizer = torch.optim.NAdam(phases, lr=lr, maximize=True)
@@ -181,19 +176,6 @@ def maco_batch(
         with torch.no_grad():
             images = torch.stack([maco_image(mag, phase, value_range, width=size[1]) for phase in phases])
     return images.detach(), alphas.mean(1)
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """``requires_grad=False`` on every parameter of ``model``, each flag restored on exit."""
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
 
 
 def _check_scores(scores: object, count: int, per_image: int) -> None:
