@@ -14,6 +14,7 @@
    next to a 100-class one: the peak must not grow with the number of classes.
 
     python benchmarks/bench_atlas.py [--images 64] [--stage1-images 64] [--repeats 2] [--skip-classes]
+        [--skip-stages] [--device cuda] [--maco-crops 32]
 
 Then extrapolate with the figures printed (BENCHMARKS.md, "Concept atlas").
 """
@@ -186,7 +187,8 @@ def bench_stage2(n_images: int, maco_steps: int = 2) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- 2b. shortcuts
-def bench_shortcuts(n_images: int, repeats: int = 2, n_concepts: int = 10, crops: int = 4, steps: int = 2) -> dict:
+def bench_shortcuts(n_images: int, repeats: int = 2, n_concepts: int = 10, crops: int = 4, steps: int = 2,
+                    device: str = "cpu") -> dict:
     """Seconds of the batched MACO / importance shortcuts and of their direct computations, alternated."""
     import timm
 
@@ -194,11 +196,11 @@ def bench_shortcuts(n_images: int, repeats: int = 2, n_concepts: int = 10, crops
     from explain.concepts import concept_importance, split_model
     from explain.featureviz import concept_directions, maco_batch, power_law_spectrum
 
-    model = timm.create_model("resnet50", pretrained=False).eval()
+    model = timm.create_model("resnet50", pretrained=False).eval().to(device)
     g, h = split_model(model)
     dataset = RandomImages(n_images)
     with torch.no_grad():
-        latents = torch.cat([g(torch.stack([dataset[i]["image"] for i in range(s, min(s + 16, n_images))]))
+        latents = torch.cat([g(torch.stack([dataset[i]["image"] for i in range(s, min(s + 16, n_images))]).to(device))
                              for s in range(0, n_images, 16)])
     atoms, codes = fit_dictionary(latents, n_concepts)
     head = linear_head(h, tuple(latents.shape[1:]))
@@ -222,7 +224,8 @@ def bench_shortcuts(n_images: int, repeats: int = 2, n_concepts: int = 10, crops
         with torch.no_grad():
             concept_importance(codes, atoms, h, 0, batch_size=64)
 
-    crops_in = torch.rand(crops * n_concepts, 3, 224, 224)
+    crops_in = torch.rand(crops * n_concepts, 3, 224, 224, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def forward():
         with torch.no_grad():
@@ -253,8 +256,10 @@ def bench_shortcuts(n_images: int, repeats: int = 2, n_concepts: int = 10, crops
     seconds: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeats):  # alternate the sides so that the machine's load hits both alike
         for name, fn in cases.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             seconds[name].append(time.perf_counter() - start)
     best = {name: min(values) for name, values in seconds.items()}
     return {**{f"{name}_s": value for name, value in best.items()},
@@ -262,7 +267,7 @@ def bench_shortcuts(n_images: int, repeats: int = 2, n_concepts: int = 10, crops
             "importance_spatial_over_pooled": best["importance_spatial"] / best["importance_pooled"],
             "maco_pass_over_forward": best["maco_pass"] / best["forward"], "conv_backward_masks": dict(log.masks),
             "setting": f"{n_images} images, {n_concepts} concepts, MACO {steps} steps x {crops} crops, best of "
-                       f"{repeats}"}
+                       f"{repeats}, {device}"}
 
 
 # ---------------------------------------------------------------------------------------------- 3. many classes
@@ -309,6 +314,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images of the stage-2 class")
     parser.add_argument("--stage1-images", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="alternations of the shortcut comparisons")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the shortcut comparisons (stages 1 and 2 run on the CPU)")
+    parser.add_argument("--maco-crops", type=int, default=4, help="crops per concept and step in the comparisons")
     parser.add_argument("--skip-stages", action="store_true", help="skip stages 1 and 2 (run the comparisons only)")
     parser.add_argument("--skip-classes", action="store_true", help="skip the 100/1000-class runs")
     args = parser.parse_args()
@@ -317,7 +325,8 @@ def main() -> None:
     if not args.skip_stages:
         print("stage 1:", bench_stage1(args.stage1_images, repeats=args.repeats), flush=True)
         print("stage 2:", bench_stage2(args.images), flush=True)
-    print("stage 2 shortcuts:", bench_shortcuts(args.images, args.repeats), flush=True)
+    print("stage 2 shortcuts:", bench_shortcuts(args.images, args.repeats, crops=args.maco_crops, device=args.device),
+          flush=True)
     if not args.skip_classes:
         bench_classes()
     print("peak RSS of this process (MiB):", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
