@@ -173,7 +173,8 @@ def write_fake_comparison(root: Path, a: Path, b: Path, threshold: float = 0.5, 
                     "importance_b": concepts["b"][k]["importance"],
                     "shift": round(concepts["b"][k]["importance"] - concepts["a"][k]["importance"], 4)}
                    for k in ids[:-1]]
-        data = {"index": entry["index"], "name": entry["name"], "threshold": threshold, "match": match, "matched": matched,
+        data = {"index": entry["index"], "name": entry["name"], "threshold": threshold, "match": match,
+                "matched": matched,
                 "lost": [{"a": ids[-1], "importance_a": concepts["a"][ids[-1]]["importance"], "best_cosine": 0.2}],
                 "born": [{"b": ids[-1], "importance_b": concepts["b"][ids[-1]]["importance"], "best_cosine": None}]}
         path = root / "classes" / folder / "compare.json"
