@@ -3,10 +3,14 @@
 
 :class:`LatentPredictor` computes ``a = input_to_latent(x)`` and ``logits = latent_to_logit(a)``;
 :class:`ActivationWriter` (a ``BasePredictionWriter``) keeps, on each rank, the first ``max_images`` images of
-each predicted class that rank sees, and writes them batch by batch to ``stage1/rank<r>/shard_<k>.npy``
-(float16 [n, c, h, w]) plus, at the end, ``stage1/rank<r>/index.json`` (one row per kept image: dataset index,
-predicted class, its logit, shard, row). Memory holds one batch. Rank 0 writes ``stage1/done.json`` once every
-rank has finished: without it the stage is redone from scratch.
+each predicted class that rank sees, and writes them batch by batch to ``stage1/rank<r>/shard_<b>.npy``
+(float16 [n, c, h, w]), then, atomically, ``batch_<b>.json`` (one row per kept image: dataset index, predicted
+class, its logit, shard, row), and at the end ``stage1/rank<r>/index.json`` (all the rows). Memory holds one
+batch. Rank 0 writes ``stage1/done.json`` once every rank has finished.
+
+Resume after a kill (:func:`resume_batches`): with the same number of processes and batch size, the batches that
+every rank finished are read back from their ``batch_<b>.json`` (with the per-class counts of kept images) and the
+data loader starts after them, so each rank sees the batches it would have seen; otherwise the stage starts again.
 
 Why the union of the ranks' kept rows holds the first ``max_images`` images of each class in dataset order, for
 any number of ranks: each rank sees a subsequence of the data, and the images of the global first
@@ -31,9 +35,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from typing_extensions import override
 
-from explain.atlas.storage import write_json
+from explain.atlas.storage import write_json, write_npy
 
 DONE = "done.json"
+RUN = "run.json"  # the setting of the rank's run (stage1_setting)
+BATCH = "batch_{:06d}.json"  # the rows of one finished batch
 
 
 class LatentPredictor(L.LightningModule):
@@ -61,55 +67,75 @@ class LatentPredictor(L.LightningModule):
 
 
 class ActivationWriter(BasePredictionWriter):
-    """Writes each rank's kept activations (module docstring) under ``root`` (the atlas's ``stage1`` folder)."""
+    """Writes each rank's kept activations (module docstring) under ``root`` (the atlas's ``stage1`` folder).
+
+    ``start_batch`` (set by the caller from :func:`resume_batches`, before ``Trainer.predict`` on the data from
+    dataset index ``start_batch x batch_size x world_size`` on): the batches each rank finished in an interrupted
+    run, whose rows are read back instead of recomputed.
+    """
 
     def __init__(self, root: str | Path, max_images: int) -> None:
         super().__init__(write_interval="batch")
         self.root, self.max_images = Path(root), max_images
+        self.start_batch = 0
+        self.setting: dict[str, int] = {}
         self._rows: list[dict[str, Any]] = []
         self._kept: Counter[int] = Counter()
         self._unreadable: list[int] = []
-        self._shards = 0
 
     def _folder(self, trainer: L.Trainer) -> Path:
         return self.root / f"rank{trainer.global_rank}"
 
     @override
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.strategy.barrier("atlas-stage1-resume")  # every rank has read the resume point before files change
         folder = self._folder(trainer)
-        shutil.rmtree(folder, ignore_errors=True)  # a run killed in stage 1 starts it again
-        folder.mkdir(parents=True)
+        self._rows, self._kept, self._unreadable = [], Counter(), []
+        if self.start_batch == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh start, or a run of another setting
+            folder.mkdir(parents=True)
+            write_json(folder / RUN, self.setting)
+        else:  # resume: the first start_batch batches are read back, later (unfinished) ones removed
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith(".") or path.name == "index.json" or (
+                        path.name.startswith(("batch_", "shard_")) and _batch_number(path) >= self.start_batch):
+                    path.unlink()
+            for batch in range(self.start_batch):
+                data = json.loads((folder / BATCH.format(batch)).read_text())
+                self._rows += data["rows"]
+                self._unreadable += data["unreadable"]
+            self._kept.update(row["class"] for row in self._rows)
         if trainer.is_global_zero:
             (self.root / DONE).unlink(missing_ok=True)
             for stale in self.root.glob("rank*"):  # ranks of an earlier run with more processes
                 if stale.is_dir() and int(stale.name[4:]) >= trainer.world_size:
                     shutil.rmtree(stale, ignore_errors=True)
-        self._rows, self._kept, self._unreadable, self._shards = [], Counter(), [], 0
 
     @override
     def write_on_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Tensor],
         batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int = 0,
     ) -> None:
+        number = self.start_batch + batch_idx
         logits = prediction["logits"].float()
         predicted = logits.argmax(1).tolist()
         indices, ok = prediction["index"].tolist(), prediction["ok"].tolist()
-        keep = []
+        keep, unreadable = [], []
         for row, (index, label, readable) in enumerate(zip(indices, predicted, ok)):
             if not readable:
-                self._unreadable.append(index)
+                unreadable.append(index)
             elif self._kept[label] < self.max_images:
                 self._kept[label] += 1
                 keep.append(row)
-        if not keep:
-            return
-        name = f"shard_{self._shards:06d}.npy"
-        latent = prediction["latent"][keep].to(torch.float16).cpu().numpy()
-        np.save(self._folder(trainer) / name, latent)
-        self._shards += 1
-        for position, row in enumerate(keep):
-            self._rows.append({"index": indices[row], "class": predicted[row], "logit": float(logits[row, predicted[row]]),
-                               "shard": name, "row": position})
+        name = f"shard_{number:06d}.npy"
+        if keep:
+            write_npy(self._folder(trainer) / name, prediction["latent"][keep].to(torch.float16).cpu().numpy())
+        rows = [{"index": indices[row], "class": predicted[row], "logit": float(logits[row, predicted[row]]),
+                 "shard": name, "row": position} for position, row in enumerate(keep)]
+        # written last and atomically: the batch is finished, a resumed run reads it back
+        write_json(self._folder(trainer) / BATCH.format(number), {"rows": rows, "unreadable": unreadable})
+        self._rows += rows
+        self._unreadable += unreadable
 
     @override
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -118,6 +144,40 @@ class ActivationWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             write_json(self.root / DONE, {"world_size": trainer.world_size, "max_images": self.max_images})
         trainer.strategy.barrier("atlas-stage1-done")
+
+
+def _batch_number(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def stage1_setting(world_size: int, batch_size: int, n_images: int, max_images: int) -> dict[str, int]:
+    """What a stage-1 run must share with an interrupted one to resume it batch by batch."""
+    return {"world_size": world_size, "batch_size": batch_size, "n_images": n_images, "max_images": max_images}
+
+
+def resume_batches(root: str | Path, setting: dict[str, int]) -> int:
+    """The batches ``k`` that every rank of an interrupted stage-1 run of the same ``setting`` finished: rank ``r``'s
+    batch ``b`` holds positions ``b B .. (b + 1) B - 1`` of its share ``r, r + W, r + 2W, ...`` of the data (Lightning's
+    ``UnrepeatedDistributedSampler``, no shuffle), so the first ``k B W`` images are done, and the run goes on from
+    there with the same batches on the same ranks. 0 when there is nothing to resume (or a setting differs).
+    At least one batch is left to do."""
+    root, world, size, n = Path(root), setting["world_size"], setting["batch_size"], setting["n_images"]
+    finished = []
+    for rank in range(world):
+        folder = root / f"rank{rank}"
+        try:
+            if json.loads((folder / RUN).read_text()) != setting:
+                return 0
+        except (OSError, ValueError):
+            return 0
+        count = 0
+        while (folder / BATCH.format(count)).is_file():
+            count += 1
+        finished.append(count)
+    done = min(finished)
+    while done > 0 and done * size * world >= n:
+        done -= 1
+    return done
 
 
 def stage1_done(root: str | Path) -> bool:

@@ -1,6 +1,6 @@
 """The atlas's three stages, run in order, each skipped when already done (resume after a kill):
 
-1. activations and logits (``explain.atlas.activations``), redone from scratch unless ``stage1/done.json`` exists;
+1. activations and logits (``explain.atlas.activations``), resumed after the batches every process finished;
 2. the concepts of each class (``explain.atlas.concepts``), skipping the classes whose folder is complete; then,
    on rank 0, the nearest concepts of other classes and the final ``atlas.json``;
 3. the site (``explain.atlas.site.render_site``), on rank 0.
@@ -20,9 +20,17 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from explain.atlas.activations import ActivationWriter, LatentPredictor, class_rows, read_index, stage1_done
+from explain.atlas.activations import (
+    ActivationWriter,
+    LatentPredictor,
+    class_rows,
+    read_index,
+    resume_batches,
+    stage1_done,
+    stage1_setting,
+)
 from explain.atlas.concepts import ConceptOptions, ConceptPredictor, check_dictionary, class_folder
 from explain.atlas.links.nearest import MAX_NEAREST, load_atoms, nearest_concepts
 from explain.atlas.models import LoadedModel
@@ -114,13 +122,21 @@ def build_atlas(
     check_output(root, manifest)
 
     # ------------------------------------------------------------------ stage 1
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     if stage1_done(stage1):
         rank_zero_info(f"atlas: stage 1 already done in {stage1}, reusing it")
     else:
-        trainer = make_trainer([ActivationWriter(stage1, max_images)])
+        writer = ActivationWriter(stage1, max_images)
+        trainer = make_trainer([writer])
+        writer.setting = stage1_setting(trainer.world_size, batch_size, len(dataset), max_images)
+        writer.start_batch = resume_batches(stage1, writer.setting)
+        start = writer.start_batch * batch_size * trainer.world_size
+        if start:
+            rank_zero_info(f"atlas: stage 1 resumes at image {start} of {len(dataset)} ({writer.start_batch} "
+                           "batch(es) per process done)")
         if trainer.is_global_zero and not (root / "atlas.json").is_file():
             write_json(root / "atlas.json", manifest)
+        loader = DataLoader(Subset(dataset, range(start, len(dataset))) if start else dataset,
+                            batch_size=batch_size, num_workers=num_workers, shuffle=False)
         trainer.predict(LatentPredictor(input_to_latent, latent_to_logit), loader, return_predictions=False)
 
     by_class, unreadable = read_index(stage1)

@@ -9,10 +9,17 @@ For a class with images ``x_1..x_n`` (those the model predicts as the class, fro
   ``topk_sae``, whose codes are nonnegative): the rows of ``W`` [r, c] are the class's concepts, ``U`` their
   coefficients at each location (Lens applies CRAFT to the last block of ResNet-50 the same way);
 * **importance**: CRAFT's total Sobol indices of the concept coefficients (:func:`explain.concepts.concept_importance`,
-  one mask value per concept shared by every location), averaged over the images, normalised to sum to 1;
+  one mask value per concept shared by every location), averaged over the images, normalised to sum to 1. When the
+  head is linear after average pooling (below), ``mean_p((U_p * m) W) = (mean_p(U) * m) W`` for a mask ``m`` per
+  concept: the masked codes are pooled first and only the class's logit is computed, the same indices for
+  ``h w`` (49 on ResNet-50's layer4) times less work;
 * **logit share** (Lens): when the head is linear after average pooling, ``logit_c = mean_p(U) W w_c + b``, so
   concept ``k`` carries ``s_k = sum_i mean_p(U_ik) (W_k . w_c)``; its share is ``s_k / sum_j s_j``;
-* **MACO** (Fel et al. 2023) of each concept direction ``W_k`` at the layer (``concept_direction``, dot x cos^2);
+* **MACO** (Fel et al. 2023) of each concept direction ``W_k`` at the layer (``concept_direction``, dot x cos^2),
+  all the concepts of the class in one :func:`explain.featureviz.maco_batch` run (on a GPU, the crops of up to
+  256 / ``maco_crops`` concepts share each network pass; every concept has its own generator seeded with ``seed``,
+  so each image is the one ``maco`` gives alone),
+  with the Fourier magnitude of the class's first ``SPECTRUM_IMAGES`` images;
 * **top crops**: for each concept, the images where it peaks highest, cut around that location;
 * **attribution maps**: ``U[..., k]`` upsampled on a few images;
 * **2D map**: PCA of the images' mean coefficients, coloured by the dominant concept.
@@ -40,6 +47,9 @@ from explain.atlas.storage import write_json, write_png, write_tensors
 from explain.concepts import concept_importance
 from explain.concepts.crops import default_patch_size
 from explain.concepts.dictionary import make_dictionary
+
+SPECTRUM_IMAGES = 16  # MACO's magnitude: the mean spectrum of the class's first 16 images (dataset order)
+
 
 def check_dictionary(dictionary: str, options: dict[str, Any] | None) -> None:
     """Raise a clear error for an unknown dictionary (the message lists the known ones) or an option it refuses."""
@@ -113,11 +123,33 @@ def class_concepts(
     batch_size: int = 64,
     head: Tensor | None = None,
 ) -> ClassConcepts:
-    """Dictionary, importance and logit share of a class from its activations [n, c, h, w] (module docstring)."""
+    """Dictionary, importance and logit share of a class from its activations [n, c, h, w] (module docstring).
+
+    Runs in float32 even under an enclosing autocast (``--trainer.precision bf16-mixed``, meant for the network
+    passes of stages 1 and MACO): a dictionary fitted in bfloat16 would lose the small coefficients."""
+    with torch.autocast(latents.device.type, enabled=False):
+        return _class_concepts(latents.float(), latent_to_logit, class_id, n_concepts, dictionary,
+                               dictionary_options, nb_design, seed, batch_size, head)
+
+
+def _class_concepts(
+    latents: Tensor, latent_to_logit: Callable[[Tensor], Tensor], class_id: int, n_concepts: int, dictionary: str,
+    dictionary_options: dict[str, Any] | None, nb_design: int, seed: int, batch_size: int, head: Tensor | None,
+) -> ClassConcepts:
     atoms, codes = fit_dictionary(latents, n_concepts, dictionary, dictionary_options)
     with torch.no_grad():
-        sobol = concept_importance(codes, atoms, latent_to_logit, class_id, nb_design=nb_design, seed=seed,
-                                   batch_size=batch_size)
+        if head is None:
+            sobol = concept_importance(codes, atoms, latent_to_logit, class_id, nb_design=nb_design, seed=seed,
+                                       batch_size=batch_size)
+        else:  # linear head after pooling: pool the masked codes first (module docstring)
+            vector = head[class_id].to(atoms)
+            bias = latent_to_logit(torch.zeros_like(latents[:1]))[0, class_id].to(atoms)
+
+            def class_logit(pooled: Tensor) -> Tensor:
+                return (pooled @ vector + bias)[:, None]
+
+            sobol = concept_importance(codes.mean((1, 2)), atoms, class_logit, 0, nb_design=nb_design, seed=seed,
+                                       batch_size=batch_size * codes.shape[1] * codes.shape[2])  # the same memory
     importance = torch.nan_to_num(sobol.float(), nan=0.0).clamp_min(0).mean(0)
     importance = importance / importance.sum() if importance.sum() > 0 else torch.full_like(importance, 1 / n_concepts)
     share = None
@@ -192,6 +224,8 @@ class ConceptOptions:
     maco_crops: int | None = None  # None: 32 on a GPU (as Xplique), 4 on a CPU
     maco_size: int | None = None  # side of the optimised image; None: the input side
     maco_input_size: int | None = None  # side of the crops fed to the model; None: the input side
+    maco_batch: int | None = None  # most crops in one MACO network pass (whole concepts, balanced); None: 256 on a
+    # GPU, 32 on a CPU (memory: a pass of 32 crops of ResNet-50 at 224 px holds about 4 GB for its backward)
     seed: int = 0
     batch_size: int = 64
 
@@ -233,6 +267,13 @@ class ConceptPredictor(L.LightningModule):
         if self.options.maco_crops is not None:
             return self.options.maco_crops
         return 32 if self.device.type == "cuda" else 4
+
+    def concepts_per_pass(self, n_concepts: int) -> int:
+        """Concepts whose MACO crops share a network pass: at most ``maco_batch`` crops (default 256 on a GPU, 32
+        on a CPU), in passes of equal size (10 concepts of 32 crops: 2 passes of 5 concepts)."""
+        limit = self.options.maco_batch or (256 if self.device.type == "cuda" else 32)
+        per_pass = max(1, min(n_concepts, limit // self.maco_crops))
+        return math.ceil(n_concepts / math.ceil(n_concepts / per_pass))
 
     def display(self, index: int) -> Tensor:
         """Image ``index`` of the data as a picture [3, H, W] in [0, 1] (the normalisation undone)."""
@@ -276,6 +317,10 @@ class ConceptPredictor(L.LightningModule):
         map_images = by_logit[: options.n_maps]
         for position in map_images:
             write_png(folder / f"image_{position:03d}.png", picture(position))
+        macos = None
+        if self.maco_steps > 0:
+            spectrum = torch.stack([picture(i) for i in range(min(len(rows), SPECTRUM_IMAGES))])
+            macos = self.maco_images(result.atoms, spectrum, size)
         scale = codes.flatten(0, 2).amax(0).clamp_min(1e-12)  # [r]: maps comparable across the class's images
         concepts = []
         for rank, k in enumerate(result.order):
@@ -294,8 +339,8 @@ class ConceptPredictor(L.LightningModule):
                              "map": (relative / name).as_posix(),
                              "source": self.dataset.source(rows[position]["index"])})
             maco_name = None
-            if self.maco_steps > 0:
-                write_png(folder / f"concept_{k:02d}_maco.png", self.maco_image(result.atoms[k], pictures, size))
+            if macos is not None:
+                write_png(folder / f"concept_{k:02d}_maco.png", macos[k])
                 maco_name = (relative / f"concept_{k:02d}_maco.png").as_posix()
             concepts.append({
                 "id": k, "rank": rank, "importance": float(result.importance[k]),
@@ -331,13 +376,14 @@ class ConceptPredictor(L.LightningModule):
             shutil.rmtree(folder, ignore_errors=True)
         return final
 
-    def maco_image(self, atom: Tensor, pictures: dict[int, Tensor], size: tuple[int, int]) -> Tensor:
-        """MACO of the concept direction ``atom`` at the layer, the magnitude taken from the class's images."""
-        from explain.featureviz import concept_direction, maco, magnitude_spectrum
+    def maco_images(self, atoms: Tensor, spectrum_images: Tensor, size: tuple[int, int]) -> Tensor:
+        """MACO images [r, 3, S, S] of the concept directions ``atoms`` [r, c] at the layer, in one batched run,
+        the magnitude taken from ``spectrum_images`` [n, 3, H, W] in [0, 1] (module docstring)."""
+        from explain.featureviz import concept_directions, maco_batch, magnitude_spectrum
 
         options = self.options
         maco_size = options.maco_size or size[0]
-        magnitude = magnitude_spectrum(torch.stack(list(pictures.values())), image_size=maco_size)
+        magnitude = magnitude_spectrum(spectrum_images, image_size=maco_size)
         mean, std, features = self.mean, self.std, self.input_to_latent
 
         class Normalised(nn.Module):  # MACO optimises images in [0, 1]; the model reads normalised ones
@@ -348,8 +394,8 @@ class ConceptPredictor(L.LightningModule):
             def forward(self, x: Tensor) -> Tensor:
                 return self.features((x - mean) / std)
 
-        objective = concept_direction(Normalised(), atom)
-        image, _ = maco(objective, maco_size, steps=self.maco_steps, magnitude=magnitude,
-                        crops_per_step=self.maco_crops, seed=options.seed, device=self.device,
-                        input_size=options.maco_input_size or size)
-        return image
+        images, _ = maco_batch(concept_directions(Normalised(), atoms), atoms.shape[0], maco_size,
+                               steps=self.maco_steps, magnitude=magnitude, crops_per_step=self.maco_crops,
+                               seeds=options.seed, device=self.device, input_size=options.maco_input_size or size,
+                               images_per_pass=self.concepts_per_pass(atoms.shape[0]))
+        return images

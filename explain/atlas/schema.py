@@ -17,6 +17,7 @@ from typing import Any
 
 ATLAS_FORMAT = "aligned-vision-atlas/1"
 COMPARE_FORMAT = "aligned-vision-atlas-compare/1"
+MATCHES = ("atoms", "maps")  # what a comparison's cosine is taken on (explain.atlas.links.compare)
 STATUSES = ("done", "skipped", "pending")
 IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg")
 
@@ -215,6 +216,7 @@ def check_compare(data: dict, label: str = "compare.json") -> dict:
         doc.text(data[side], "path", side)
         doc.text(data[side], "title", side, optional=True)
     doc.number(data, "threshold")
+    _check_match(doc, data, optional=False)
     seen: set[int] = set()
     for i, entry in enumerate(doc.items(data, "classes")):
         where = f"classes[{i}]"
@@ -229,12 +231,19 @@ def check_compare(data: dict, label: str = "compare.json") -> dict:
     return data
 
 
+def _check_match(doc: _File, data: dict, optional: bool) -> None:
+    match = doc.text(data, "match", optional=optional)
+    if match is not None and match not in MATCHES:
+        raise doc.error("match", f"must be one of {', '.join(map(repr, MATCHES))}, got {_short(match)}")
+
+
 def check_class_compare(data: dict, label: str) -> dict:
     """Check one ``classes/NNNN/compare.json``: matched pairs with their importance shift, lost and born concepts."""
     doc = _File(label)
     doc.integer(data, "index")
     doc.text(data, "name")
     doc.number(data, "threshold", optional=True)
+    _check_match(doc, data, optional=True)
     for i, pair in enumerate(doc.items(data, "matched")):
         where = f"matched[{i}]"
         doc.mapping(pair, where)

@@ -68,6 +68,14 @@ def render_site(root: Path | str) -> Path:
     return index
 
 
+#: what the cosine of a comparison is taken on, as the pages say it (compare.json's "match")
+MATCHED_ON = {
+    "atoms": "the cosine of their directions in the layer's channels (the atoms, rows of W)",
+    "maps": "the cosine of their coefficient maps over the images both atlases hold for the class (where the "
+            "concepts fire)",
+}
+
+
 def render_comparison(root: Path | str) -> Path:
     """Write the pages of the comparison in ``root`` (from ``compare.json`` and ``classes/*/compare.json``).
 
@@ -103,7 +111,8 @@ def render_comparison(root: Path | str) -> Path:
     index = root / "index.html"
     titles = {side: sides[side].title for side in sides}
     html = env.get_template("compare_index.html.j2").render(
-        up="", rows=rows, titles=titles, threshold=manifest["threshold"], links=_side_links(sides, root)
+        up="", rows=rows, titles=titles, threshold=manifest["threshold"], matched_on=MATCHED_ON[manifest["match"]],
+        links=_side_links(sides, root),
     )
     write_text(index, html)
     return index
@@ -430,6 +439,7 @@ def _comparison_view(data: dict, manifest: dict, sides: dict[str, _Side], page_d
         "index": data["index"],
         "name": data["name"],
         "threshold": data.get("threshold", manifest["threshold"]),
+        "matched_on": MATCHED_ON[data.get("match", manifest["match"])],
         "titles": {name: side.title for name, side in sides.items()},
         "links": {name: _relative_url(p, page_dir) if p else None for name, p in links.items()},
         "matched": matched,

@@ -61,5 +61,9 @@ def write_png(path: str | Path, image: Tensor | np.ndarray) -> Path:
     return _atomic(Path(path), lambda stream: picture.save(stream, format="PNG"))
 
 
+def write_npy(path: str | Path, array: np.ndarray) -> Path:
+    return _atomic(Path(path), lambda stream: np.save(stream, array))
+
+
 def write_tensors(path: str | Path, data: dict[str, Any]) -> Path:
     return _atomic(Path(path), lambda stream: torch.save(data, stream))

@@ -6,6 +6,7 @@ looks like, with a transparency map of where the model looked.
     figure = plot_maco(image, alpha)
 """
 
+from explain.featureviz.batch import BatchObjective, concept_directions, maco_batch
 from explain.featureviz.figure import maco_overlay, plot_maco
 from explain.featureviz.maco import maco, random_crops
 from explain.featureviz.objectives import (
@@ -45,4 +46,7 @@ __all__ = [
     "layer_output",
     "plot_maco",
     "maco_overlay",
+    "maco_batch",
+    "concept_directions",
+    "BatchObjective",
 ]

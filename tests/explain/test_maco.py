@@ -18,9 +18,11 @@ from explain.featureviz import (
     Objective,
     channel,
     concept_direction,
+    concept_directions,
     load_spectrum,
     logit,
     maco,
+    maco_batch,
     maco_image,
     maco_overlay,
     magnitude_spectrum,
@@ -361,6 +363,53 @@ def test_bad_objectives_and_data():
         magnitude_spectrum([torch.rand(2, 3, 8, 8), torch.rand(2, 3, 10, 10)])
     with pytest.raises(ValueError, match="empty"):
         magnitude_spectrum([])
+
+
+# ---------------------------------------------------------------------------------------------------- maco_batch
+
+
+@pytest.mark.parametrize("images_per_pass", [None, 2])
+def test_maco_batch_equals_maco_run_image_by_image(images_per_pass):
+    # each image's own generator draws what maco(seed=...) draws: the batched run is the sequential one
+    features = small_cnn()[:5]
+    directions = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) + 0.1
+    seeds = [5, 6, 5]  # two images with the same seed but different directions
+    magnitude = power_law_spectrum(24)
+    kwargs = dict(steps=6, crops_per_step=3, magnitude=magnitude, input_size=16)
+    images, alphas = maco_batch(concept_directions(features, directions), 3, 24, seeds=seeds,
+                                images_per_pass=images_per_pass, **kwargs)
+    for j in range(3):
+        alone, alpha = maco(concept_direction(features, directions[j]), 24, seed=seeds[j], **kwargs)
+        torch.testing.assert_close(images[j], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(alphas[j], alpha, rtol=1e-4, atol=1e-6)
+    # the optimisation did something per image: the two images of seed 5 start alike and end apart
+    assert (images[0] - images[2]).abs().max() > 1e-3
+    assert all(p.grad is None for p in features.parameters())  # gradients w.r.t. the images only
+
+
+def test_concept_directions_scores_each_image_with_its_own_direction():
+    features = small_cnn()[:5]
+    directions = torch.rand(3, 16, generator=torch.Generator().manual_seed(2))
+    crops = torch.rand(2, 4, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    scores = concept_directions(features, directions)(crops, torch.tensor([2, 0]))
+    torch.testing.assert_close(scores[0], concept_direction(features, directions[2])(crops[0]))
+    torch.testing.assert_close(scores[1], concept_direction(features, directions[0])(crops[1]))
+
+
+def test_maco_batch_bad_input():
+    features = small_cnn()[:5]
+    objective = concept_directions(features, torch.rand(2, 16) + 0.1)
+    magnitude = power_law_spectrum(16)
+    with pytest.raises(ValueError, match="one per image"):
+        maco_batch(objective, 2, 16, steps=1, magnitude=magnitude, seeds=[0, 1, 2])
+    with pytest.raises(ValueError, match="images_per_pass"):
+        maco_batch(objective, 2, 16, steps=1, magnitude=magnitude, images_per_pass=0)
+    with pytest.raises(ValueError, match=r"scores \[images, crops\]"):
+        maco_batch(lambda crops, images: crops.sum((2, 3, 4)).flatten(), 2, 16, steps=1, magnitude=magnitude)
+    with pytest.raises(ValueError, match="no zero row"):
+        concept_directions(features, torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="directions have 7 entries"):
+        concept_directions(features, torch.rand(2, 7))(torch.rand(1, 2, 3, 8, 8), torch.tensor([0]))
 
 
 # --------------------------------------------------------------------------------------------------------- figure

@@ -155,11 +155,11 @@ def write_fake_atlas(root: Path, n_classes: int = 4, n_concepts: int = 4, n_imag
     return manifest
 
 
-def write_fake_comparison(root: Path, a: Path, b: Path, threshold: float = 0.5) -> dict[str, Any]:
+def write_fake_comparison(root: Path, a: Path, b: Path, threshold: float = 0.5, match: str = "atoms") -> dict[str, Any]:
     """Write a comparison of the fake atlases ``a`` and ``b`` (same classes) into ``root``: per class, the concepts
     of A and B are paired in order of id, the last of A vanished and the last of B appeared."""
     root = Path(root)
-    manifest = {"format": "aligned-vision-atlas-compare/1", "threshold": threshold, "classes": [],
+    manifest = {"format": "aligned-vision-atlas-compare/1", "threshold": threshold, "match": match, "classes": [],
                 "a": {"path": "../" + Path(a).name, "title": "Baseline"},
                 "b": {"path": str(Path(b).resolve()), "title": "Harmonized"}}
     for entry in json.loads((Path(a) / "atlas.json").read_text())["classes"]:
@@ -173,7 +173,8 @@ def write_fake_comparison(root: Path, a: Path, b: Path, threshold: float = 0.5) 
                     "importance_b": concepts["b"][k]["importance"],
                     "shift": round(concepts["b"][k]["importance"] - concepts["a"][k]["importance"], 4)}
                    for k in ids[:-1]]
-        data = {"index": entry["index"], "name": entry["name"], "threshold": threshold, "matched": matched,
+        data = {"index": entry["index"], "name": entry["name"], "threshold": threshold, "match": match,
+                "matched": matched,
                 "lost": [{"a": ids[-1], "importance_a": concepts["a"][ids[-1]]["importance"], "best_cosine": 0.2}],
                 "born": [{"b": ids[-1], "importance_b": concepts["b"][ids[-1]]["importance"], "best_cosine": None}]}
         path = root / "classes" / folder / "compare.json"

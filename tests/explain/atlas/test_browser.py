@@ -154,12 +154,15 @@ def test_comparison_pages_in_chromium(browser, tmp_path):
     write_fake_atlas(a, n_classes=3)
     write_fake_atlas(b, n_classes=3, seed=1)
     render_site(a)
-    write_fake_comparison(c, a, b)
+    write_fake_comparison(c, a, b, match="maps")
     render_comparison(c)
     open_page(browser, c / "classes" / "0001" / "index.html")
     from selenium.webdriver.common.by import By
 
     assert browser.find_element(By.TAG_NAME, "h1").text == f"{HOSTILE_NAME}: what changed"
+    # compare.json's "match" is what the page says was matched
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "on the cosine of their coefficient maps" in body and "directions" not in body
 
 
 def test_index_of_a_1000_class_atlas_loads_under_one_second(browser, tmp_path):

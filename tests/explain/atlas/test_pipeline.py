@@ -96,6 +96,14 @@ def test_a_run_killed_in_stage_1_or_2_resumes_to_the_same_atlas(data, atlas, tmp
         build(data, out, "--render", "false")
     assert not activations.stage1_done(out / "stage1")
     monkeypatch.setattr(activations.ActivationWriter, "write_on_batch_end", write_batch)
+    # the resumed stage 1 starts after the finished batch (4 images), it does not recompute it
+    predict_step, seen = activations.LatentPredictor.predict_step, []
+
+    def counted_step(self, batch, batch_idx):
+        seen.extend(batch["index"].tolist())
+        return predict_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(activations.LatentPredictor, "predict_step", counted_step)
 
     write_class = concepts.ConceptPredictor.write_class
 
@@ -109,6 +117,8 @@ def test_a_run_killed_in_stage_1_or_2_resumes_to_the_same_atlas(data, atlas, tmp
     with pytest.raises(RuntimeError, match="killed in stage 2"):
         build(data, out, "--render", "false")
     assert (out / "classes" / "0000" / "class.json").is_file() and not (out / "classes" / "0001").exists()
+    assert seen == list(range(4, 18))
+    assert activations.read_index(out / "stage1") == activations.read_index(atlas / "stage1")
     build(data, out, "--render", "false")
     assert calls["classes"] == [0, 1, 1, 2]  # the finished class 0 was not recomputed
     assert class_jsons(out) == class_jsons(atlas)

@@ -214,6 +214,21 @@ def test_comparison_pages_show_matched_vanished_and_appeared_concepts_with_image
         assert not any(str(p).startswith(str(b.resolve())) for p in links)
 
 
+@pytest.mark.parametrize("match", ["atoms", "maps"])
+def test_comparison_pages_say_what_the_cosine_was_taken_on(tmp_path, match):
+    # compare.json's "match" decides the sentence: a comparison of maps never claims to compare directions
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_fake_atlas(a, n_classes=2)
+    write_fake_atlas(b, n_classes=2, seed=1)
+    write_fake_comparison(c, a, b, match=match)
+    pages = [render_comparison(c), c / "classes" / "0000" / "index.html"]
+    said, other = ("coefficient maps", "directions") if match == "maps" else ("directions", "coefficient maps")
+    for page in pages:
+        text = Page(page).joined_text()
+        assert f"Hungarian assignment on the cosine of their {said}" in text
+        assert other not in text
+
+
 def test_a_class_json_that_atlas_json_does_not_list_is_reported_not_silently_ignored(tmp_path):
     write_fake_atlas(tmp_path, n_classes=3)
     edit = json.loads((tmp_path / "atlas.json").read_text())
