@@ -54,16 +54,13 @@ class _CostProbe(BackwardToInput):
     """Full CROWN's bookkeeping without its passes: each layer counts the rows it would need on the interval
     boxes and sends one probe row back to measure their size."""
 
-    def __init__(self, records: Records, lower: Tensor, upper: Tensor) -> None:
-        super().__init__(records, lower, upper)
+    def __init__(self, records: Records, lower: Tensor, upper: Tensor, tight: bool = False) -> None:
+        super().__init__(records, lower, upper, tight=tight)
         self.estimate = CostEstimate(0, 0, 0.0)
 
-    def tighten(self, lower, upper, needed, on_input=None):
-        if self.mixing is not None and self.mixing <= 1:
-            return lower, upper
-        if self.settled is not None and on_input is None and self.settled.shape == needed.shape:
-            needed = needed & ~self.settled
-        count = int(needed.sum())
+    def tighten(self, lower, upper, needed, on_input=None, replace=False):
+        needed = self.needed(needed, on_input)
+        count = 0 if needed is None else int(needed.sum())
         if count == 0:
             return lower, upper
         n, shape = lower.shape[0], lower.shape[1:]
@@ -97,11 +94,11 @@ def progress_bar(total_rows: int, description: str = "full CROWN") -> Iterator[N
             ROW_PROGRESS.reset(token)
 
 
-def estimate_full_crown(graph: BoundGraph, lower: Tensor, upper: Tensor) -> CostEstimate:
+def estimate_full_crown(graph: BoundGraph, lower: Tensor, upper: Tensor, tight_boxes: bool = False) -> CostEstimate:
     """The cost of full CROWN's intermediate bounds over the boxes ``[lower, upper]`` (one interval pass and one
-    probe row per layer)."""
+    probe row per layer; ``tight_boxes``: of full CROWN with tight boxes)."""
     records = Records()
-    records.crown = probe = _CostProbe(records, lower, upper)
+    records.crown = probe = _CostProbe(records, lower, upper, tight_boxes)
     with torch.no_grad():
         graph.root.interval(lower, upper, records)
     return probe.estimate
