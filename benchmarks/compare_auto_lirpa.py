@@ -35,7 +35,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from benchmarks.bench_eva import pgd, relu_cnn, train
+from benchmarks.bench_eva import pgd, relu_cnn, train, trained_pool_cnn
 from datamodules.shortcut import ShortcutShapesDataModule
 from explain.bounds import METHODS, build_graph, margin_spec, margin_upper_bounds
 
@@ -132,57 +132,53 @@ def compare(args: argparse.Namespace) -> None:
                   f"   ratio {gap_ours / gap_theirs:6.3f}   max|diff| {exact:.2g}")
 
 
-def pool_cnn(num_classes: int = 3) -> nn.Sequential:
-    """Issue 21's CNN at 32 px: conv 3->16, ReLU, max-pool, conv 16->32, ReLU, max-pool, linear 2048->64, ReLU,
-    linear 64->classes."""
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, num_classes),
-    )
-
-
 def speed_pool_cnn(args: argparse.Namespace) -> None:
-    """Full CROWN on issue 21's CNN (trained ``--train-steps`` Adam steps on 3-class shortcut data, seed 0): ours
-    (rows as patches) against auto_LiRPA's CROWN (conv_mode "patches"), one image at a time, alternating, at
-    ``--pool-eps``; then EVA's default map (full CROWN, 8x8 grid, shared relaxation) per image."""
-    from explain import EVA
-
-    data = ShortcutShapesDataModule(num_classes=3, image_size=32, train_size=2000, val_size=200, batch_size=64)
-    data.setup("fit")
-    torch.manual_seed(0)
-    model = pool_cnn(3)
-    accuracy = train(model, data, 0.0, lipschitz=False, steps=args.train_steps)
-    model.eval()
-    batch = next(iter(data.val_dataloader()))
-    images, labels = batch["image"][: args.images], batch["label"][: args.images]
+    """Full CROWN on issue 21's CNN (``bench_eva.pool_cnn`` trained ``--pool-steps`` Adam steps on 3-class shortcut
+    data, seed 0) at ``--pool-eps``, one image at a time: ours (auto_LiRPA's intermediate boxes, the default; rows as
+    patches; no Lipschitz boxes, which auto_LiRPA has not), auto_LiRPA's CROWN (``conv_mode="patches"``) and ours
+    with ``tight_boxes=True``, the three alternating (one warm-up each, then ``--rounds`` rounds over the images, the
+    order rotating per image). Prints seconds per image (wall and CPU), the ratio ours / auto_LiRPA, the largest
+    ``|ours - theirs|`` (absolute, and relative to the largest bound) and the range of ``tight - theirs``."""
+    model, images, labels, note = trained_pool_cnn(args.pool_steps, args.images, args.pool_weights)
     graph = build_graph(model)
     lirpa = AutoLirpa(model, tuple(images.shape[1:]), args.alpha_iterations, num_classes=3)
     eps = args.pool_eps
-    print(f"pool_cnn trained {args.train_steps} steps (val accuracy {accuracy:.2f}); {len(images)} images, eps {eps}, "
-          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
-    ours_time = theirs_time = eva_time = 0.0
-    low_diff, high_diff = float("inf"), -float("inf")
-    explainer = EVA(model, eps=eps, grid_size=8)
+    sides = {
+        "auto_LiRPA": lambda lo, hi, y: lirpa.upper(lo, hi, y, "CROWN"),
+        "ours": lambda lo, hi, y: margin_upper_bounds(graph, lo, hi, y, "crown", lipschitz_boxes=False),
+        "ours, tight_boxes": lambda lo, hi, y: margin_upper_bounds(graph, lo, hi, y, "crown", lipschitz_boxes=False,
+                                                                   tight_boxes=True),
+    }
+    print(f"{note}; {len(images)} images x {args.rounds} rounds, eps {eps}, {torch.get_num_threads()} threads; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    wall, cpu = dict.fromkeys(sides, 0.0), dict.fromkeys(sides, 0.0)
+    bounds: dict[str, list[Tensor]] = {name: [] for name in sides}
+    names = list(sides)
     with torch.no_grad():
-        for x, y in zip(images, labels):
-            lower, upper, y = x[None] - eps, x[None] + eps, y[None]
-            start = time.perf_counter()
-            theirs = lirpa.upper(lower, upper, y, "CROWN")
-            theirs_time += time.perf_counter() - start
-            start = time.perf_counter()
-            ours = margin_upper_bounds(graph, lower, upper, y, "crown", lipschitz_boxes=False)
-            ours_time += time.perf_counter() - start
-            start = time.perf_counter()
-            explainer(x[None], y)
-            eva_time += time.perf_counter() - start
-            low_diff = min(low_diff, (ours - theirs).min().item())
-            high_diff = max(high_diff, (ours - theirs).max().item())
-            scale = theirs.abs().max().item()
-    n = len(images)
-    print(f"  full CROWN per image: ours {ours_time / n:.3f} s, auto_LiRPA {theirs_time / n:.3f} s, "
-          f"ratio {ours_time / theirs_time:.3f}; ours - theirs in [{low_diff:.3g}, {high_diff:.3g}] "
-          f"(bounds up to {scale:.3g})")
-    print(f"  EVA (crown, 8x8 grid, shared) per image: {eva_time / n:.3f} s")
+        for fn in sides.values():  # warm-up
+            fn(images[:1] - eps, images[:1] + eps, labels[:1])
+        for round_ in range(args.rounds):
+            for index, (x, y) in enumerate(zip(images, labels)):
+                lower, upper, y = x[None] - eps, x[None] + eps, y[None]
+                shift = (index + round_) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    bound = sides[name](lower, upper, y)
+                    wall[name] += time.perf_counter() - start
+                    cpu[name] += time.process_time() - start_cpu
+                    if round_ == 0:
+                        bounds[name].append(bound)
+    runs = len(images) * args.rounds
+    theirs = torch.cat(bounds["auto_LiRPA"])
+    for name in names:
+        line = f"  {name:18s} {wall[name] / runs:7.3f} s/image ({cpu[name] / runs:7.3f} CPU-s)"
+        if name != "auto_LiRPA":
+            diff = torch.cat(bounds[name]) - theirs
+            line += (f"   ratio to auto_LiRPA {wall[name] / wall['auto_LiRPA']:.3f} wall, "
+                     f"{cpu[name] / cpu['auto_LiRPA']:.3f} CPU;   {name} - auto_LiRPA in [{diff.min():.3g}, "
+                     f"{diff.max():.3g}], max |diff| / max |bound| = {diff.abs().max() / theirs.abs().max():.2g}")
+        print(line)
+    print(f"  (bounds up to {theirs.abs().max():.3g}; load average {os.getloadavg()[0]:.2f})")
 
 
 def tiny_network() -> nn.Sequential:
@@ -314,8 +310,13 @@ def main() -> None:
                         help="also write the fixture of pool_network() there (max pooling, auto_LiRPA's patches mode)")
     parser.add_argument("--skip-compare", action="store_true", help="only write the fixture")
     parser.add_argument("--pool-cnn", action="store_true",
-                        help="instead: full CROWN speed on issue 21's max-pooling CNN, ours vs auto_LiRPA (patches)")
+                        help="instead: full CROWN on issue 21's max-pooling CNN, ours vs auto_LiRPA (patches): time "
+                             "ratio and bound difference")
     parser.add_argument("--pool-eps", type=float, default=0.05, help="radius of --pool-cnn (input units)")
+    parser.add_argument("--pool-steps", type=int, default=300, help="training steps of --pool-cnn's network")
+    parser.add_argument("--pool-weights", default="/tmp/pool_cnn_bench_eva.pt",
+                        help="where --pool-cnn keeps its trained network (shared with bench_eva.py --pool-cnn)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the images of --pool-cnn")
     args = parser.parse_args()
     sys.path[:0] = args.lirpa_path
     if args.threads:
