@@ -20,7 +20,15 @@ small packages it imports (``pip install --target DIR_DEPS appdirs graphviz``), 
 
 ``--fixture`` also writes the small reference file of ``tests/explain/test_bounds_reference.py``: a tiny ReLU CNN
 (seeded random weights) and auto_LiRPA's IBP / CROWN-IBP / CROWN / CROWN-Optimized margin bounds on a few boxes,
-so that CI (without auto_LiRPA) checks our bounds against auto_LiRPA's numbers.
+each bounded on its own, so that CI (without auto_LiRPA) checks our bounds against auto_LiRPA's numbers;
+``--fixture-blocks`` and ``--fixture-pool`` write the same for EfficientNet-Lite operators and for max pooling.
+
+``--pool-cnn`` instead runs issue 21's max-pooling CNN (``bench_eva.pool_cnn``, trained ``--pool-steps``) at
+``--pool-eps`` (0.05): full CROWN by us (auto_LiRPA's intermediate boxes, the default), by auto_LiRPA (patches mode)
+and by us with ``tight_boxes=True``, alternating in one process, and prints the time ratio ours / auto_LiRPA and the
+largest bound difference::
+
+    PYTHONPATH=$PWD python benchmarks/compare_auto_lirpa.py --lirpa-path DIR DIR_DEPS --pool-cnn --images 8 --rounds 2
 """
 
 from __future__ import annotations

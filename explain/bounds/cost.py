@@ -3,9 +3,10 @@
 Full CROWN bounds every unstable neuron of every layer by a backward pass to the input
 (:class:`explain.bounds.crown.BackwardToInput`): two rows per neuron, each as large as the neuron's receptive
 field over the layers it crosses (:mod:`explain.bounds.patches`), or as a whole layer where rows are dense. Its
-cost is therefore ``sum over rows of the row's size``, which an interval pass predicts: the interval boxes
-contain the CROWN boxes, so the neurons unstable on them are at least as many as full CROWN meets, and one
-probe row per layer gives the row size. :func:`estimate_full_crown` counts them; ``seconds`` converts the
+cost is therefore ``sum over rows of the row's size``, which an interval pass predicts: the rows full CROWN
+chooses on its boxes (:meth:`~explain.bounds.node.Node.crown_rows`) chosen on the interval boxes, which are
+usually wider (where a CROWN box replaces a narrower interval box, auto_LiRPA's rule, they are not), so the count
+is about, usually at least, what full CROWN runs; one probe row per layer gives the row size. :func:`estimate_full_crown` counts them; ``seconds`` converts the
 coefficient count at :data:`COEFFICIENTS_PER_SECOND`, measured on 2 CPU cores (on a GPU the estimate is high).
 """
 
@@ -32,7 +33,8 @@ LONG_BOUND_SECONDS = 10.0
 
 @dataclass
 class CostEstimate:
-    """``unstable`` neurons (counted on interval boxes, an upper bound of what full CROWN meets), ``rows``
+    """``unstable`` neurons (the rows full CROWN would choose on the interval boxes, usually at least those it
+    meets), ``rows``
     backward rows (two per neuron), ``coefficients`` (sum over rows of their largest size) and the implied
     ``seconds`` for all the boxes."""
 
