@@ -39,6 +39,7 @@ On a GPU (the lead's runs) pass ``--device cuda``: the models, images and bounds
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -175,8 +176,6 @@ def pool_cnn(num_classes: int = 3) -> nn.Sequential:
 def trained_pool_cnn(steps: int, count: int, path: str | None = None) -> tuple[nn.Module, Tensor, Tensor, str]:
     """``pool_cnn(3)`` trained ``steps`` Adam steps on 3-class shortcut data (seed 0) and ``count`` val images with
     their labels (at most 64), read from ``path`` when it holds that training, else trained (and saved there)."""
-    import os
-
     if path and os.path.exists(path):
         saved = torch.load(path)
         if saved["steps"] == steps:

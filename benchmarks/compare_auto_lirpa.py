@@ -264,7 +264,8 @@ def static_padding_twin(model: nn.Sequential, size: int) -> nn.Sequential:
 
 
 def write_fixture(path: str, alpha_iterations: int, model: nn.Module | None = None, conv_mode: str = "matrix",
-                  methods: tuple[str, ...] = tuple(PAIRS.values()), radii: tuple[float, ...] = (0.02, 0.05, 0.1)) -> None:
+                  methods: tuple[str, ...] = tuple(PAIRS.values()),
+                  radii: tuple[float, ...] = (0.02, 0.05, 0.1)) -> None:
     """auto_LiRPA's bounds of the tiny network (or ``model``) on 3 boxes at ``radii`` by ``methods``, with the
     weights, as JSON."""
     model = tiny_network() if model is None else model
@@ -281,7 +282,8 @@ def write_fixture(path: str, alpha_iterations: int, model: nn.Module | None = No
     }
     fixture = {
         "note": "written by benchmarks/compare_auto_lirpa.py --fixture from auto_LiRPA "
-                f"{sys.modules['auto_LiRPA'].__version__}: upper bounds [box, class c != y] of f_c - f_y, each box bounded on its own",
+                f"{sys.modules['auto_LiRPA'].__version__}: upper bounds [box, class c != y] of f_c - f_y, each box "
+                "bounded on its own",
         "state_dict": {name: _rounded(value, 3) for name, value in model.state_dict().items()},
         "images": _rounded(images, 2),
         "labels": labels.tolist(),

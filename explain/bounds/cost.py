@@ -6,8 +6,9 @@ field over the layers it crosses (:mod:`explain.bounds.patches`), or as a whole 
 cost is therefore ``sum over rows of the row's size``, which an interval pass predicts: the rows full CROWN
 chooses on its boxes (:meth:`~explain.bounds.node.Node.crown_rows`) chosen on the interval boxes, which are
 usually wider (where a CROWN box replaces a narrower interval box, auto_LiRPA's rule, they are not), so the count
-is about, usually at least, what full CROWN runs; one probe row per layer gives the row size. :func:`estimate_full_crown` counts them; ``seconds`` converts the
-coefficient count at :data:`COEFFICIENTS_PER_SECOND`, measured on 2 CPU cores (on a GPU the estimate is high).
+is about, usually at least, what full CROWN runs; one probe row per layer gives the row size.
+:func:`estimate_full_crown` counts them; ``seconds`` converts the coefficient count at
+:data:`COEFFICIENTS_PER_SECOND`, measured on 2 CPU cores (on a GPU the estimate is high).
 """
 
 from __future__ import annotations

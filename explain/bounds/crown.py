@@ -28,7 +28,7 @@ nonlinear layers' inputs:
   ``tight=True`` (``tight_boxes`` of :func:`~explain.bounds.margin.margin_upper_bounds` and EVA) drops the last two
   rules: each CROWN box is intersected with the interval box, and a ReLU's output gets its own pass where that
   can tighten it (for max pooling: the active neurons of undecided windows). The bounds are usually tighter (by up
-  to 3% of the margin on issue 21's max-pooling CNN at eps 0.05), slower where the ReLU outputs add rows, differ
+  to 4% of the margin on issue 21's max-pooling CNN at eps 0.05), slower where the ReLU outputs add rows, differ
   from auto_LiRPA's and are not provably never looser: CROWN's adaptive ReLU lower slope is not monotone in the
   box (one class of the EfficientNet-operator fixture at eps 0.1 is 9e-4 looser).
   In both modes the Lipschitz box (when asked) is intersected last.
