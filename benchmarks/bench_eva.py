@@ -25,10 +25,13 @@
 
 (d) A real network (``--real efficientnet_lite0``: ImageNet weights, 224 px; ``--real resnet18``: for a GPU): the
     estimate of full CROWN's cost, the time of EVA with ``bound="auto"`` per image, and its overlap bound against PGD.
+(e) ``--pool-cnn``: EVA's time per image at its defaults on issue 21's max-pooling CNN (``pool_cnn``, trained
+    ``--train-steps``, default 300), eps ``--pool-eps`` (0.05), 8x8 grid (target <= 2 s per image on 2 cores).
 
     python benchmarks/bench_eva.py [--images 8] [--repeats 3] [--classes 10] [--threads N] [--train-seconds 60 | --train-steps N]
         [--skip a b c] [--models relu_cnn bn_cnn lip_vgg lip_resnet] [--eps 1 4 8]
     python benchmarks/bench_eva.py --real efficientnet_lite0 --images 2 --threads 2      # (d) only
+    python benchmarks/bench_eva.py --pool-cnn --images 24 --threads 2                      # (e) only
 
 On a GPU (the lead's runs) pass ``--device cuda``: the models, images and bounds move there.
 """
@@ -36,6 +39,7 @@ On a GPU (the lead's runs) pass ``--device cuda``: the models, images and bounds
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -158,6 +162,55 @@ def relu_cnn(num_classes: int = 4) -> nn.Sequential:
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(64 * 4 * 4, num_classes),
     )
+
+
+def pool_cnn(num_classes: int = 3) -> nn.Sequential:
+    """Issue 21's CNN at 32 px: conv 3->16, ReLU, max-pool, conv 16->32, ReLU, max-pool, linear 2048->64, ReLU,
+    linear 64->classes."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(), nn.Linear(64, num_classes),
+    )
+
+
+def trained_pool_cnn(steps: int, count: int, path: str | None = None) -> tuple[nn.Module, Tensor, Tensor, str]:
+    """``pool_cnn(3)`` trained ``steps`` Adam steps on 3-class shortcut data (seed 0) and ``count`` val images with
+    their labels (at most 64), read from ``path`` when it holds that training, else trained (and saved there)."""
+    if path and os.path.exists(path):
+        saved = torch.load(path)
+        if saved["steps"] == steps:
+            model = pool_cnn(3)
+            model.load_state_dict(saved["state_dict"])
+            return model.eval(), saved["images"][:count], saved["labels"][:count], saved["note"]
+    data = ShortcutShapesDataModule(num_classes=3, image_size=32, train_size=2000, val_size=200, batch_size=64)
+    data.setup("fit")
+    torch.manual_seed(0)
+    model = pool_cnn(3)
+    accuracy = train(model, data, 0.0, lipschitz=False, steps=steps)
+    batch = next(iter(data.val_dataloader()))
+    note = f"pool_cnn trained {steps} steps (seed 0, val accuracy {accuracy:.2f})"
+    if path:
+        torch.save({"state_dict": model.state_dict(), "images": batch["image"], "labels": batch["label"],
+                    "steps": steps, "note": note}, path)
+    return model.eval(), batch["image"][:count], batch["label"][:count], note
+
+
+def pool_eva(args: argparse.Namespace) -> None:
+    """(e) EVA at its defaults on issue 21's CNN (:func:`pool_cnn`, ``--train-steps`` steps, default 300), eps
+    ``--pool-eps``: ``EVA(model, grid_size=8, eps)`` per image (one warm-up call, then ``--images`` images one at a
+    time), wall and CPU seconds, also with ``lipschitz_boxes=False``; and the maps of the two agree."""
+    model, images, labels, note = trained_pool_cnn(args.train_steps or 300, args.images, args.pool_weights)
+    eps = args.pool_eps
+    print(f"(e) EVA on {note}, eps {eps}, 8x8 grid, {len(images)} images, {torch.get_num_threads()} threads")
+    for options in ({}, {"lipschitz_boxes": False}):
+        explainer = EVA(model, eps=eps, grid_size=8, **options)
+        explainer(images[:1], labels[:1])  # warm-up (the bound graph, the Lipschitz constants)
+        start, cpu = time.perf_counter(), time.process_time()
+        for x, y in zip(images, labels):
+            explainer(x[None], y[None])
+        wall, cpu = (time.perf_counter() - start) / len(images), (time.process_time() - cpu) / len(images)
+        print(f"  EVA({', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'}): {wall:.3f} s per image, "
+              f"{cpu:.3f} CPU-s per image; bound {explainer.last_bound!r}")
 
 
 MODELS = {
@@ -313,12 +366,19 @@ def main() -> None:
                         help="only (d): EVA on this ImageNet network at 224 px (resnet18: for a GPU, unmeasured)")
     parser.add_argument("--real-eps", type=float, default=1.0, help="radius of (d), in 1/255 of the pixel range")
     parser.add_argument("--crown-classes", type=int, default=10, help="classes given CROWN in (d)")
+    parser.add_argument("--pool-cnn", action="store_true", help="only (e): EVA's time on issue 21's CNN")
+    parser.add_argument("--pool-eps", type=float, default=0.05, help="radius of (e), input units")
+    parser.add_argument("--pool-weights", default="/tmp/pool_cnn_bench_eva.pt",
+                        help="where (e) keeps its trained CNN and images")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.real:
         real_network(args)
+        return
+    if args.pool_cnn:
+        pool_eva(args)
         return
     if "a" not in args.skip:
         speed(args)

@@ -108,6 +108,7 @@ def adversarial_overlap_bound(
     crown_classes: int | None = None,
     lipschitz_boxes: bool = True,
     row_budget: int = ROW_BUDGET,
+    tight_boxes: bool = False,
 ) -> Tensor:
     """Upper bound [B] of ``max_{||delta||_inf <= eps, delta = 0 on fixed} max_{c != y} f_c(x+delta) - f_y(x+delta)``.
 
@@ -130,6 +131,9 @@ def adversarial_overlap_bound(
         lipschitz_boxes: intersect the intermediate boxes with Lipschitz boxes computed from the weights
             (:mod:`explain.bounds.lipschitz`; sound for any network, far tighter on 1-Lipschitz ones).
         row_budget: memory of full CROWN's intermediate passes (elements per chunk of backward rows).
+        tight_boxes: full CROWN's intermediate boxes also intersected with the interval boxes, and max pooling
+            after a ReLU bounded by CROWN too: usually tighter, slower; the default gives auto_LiRPA's boxes
+            (:mod:`explain.bounds.crown`).
 
     Raises:
         ValueError: a bad option, target or ``fixed`` mask, or images outside ``input_range``.
@@ -152,7 +156,7 @@ def adversarial_overlap_bound(
     out_device = images.device
     device = model_device(model, default=images.device)
     options = dict(methods=(method,), input_range=input_range, crown_classes=crown_classes,
-                   lipschitz_boxes=lipschitz_boxes, row_budget=row_budget)
+                   lipschitz_boxes=lipschitz_boxes, row_budget=row_budget, tight_boxes=tight_boxes)
     with grad_enabled(), eval_mode(model):
         images, targets = images.detach().to(device).clone(), targets.to(device).clone()
         fixed = fixed.to(device)
@@ -181,6 +185,7 @@ def eva_maps(
     relaxation: str = "shared",
     lipschitz_boxes: bool = True,
     row_budget: int = ROW_BUDGET,
+    tight_boxes: bool = False,
 ) -> Tensor:
     """EVA maps [B, H, W]: each pixel gets ``AO(x, B) - AO(x, B_u)`` of its region ``u``.
 
@@ -201,7 +206,7 @@ def eva_maps(
     chunk = batch if batch_size is None else batch_size
     shared = relaxation == "shared" and method in ("crown", "crown-ibp", "best")
     options = dict(input_range=input_range, crown_classes=crown_classes, lipschitz_boxes=lipschitz_boxes,
-                   row_budget=row_budget)
+                   row_budget=row_budget, tight_boxes=tight_boxes)
     margins = []  # [B, K-1] of the full balls, then [count_b, K-1] of the regions of each image
     if shared:
         parts = [shared_crown_margins(graph, images[i : i + chunk], targets[i : i + chunk], inverses[i : i + chunk],
@@ -248,6 +253,7 @@ class EVA(Explainer):
     module docstring. ``batch_size``: images (shared) or boxes (per box) bounded at once; each carries K-1
     backward rows through the network. ``lipschitz_boxes``: intersect the intermediate boxes with Lipschitz
     boxes (:mod:`explain.bounds.lipschitz`). ``row_budget``: memory of full CROWN's intermediate passes.
+    ``tight_boxes``: full CROWN's intermediate boxes tighter than auto_LiRPA's (:func:`adversarial_overlap_bound`).
 
     ``crown_classes``: for many classes (ImageNet), run CROWN only for this many classes of largest IBP bound
     (the others keep their IBP bound; still sound).
@@ -278,8 +284,10 @@ class EVA(Explainer):
         batch_size: BatchSize = 16,
         seed: int | None = 0,
         row_budget: int = ROW_BUDGET,
+        tight_boxes: bool = False,
     ) -> None:
         super().__init__(model, batch_size=batch_size, seed=seed)
+        self.tight_boxes = bool(tight_boxes)
         self.relaxation = one_of("relaxation", relaxation, RELAXATIONS)
         self.lipschitz_boxes = bool(lipschitz_boxes)
         self.eps = _check_eps(eps)
@@ -338,7 +346,7 @@ class EVA(Explainer):
             return eva_maps(graph, images, targets, regions, eps=self.eps, method=method,
                             input_range=self.input_range, batch_size=self.batch_size, crown_classes=self.crown_classes,
                             relaxation=self.relaxation, lipschitz_boxes=self.lipschitz_boxes,
-                            row_budget=self.row_budget)
+                            row_budget=self.row_budget, tight_boxes=self.tight_boxes)
 
     def _method_for(self, graph: BoundGraph, images: Tensor, regions: Tensor) -> tuple[str, int]:
         """The bound to run and, for a long full CROWN, its estimated rows (for the progress bar; else 0).
@@ -351,7 +359,7 @@ class EVA(Explainer):
             self.last_bound = self.bound
             return self.bound, 0
         lower, upper = ball_box(images, None, self.eps, self.input_range)
-        estimate = estimate_full_crown(graph, lower, upper)
+        estimate = estimate_full_crown(graph, lower, upper, self.tight_boxes)
         self.last_estimate = estimate
         boxes = 1 if self.relaxation == "shared" and self.bound != "alpha-crown" else int(regions[0].unique().numel()) + 1
         per_image = estimate.seconds * boxes / len(images)

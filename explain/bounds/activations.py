@@ -22,6 +22,11 @@ from explain.bounds.patches import Patches
 from explain.bounds.relaxations import relu_relaxation
 
 
+#: full CROWN bounds every neuron of a ReLU's input once more than this fraction is unstable on the interval box
+#: (auto_LiRPA's ``minimum_sparsity``): the stable ones then take their CROWN box too
+DENSE_FRACTION = 0.9
+
+
 def relaxed_backward(A: Tensor, lower: Tensor, upper: Tensor, slopes: LowerSlopes | None = None,
                      key: object = None) -> tuple[Tensor, Tensor]:
     """``<A, relu(x)> <= <A', x> + c`` over the box ``[lower, upper]`` (one per box: [n, *shape]), A [n, r, *shape].
@@ -48,6 +53,9 @@ def crosses_zero(lower: Tensor, upper: Tensor) -> Tensor:
 
 
 class ReLU(Node):
+    interval_output = True
+    crown_box_replaces = True
+
     def interval(self, lower, upper, records):
         records[id(self)] = (lower, upper)
         return lower.clamp(min=0), upper.clamp(min=0)
@@ -65,6 +73,14 @@ class ReLU(Node):
 
     def unstable(self, lower, upper):
         return crosses_zero(lower, upper)
+
+    def crown_rows(self, lower, upper):
+        """auto_LiRPA's rows (``get_sparse_C``): the unstable neurons, or every neuron of a box when more than
+        :data:`DENSE_FRACTION` of them are unstable. (auto_LiRPA takes the union over the boxes of a batch, so its
+        bounds of a box depend on the other boxes; here each box decides alone, as auto_LiRPA on that box.)"""
+        unstable = crosses_zero(lower, upper)
+        dense = unstable.flatten(1).sum(1) > DENSE_FRACTION * unstable[0].numel()
+        return unstable | dense.view(-1, *[1] * (lower.ndim - 1))
 
     def settled(self, records, exact_input):
         """The row ``e_j`` of ``relu(z_j)`` goes back as ``s e_j`` on ``z_j`` (slope ``s >= 0``), so its CROWN

@@ -14,7 +14,8 @@ class Chain(Node):
     """Nodes applied one after the other.
 
     The interval pass intersects the box reaching each nonlinear node with its Lipschitz box
-    (``records.limits``) and, in full CROWN (``records.crown``), with the node's :meth:`~Node.tighten` box; a
+    (``records.limits``) and, in full CROWN (``records.crown``), replaces it by the node's :meth:`~Node.tighten`
+    box, intersected with the Lipschitz box again; a
     GroupSort2 also gets the box of its pair differences through the differenced weights of the affine node
     before it (``interval_with_pairs``).
     """
@@ -40,6 +41,10 @@ class Chain(Node):
                         difference = limit[2] if difference is None else _intersect(difference, limit[2])
                 if crown is not None:
                     lower, upper, difference = node.tighten(lower, upper, difference, records)
+                    if limit is not None:  # a CROWN box replaces the interval box: the Lipschitz box cuts it too
+                        lower, upper = _intersect((lower, upper), limit[:2])
+                        if limit[2] is not None and difference is not None:
+                            difference = _intersect(difference, limit[2])
             if isinstance(node, PairSort):
                 lower, upper = node.interval(lower, upper, records, difference=difference)
                 difference = None

@@ -3,10 +3,12 @@
 Full CROWN bounds every unstable neuron of every layer by a backward pass to the input
 (:class:`explain.bounds.crown.BackwardToInput`): two rows per neuron, each as large as the neuron's receptive
 field over the layers it crosses (:mod:`explain.bounds.patches`), or as a whole layer where rows are dense. Its
-cost is therefore ``sum over rows of the row's size``, which an interval pass predicts: the interval boxes
-contain the CROWN boxes, so the neurons unstable on them are at least as many as full CROWN meets, and one
-probe row per layer gives the row size. :func:`estimate_full_crown` counts them; ``seconds`` converts the
-coefficient count at :data:`COEFFICIENTS_PER_SECOND`, measured on 2 CPU cores (on a GPU the estimate is high).
+cost is therefore ``sum over rows of the row's size``, which an interval pass predicts: the rows full CROWN
+chooses on its boxes (:meth:`~explain.bounds.node.Node.crown_rows`) chosen on the interval boxes, which are
+usually wider (where a CROWN box replaces a narrower interval box, auto_LiRPA's rule, they are not), so the count
+is about, usually at least, what full CROWN runs; one probe row per layer gives the row size.
+:func:`estimate_full_crown` counts them; ``seconds`` converts the coefficient count at
+:data:`COEFFICIENTS_PER_SECOND`, measured on 2 CPU cores (on a GPU the estimate is high).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ LONG_BOUND_SECONDS = 10.0
 
 @dataclass
 class CostEstimate:
-    """``unstable`` neurons (counted on interval boxes, an upper bound of what full CROWN meets), ``rows``
+    """``unstable`` neurons (the rows full CROWN would choose on the interval boxes, usually at least those it
+    meets), ``rows``
     backward rows (two per neuron), ``coefficients`` (sum over rows of their largest size) and the implied
     ``seconds`` for all the boxes."""
 
@@ -54,16 +57,13 @@ class _CostProbe(BackwardToInput):
     """Full CROWN's bookkeeping without its passes: each layer counts the rows it would need on the interval
     boxes and sends one probe row back to measure their size."""
 
-    def __init__(self, records: Records, lower: Tensor, upper: Tensor) -> None:
-        super().__init__(records, lower, upper)
+    def __init__(self, records: Records, lower: Tensor, upper: Tensor, tight: bool = False) -> None:
+        super().__init__(records, lower, upper, tight=tight)
         self.estimate = CostEstimate(0, 0, 0.0)
 
-    def tighten(self, lower, upper, needed, on_input=None):
-        if self.mixing is not None and self.mixing <= 1:
-            return lower, upper
-        if self.settled is not None and on_input is None and self.settled.shape == needed.shape:
-            needed = needed & ~self.settled
-        count = int(needed.sum())
+    def tighten(self, lower, upper, needed, on_input=None, replace=False):
+        needed = self.needed(needed, on_input)
+        count = 0 if needed is None else int(needed.sum())
         if count == 0:
             return lower, upper
         n, shape = lower.shape[0], lower.shape[1:]
@@ -97,11 +97,11 @@ def progress_bar(total_rows: int, description: str = "full CROWN") -> Iterator[N
             ROW_PROGRESS.reset(token)
 
 
-def estimate_full_crown(graph: BoundGraph, lower: Tensor, upper: Tensor) -> CostEstimate:
+def estimate_full_crown(graph: BoundGraph, lower: Tensor, upper: Tensor, tight_boxes: bool = False) -> CostEstimate:
     """The cost of full CROWN's intermediate bounds over the boxes ``[lower, upper]`` (one interval pass and one
-    probe row per layer)."""
+    probe row per layer; ``tight_boxes``: of full CROWN with tight boxes)."""
     records = Records()
-    records.crown = probe = _CostProbe(records, lower, upper)
+    records.crown = probe = _CostProbe(records, lower, upper, tight_boxes)
     with torch.no_grad():
         graph.root.interval(lower, upper, records)
     return probe.estimate

@@ -7,10 +7,31 @@ nonlinear layers' inputs:
 
 * **Full CROWN** (auto_LiRPA's ``method="CROWN"``): layer by layer, each nonlinear layer's input box comes from a
   backward pass from that layer to the network input, through the relaxations built on the boxes found so far
-  (:class:`BackwardToInput`), intersected with the interval box (and the Lipschitz box when asked). Only the
-  coordinates whose relaxation is not already exact on the interval box get a pass (the unstable ReLU
-  neurons, the pair differences of GroupSort2 that may change sign, the undecided max-pooling windows; L2-norm
-  pooling reads all), their rows batched, both signs in one pass, in chunks of bounded memory.
+  (:class:`BackwardToInput`), their rows batched, both signs in one pass, in chunks of bounded memory. Which
+  coordinates get a pass, and how their CROWN box meets the interval box, follows auto_LiRPA 0.7.1 for the
+  operators compared with it, so that the bounds equal its bounds to round-off
+  (``tests/explain/test_bounds_reference.py``):
+
+  - a ReLU's input: its unstable neurons, or all of them once more than 90% are unstable (auto_LiRPA's
+    ``get_sparse_C`` and ``minimum_sparsity``); max pooling's input: every entry;
+  - a value computed by a ReLU from a box found so far (through reshapes) gets no pass: its box is the ReLU of
+    that box (auto_LiRPA's ``ibp_intermediate`` rule: max pooling after a ReLU reads that box);
+  - the CROWN box of those coordinates replaces the interval box rather than intersect it (auto_LiRPA's
+    ``restore_sparse_bounds``): full CROWN can then be looser than CROWN-IBP where the CROWN box is the wider one
+    (max pooling right after a convolution, at large radii).
+
+  The operators not compared with auto_LiRPA (GroupSort2, MaxMin, hardtanh, L2-norm pooling) bound only the
+  coordinates whose relaxation is not already exact on the interval box (the pair differences that may change
+  sign, the neurons off the identity piece; L2-norm pooling reads all) and intersect the two boxes. Nothing gets a
+  pass while the value is at most one mixing affine layer from the input (the interval box is exact there).
+
+  ``tight=True`` (``tight_boxes`` of :func:`~explain.bounds.margin.margin_upper_bounds` and EVA) drops the last two
+  rules: each CROWN box is intersected with the interval box, and a ReLU's output gets its own pass where that
+  can tighten it (for max pooling: the active neurons of undecided windows). The bounds are usually tighter (by up
+  to 4% of the margin on issue 21's max-pooling CNN at eps 0.05), slower where the ReLU outputs add rows, differ
+  from auto_LiRPA's and are not provably never looser: CROWN's adaptive ReLU lower slope is not monotone in the
+  box (one class of the EfficientNet-operator fixture at eps 0.1 is 9e-4 looser).
+  In both modes the Lipschitz box (when asked) is intersected last.
 * **CROWN-IBP** (Zhang et al. 2020): the interval boxes; one backward pass per specification, far looser on
   networks not trained for it.
 """
@@ -58,9 +79,13 @@ class BackwardToInput:
     :meth:`state` / :meth:`restore` around their children."""
 
     def __init__(self, records: Records, lower: Tensor, upper: Tensor, row_budget: int = ROW_BUDGET,
-                 patches: bool = True) -> None:
+                 patches: bool = True, tight: bool = False) -> None:
         self.records, self.lower, self.upper = records, lower, upper
         self.row_budget = row_budget
+        #: False: auto_LiRPA's boxes; True: also intersected with the interval boxes, ReLU outputs bounded too
+        self.tight = tight
+        #: the current value is a ReLU of a box found so far (auto_LiRPA's rule: no pass, unless ``tight``)
+        self.after_relu = False
         #: rows of feature maps as :class:`~explain.bounds.patches.Patches` (False: dense rows, same bounds)
         self.patches = patches
         self.to_input: Backward = _identity
@@ -76,6 +101,7 @@ class BackwardToInput:
     def restore(self, state: tuple[Backward, int | None]) -> None:
         self.to_input, self.mixing = state
         self.settled = None
+        self.after_relu = False
 
     def follow(self, node: Node, out: Tensor) -> None:
         """Extend ``to_input`` by ``node``'s backward step (``out``: a bound of its output, for its size)."""
@@ -83,6 +109,8 @@ class BackwardToInput:
         self.to_input = lambda A, bias: previous(*pull_back(node, A, bias, records))
         exact = self.mixing is not None and self.mixing <= 1
         self.settled = None if node.container else node.settled(records, exact)
+        # a ReLU's output box is the ReLU of its input box; reshapes and identities keep it
+        self.after_relu = node.interval_output or (self.after_relu and node.rearranges)
         self.largest = max(self.largest, out[0].numel())
         if node.container or not node.affine:
             self.mixing = None
@@ -93,22 +121,33 @@ class BackwardToInput:
         """Continue from a value whose backward step to the current point is ``backward`` (a residual sum)."""
         previous = self.to_input
         self.to_input = lambda A, bias: previous(*backward(A, bias))
-        self.mixing, self.settled = mixing, None
+        self.mixing, self.settled, self.after_relu = mixing, None, False
 
-    def tighten(
-        self, lower: Tensor, upper: Tensor, needed: Tensor, on_input: Callable[[Tensor], Tensor] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The box ``[lower, upper]`` of the current value (or of a linear function of it: ``on_input`` maps a
-        row on it to a row on the current value) intersected with CROWN bounds of the ``needed`` coordinates.
-
-        Skipped while the value is at most one mixing affine layer (and coordinatewise ones) from the input:
-        there the interval box is already exact.
-        """
-        if self.mixing is not None and self.mixing <= 1:
-            return lower, upper
-        n, shape = lower.shape[0], lower.shape[1:]
+    def needed(self, needed: Tensor, on_input: Callable | None) -> Tensor | None:
+        """The coordinates that get a backward pass among ``needed``, or None when none does: none while the
+        value is at most one mixing affine layer (and coordinatewise ones) from the input (the interval box is
+        then exact), nor after a ReLU unless ``tight``; those no row can tighten (:meth:`Node.settled`) are
+        dropped."""
+        if (self.mixing is not None and self.mixing <= 1) or (self.after_relu and not self.tight):
+            return None
         if self.settled is not None and on_input is None and self.settled.shape == needed.shape:
             needed = needed & ~self.settled
+        return needed
+
+    def tighten(
+        self, lower: Tensor, upper: Tensor, needed: Tensor, on_input: Callable[[Tensor], Tensor] | None = None,
+        replace: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """The box ``[lower, upper]`` of the current value (or of a linear function of it: ``on_input`` maps a
+        row on it to a row on the current value) with CROWN bounds of the ``needed`` coordinates.
+
+        Only the coordinates :meth:`needed` keeps get a pass; each takes its CROWN box intersected with
+        ``[lower, upper]``, or with ``replace`` (auto_LiRPA's rule, unless ``tight``) the CROWN box alone.
+        """
+        needed = self.needed(needed, on_input)
+        if needed is None:
+            return lower, upper
+        n, shape = lower.shape[0], lower.shape[1:]
         flat_needed = needed.reshape(n, -1)
         counts = flat_needed.sum(1)
         rows = int(counts.max()) if n else 0
@@ -142,8 +181,10 @@ class BackwardToInput:
             bound = concretize_upper(A, bias, self.lower, self.upper)
             up, low = bound[:, :k], -bound[:, k:]
             old_low, old_up = new_lower.gather(1, index), new_upper.gather(1, index)
-            new_lower.scatter_(1, index, torch.where(keep, torch.maximum(old_low, low), old_low))
-            new_upper.scatter_(1, index, torch.where(keep, torch.minimum(old_up, up), old_up))
+            if self.tight or not replace:
+                low, up = torch.maximum(old_low, low), torch.minimum(old_up, up)
+            new_lower.scatter_(1, index, torch.where(keep, low, old_low))
+            new_upper.scatter_(1, index, torch.where(keep, up, old_up))
             start += k
             report = ROW_PROGRESS.get()
             if report is not None:

@@ -24,12 +24,14 @@ def interval_bounds(
     full_crown: bool = False,
     row_budget: int = ROW_BUDGET,
     patches: bool = True,
+    tight: bool = False,
 ) -> tuple[Tensor, Tensor, Records]:
     """Output box of ``root`` for the input box ``[lower, upper]``, and the records the backward pass needs.
 
     ``limits``: boxes that the input boxes of nonlinear nodes are intersected with (:class:`Records`).
     ``full_crown``: also intersect them with full-CROWN boxes (:class:`~explain.bounds.crown.BackwardToInput`,
-    ``row_budget`` elements per chunk of backward rows; ``patches``: rows of feature maps as patches, else dense).
+    ``row_budget`` elements per chunk of backward rows; ``patches``: rows of feature maps as patches, else dense;
+    ``tight``: tight boxes rather than auto_LiRPA's).
 
     Raises:
         ValueError: ``lower`` and ``upper`` differ in shape.
@@ -38,7 +40,7 @@ def interval_bounds(
         raise ValueError(f"lower and upper must have the same shape, got {tuple(lower.shape)} and {tuple(upper.shape)}")
     records = Records(limits)
     if full_crown:
-        records.crown = BackwardToInput(records, lower, upper, row_budget, patches)
+        records.crown = BackwardToInput(records, lower, upper, row_budget, patches, tight)
     out_lower, out_upper = root.interval(lower, upper, records)
     records[id(root)] = (out_lower, out_upper)  # the output box
     return out_lower, out_upper, records

@@ -274,6 +274,7 @@ class PositiveLinear(Node):
         self.fn = fn
         self.transpose = transpose
         self.coordinatewise = coordinatewise  # each output is one input (identity, reshapes, pixel shuffles)
+        self.rearranges = coordinatewise
 
     def interval(self, lower, upper, records):
         records[id(self)] = (lower, upper)

@@ -77,10 +77,12 @@ def intermediate_bounds(
     *,
     full_crown: bool = True,
     row_budget: int = ROW_BUDGET,
+    tight_boxes: bool = False,
 ) -> tuple[Tensor, Records]:
     """The interval pass over the boxes ``[lower, upper]``: output lower bounds [n, K] and the records of the
     intermediate boxes, intersected with the Lipschitz boxes (:mod:`explain.bounds.lipschitz`) when
-    ``lipschitz_boxes`` and with full-CROWN boxes when ``full_crown`` (:mod:`explain.bounds.crown`)."""
+    ``lipschitz_boxes``, with full-CROWN boxes when ``full_crown`` (:mod:`explain.bounds.crown`; auto_LiRPA's
+    boxes, or with ``tight_boxes`` also intersected with the interval boxes and bounding ReLU outputs)."""
     positive_int("row_budget", row_budget)
     limits = None
     if lipschitz_boxes:
@@ -89,7 +91,7 @@ def intermediate_bounds(
             graph.gains[key] = input_gains(graph.root, lower)
         limits = lipschitz_limits(graph.root, graph.gains[key], lower, upper)
     out_lower, _, records = interval_bounds(graph.root, lower, upper, limits, full_crown=full_crown,
-                                            row_budget=row_budget)
+                                            row_budget=row_budget, tight=tight_boxes)
     return out_lower, records
 
 
@@ -104,6 +106,7 @@ def margin_upper_bounds(
     lipschitz_boxes: bool = True,
     row_budget: int = ROW_BUDGET,
     alpha_iterations: int = ITERATIONS,
+    tight_boxes: bool = False,
 ) -> Tensor:
     """Upper bounds [n, K-1] of ``max_{lower <= x <= upper} f_c(x) - f_y(x)`` for each ``c != y`` (in class
     order, ``y`` skipped). ``method``: ``crown`` (full CROWN), ``alpha-crown`` (full CROWN, then the ReLU lower
@@ -113,7 +116,10 @@ def margin_upper_bounds(
     ``best`` (per class, the smallest of IBP, full CROWN and, where declared, the Lipschitz certificate).
     ``lipschitz_boxes``: intersect the intermediate boxes with Lipschitz boxes (:func:`intermediate_bounds`;
     computed from the weights, sound for any network). ``row_budget``: memory of full CROWN's intermediate
-    passes (elements of the largest coefficient tensor of a chunk of rows).
+    passes (elements of the largest coefficient tensor of a chunk of rows). ``tight_boxes``: full CROWN's
+    intermediate boxes also intersected with the interval boxes, and the inputs of max pooling after a ReLU bounded
+    by CROWN too (:mod:`explain.bounds.crown`): usually tighter, slower, and no longer auto_LiRPA's bounds
+    (default False: equal to auto_LiRPA's ``method="CROWN"`` to round-off, with ``lipschitz_boxes=False``).
 
     ``crown_classes``: with ``m`` only the ``m`` classes with the largest IBP bound of each box get the CROWN
     pass (keeping the smaller of it and IBP's); the others keep their (sound, cheap) IBP bound (:class:`TopClasses`).
@@ -137,7 +143,8 @@ def margin_upper_bounds(
     spec = None
     if method != "lipschitz":
         out_lower, records = intermediate_bounds(graph, lower, upper, lipschitz_boxes,
-                                                 full_crown=method in FULL_CROWN, row_budget=row_budget)
+                                                 full_crown=method in FULL_CROWN, row_budget=row_budget,
+                                                 tight_boxes=tight_boxes)
         spec = margin_spec(targets, _num_classes(out_lower)).to(lower.dtype)
         partial = crown_classes is not None and crown_classes < spec.shape[1]
         ibp = ibp_spec_upper(graph.root, spec, records) if method in ("ibp", "best") or partial else None
@@ -188,11 +195,13 @@ def margin_upper_bounds_of_balls(
     crown_classes: int | None = None,
     lipschitz_boxes: bool = True,
     row_budget: int = ROW_BUDGET,
+    tight_boxes: bool = False,
 ) -> Tensor:
     """Margin upper bounds [n, K-1] of n boxes (:func:`ball_box`), the smallest of ``methods``."""
     lower, upper = ball_box(images, fixed, eps, input_range)
     bounds = [margin_upper_bounds(graph, lower, upper, targets, method, crown_classes=crown_classes,
-                                  lipschitz_boxes=lipschitz_boxes, row_budget=row_budget) for method in methods]
+                                  lipschitz_boxes=lipschitz_boxes, row_budget=row_budget, tight_boxes=tight_boxes)
+              for method in methods]
     return torch.stack(bounds).amin(0)
 
 
@@ -208,11 +217,13 @@ def shared_crown_margins(
     lipschitz_boxes: bool = True,
     full_crown: bool = True,
     row_budget: int = ROW_BUDGET,
+    tight_boxes: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """CROWN margin bounds of the full balls [b, K-1] and of the region boxes [b, R, K-1] from one bound
     propagation per image (EVA's shared relaxation, :mod:`explain.attributions.eva`). ``inverses`` [b, H, W]:
     region index of every pixel, in ``[0, R)``; a region index that an image does not use gets the full ball's
-    bound. ``full_crown``: full CROWN intermediate boxes (else CROWN-IBP).
+    bound. ``full_crown``: full CROWN intermediate boxes (else CROWN-IBP; ``tight_boxes``: see
+    :func:`margin_upper_bounds`).
 
     Every region box lies in the ball, so the relaxations built on the ball's intermediate boxes hold on it, and
     so does CROWN's linear bound ``<A, x> + b`` computed once on the ball. With centre ``c`` and half-widths ``r``
@@ -223,7 +234,7 @@ def shared_crown_margins(
     crown_classes = positive_int("crown_classes", crown_classes, allow_none=True)
     lower, upper = ball_box(images, None, eps, input_range)
     out_lower, records = intermediate_bounds(graph, lower, upper, lipschitz_boxes, full_crown=full_crown,
-                                             row_budget=row_budget)
+                                             row_budget=row_budget, tight_boxes=tight_boxes)
     spec = margin_spec(targets, _num_classes(out_lower)).to(images.dtype)
     top = None
     if crown_classes is not None and crown_classes < spec.shape[1]:

@@ -91,6 +91,14 @@ class Node(ABC):
     affine: bool = False
     #: True when each output coordinate is one input coordinate times a constant (IBP is then exact)
     coordinatewise: bool = False
+    #: True when each output coordinate is one input coordinate (reshapes, identity): its output box is its input box
+    rearranges: bool = False
+    #: True when full CROWN takes the output box as the interval map of the input box, with no backward pass of its
+    #: own (auto_LiRPA's ``ibp_intermediate``: ReLU), unless asked for tight boxes (:mod:`explain.bounds.crown`)
+    interval_output: bool = False
+    #: True when full CROWN's box of the input replaces the interval box rather than intersect it (auto_LiRPA's
+    #: rule, kept for the operators compared with it: ReLU, max pooling), unless asked for tight boxes
+    crown_box_replaces: bool = False
     #: True for nodes made of other nodes (they run the full-CROWN bookkeeping of their children themselves)
     container: bool = False
 
@@ -111,8 +119,11 @@ class Node(ABC):
 
     def tighten(self, lower: Tensor, upper: Tensor, difference: tuple[Tensor, Tensor] | None,
                 records: Records) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """Full CROWN: the input box intersected with CROWN bounds of the coordinates :meth:`unstable` marks."""
-        lower, upper = records.crown.tighten(lower, upper, self.unstable(lower, upper))
+        """Full CROWN: the input box with CROWN bounds of the coordinates :meth:`crown_rows` marks (of those
+        :meth:`unstable` marks when the input is a ReLU's output, bounded only with tight boxes)."""
+        crown = records.crown
+        rows = self.unstable(lower, upper) if crown.after_relu else self.crown_rows(lower, upper)
+        lower, upper = crown.tighten(lower, upper, rows, replace=self.crown_box_replaces)
         return lower, upper, difference
 
     def settled(self, records: Records, exact_input: bool) -> Tensor | None:
@@ -123,6 +134,11 @@ class Node(ABC):
     def unstable(self, lower: Tensor, upper: Tensor) -> Tensor:
         """Input coordinates whose relaxation a tighter box would improve (all of them by default)."""
         return torch.ones_like(lower, dtype=torch.bool)
+
+    def crown_rows(self, lower: Tensor, upper: Tensor) -> Tensor:
+        """Input coordinates that full CROWN bounds by a backward pass (default: :meth:`unstable`); the
+        operators auto_LiRPA also bounds follow its choice, so that the bounds are equal."""
+        return self.unstable(lower, upper)
 
     def gain(self, gain: Gain, x: Tensor, constants: dict[int, Gain]) -> tuple[Gain, Tensor]:
         """The Lipschitz gain of the output from that of the input, and the output on the sample input ``x``

@@ -64,6 +64,8 @@ class MaxPool(Node):
     dominates every other upper bound (then ``max = x_j``), else the constant ``max_i u_i``.
     """
 
+    crown_box_replaces = True
+
     def __init__(self, path: str, kernel, stride, padding, dilation) -> None:
         super().__init__(path)
         self.kernel, self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
@@ -89,6 +91,11 @@ class MaxPool(Node):
         size = (lower.shape[-2] + 2 * pad_h, lower.shape[-1] + 2 * pad_w)
         folded = F.fold(cover.flatten(1, 2), size, self.kernel, self.dilation, 0, self.stride)
         return folded[..., pad_h : size[0] - pad_h, pad_w : size[1] - pad_w] > 0
+
+    def crown_rows(self, lower, upper):
+        """Every entry, as auto_LiRPA (its bounds of a max-pooling input are dense); none after a ReLU (its output
+        box is then the ReLU of the ReLU's input box, :mod:`explain.bounds.crown`)."""
+        return torch.ones_like(lower, dtype=torch.bool)
 
     def gain(self, gain, x, constants):
         """A max of L-Lipschitz values is L-Lipschitz; the whole output counts each input in at most

@@ -515,11 +515,16 @@ def test_full_crown_is_sound_at_several_radii_and_on_region_boxes(name):
             for method in ("crown", "crown-ibp", "ibp"):
                 bound = margin_upper_bounds(graph, lower, upper, y, method)
                 assert (attack <= bound + 1e-5).all(), f"{name}/{method}/eps={eps}/region={region}"
+            tight = margin_upper_bounds(graph, lower, upper, y, "crown", tight_boxes=True)
+            assert (attack <= tight + 1e-5).all(), f"{name}/tight/eps={eps}/region={region}"
             if region is not None:
                 assert (attack <= shared[:, region] + 1e-5).all(), f"{name}/shared/eps={eps}/region={region}"
 
 
 def test_full_crown_is_tighter_than_crown_ibp_on_every_network():
+    """With tight boxes on every network; with auto_LiRPA's (the default) on every one but max pooling right after a
+    convolution, whose input box is CROWN's even where the interval box is narrower (auto_LiRPA's rule): there full
+    CROWN is looser at eps 0.1."""
     x, y = _data(n=3, seed=5)
     for name in NETWORKS:
         torch.manual_seed(0)
@@ -527,8 +532,13 @@ def test_full_crown_is_tighter_than_crown_ibp_on_every_network():
         for eps in (0.01, 0.1):
             lower, upper = x - eps, x + eps
             full = margin_upper_bounds(graph, lower, upper, y, "crown")
+            tight = margin_upper_bounds(graph, lower, upper, y, "crown", tight_boxes=True)
             cheap = margin_upper_bounds(graph, lower, upper, y, "crown-ibp")
-            assert (full <= cheap + 1e-5).all(), f"{name} eps={eps}: {full} vs {cheap}"
+            assert (tight <= cheap + 1e-5).all(), f"{name} eps={eps}: {tight} vs {cheap}"
+            if name == "maxpool" and eps == 0.1:
+                assert (full > cheap + 1e-2).any() and (tight < full - 1e-3).any()
+            else:
+                assert (full <= cheap + 1e-5).all(), f"{name} eps={eps}: {full} vs {cheap}"
 
 
 def _stable_after_full_crown_network(x: torch.Tensor, eps: float) -> nn.Sequential:
