@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from explain.bounds.alpha import LowerSlopes
 from explain.bounds.convert import converts, exact_type, lipschitz_factor, unsupported
 from explain.bounds.node import Gain, Node, Records
-from explain.bounds.patches import Patches
+from explain.bounds.patches import Patches, row_dot
 from explain.bounds.relaxations import relu_relaxation
 
 
@@ -97,12 +97,14 @@ class ReLU(Node):
 def patches_relaxed_backward(A: Patches, bias: Tensor, relaxation: Tensor) -> tuple[Patches, Tensor]:
     """:func:`relaxed_backward` on patches: the relaxation ``(s_l, s_u, t_u)``, concatenated along the channels
     [n, 3C, H, W], read at the windows."""
-    lower_slope, upper_slope, upper_offset = A.window(relaxation).chunk(3, dim=2)
-    positive = A.coef.clamp(min=0)
-    coef = A.coef * lower_slope
+    lower_slope, upper_slope, upper_offset = A.window(relaxation).chunk(3, dim=3)
+    rows = A.grouped(A.coef)
+    positive = rows.clamp(min=0)
+    coef = rows * lower_slope
     coef.addcmul_(positive, upper_slope - lower_slope)
     # the maps are zero outside the layer, so are the new coefficients
-    return A.with_coef(coef, clean=True), bias + (positive * upper_offset).flatten(2).sum(-1)
+    offset = row_dot(positive, upper_offset)
+    return A.with_coef(coef.flatten(1, 2), clean=True), bias + offset
 
 
 class Clamp(Node):

@@ -153,17 +153,26 @@ class BackwardToInput:
         rows = int(counts.max()) if n else 0
         if rows == 0:
             return lower, upper
-        # per box, the needed coordinates first (padding rows: coordinates that are not needed, results unused)
-        order = flat_needed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :rows]
+        patches = self.patches and on_input is None and len(shape) == 3  # rows of a feature map
+        # per box, the needed coordinates first (padding rows: coordinates that are not needed, results unused);
+        # as patches, cell by cell (the channels of a cell together: Patches reads the maps once per cell)
+        if patches:
+            channels, cells = shape[0], shape[1] * shape[2]
+            by_cell = flat_needed.view(n, channels, cells).transpose(1, 2).reshape(n, -1)
+            order = by_cell.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :rows]
+            order = (order % channels) * cells + order // channels
+        else:
+            order = flat_needed.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :rows]
         valid = torch.arange(rows, device=lower.device) < counts.unsqueeze(1)
         new_lower, new_upper = lower.reshape(n, -1).clone(), upper.reshape(n, -1).clone()
-        patches = self.patches and on_input is None and len(shape) == 3  # rows of a feature map
         per_row = max(self.largest, flat_needed.shape[1])
         start = 0
         while start < rows:
             chunk = max(1, self.row_budget // (2 * n * per_row))
             if patches and start == 0:
-                chunk = min(chunk, 8)  # a first small chunk measures the rows' largest patch
+                chunk = min(chunk, max(8, shape[0]))  # a first small chunk (a cell) measures the largest patch
+            elif patches and chunk > shape[0]:
+                chunk -= chunk % shape[0]  # whole cells
             index, keep = order[:, start : start + chunk], valid[:, start : start + chunk]
             k = index.shape[1]
             signs = torch.cat([torch.ones(n, k), -torch.ones(n, k)], dim=1).to(lower)

@@ -16,6 +16,9 @@ of a window whose top-left corner is ``(top, left)`` [n, r] on a layer of spatia
 
 All rows start as unit rows of one layer, so their windows on a layer are those of a strided convolution
 over it (stride and padding the product of the layers passed): reading a map at the windows unfolds it once.
+When every channel of a cell gets a row (auto_LiRPA's dense rule), the rows come in ``group``s of consecutive
+rows with the same origin cell: a map read at the windows is then read once per group and broadcast over its
+rows (:meth:`Patches.window`, :meth:`Patches.grouped`), as auto_LiRPA's patches broadcast over the output channel.
 
 Any other operation gets the row as a dense tensor (:meth:`Patches.to_dense`), and so does a window that grew
 as large as its layer. The bounds are those of the dense rows, to float round-off.
@@ -48,18 +51,26 @@ class Patches:
     #: False while cells outside the layer may hold coefficients (zeroed by :meth:`cleaned`, or by any
     #: multiplication with a map read by :meth:`window`, which is zero there)
     clean: bool = True
+    #: rows ``g i`` to ``g i + g - 1`` share their origin cell (and so their window), for every ``i``
+    group: int = 1
 
     def __post_init__(self) -> None:
         self.peak = max(self.peak, self.coef[0, 0].numel() if self.coef.shape[1] else 0)
 
     @classmethod
     def unit_rows(cls, flat_index: Tensor, signs: Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Patches:
-        """Rows ``signs * e_j`` of the coordinates ``flat_index`` [n, r] of a layer of ``shape`` (C, H, W)."""
+        """Rows ``signs * e_j`` of the coordinates ``flat_index`` [n, r] of a layer of ``shape`` (C, H, W); rows
+        in runs of ``C`` with one origin cell (every channel of the cell, in any order) form :attr:`group`\ s."""
         channels, height, width = shape
         n, r = flat_index.shape
         coef = torch.zeros(n, r, channels, 1, 1, dtype=dtype, device=flat_index.device)
         coef.scatter_(2, (flat_index // (height * width)).view(n, r, 1, 1, 1), signs.to(dtype).view(n, r, 1, 1, 1))
-        return cls(coef, flat_index % (height * width), (height, width), (height, width))
+        origin = flat_index % (height * width)
+        group = 1
+        if channels > 1 and r % channels == 0:
+            runs = origin.view(n, -1, channels)
+            group = channels if bool((runs == runs[..., :1]).all()) else 1
+        return cls(coef, origin, (height, width), (height, width), group=group)
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -80,7 +91,8 @@ class Patches:
         # corner (i S - P) s - p = i (S s) - (P s + p)
         total_stride = (self.stride[0] * stride[0], self.stride[1] * stride[1])
         total_padding = (self.padding[0] * stride[0] + padding[0], self.padding[1] * stride[1] + padding[1])
-        patches = Patches(coef, self.origin, self.origin_size, size, total_stride, total_padding, self.peak)
+        patches = Patches(coef, self.origin, self.origin_size, size, total_stride, total_padding, self.peak,
+                          group=self.group)
         patches.clean = not patches._sticks_out()
         if coef.shape[-2] * coef.shape[-1] >= size[0] * size[1]:
             return patches.to_dense()
@@ -90,7 +102,8 @@ class Patches:
         """The same windows with other coefficients (channels may change); ``clean``: see the field (default:
         unchanged)."""
         clean = self.clean if clean is None else clean
-        return Patches(coef, self.origin, self.origin_size, self.size, self.stride, self.padding, self.peak, clean)
+        return Patches(coef, self.origin, self.origin_size, self.size, self.stride, self.padding, self.peak, clean,
+                       self.group)
 
     def cleaned(self) -> Patches:
         """The same rows with the coefficients of cells outside the layer zeroed."""
@@ -115,10 +128,16 @@ class Patches:
         inside_cols = (cols >= 0) & (cols < self.size[1])
         return (inside_rows.unsqueeze(-1) & inside_cols.unsqueeze(-2)).unsqueeze(2).to(self.coef.dtype)
 
-    def window(self, values: Tensor) -> Tensor:
-        """``values`` [n, C', H, W] of the layer read at every row's window: [n, r, C', KH, KW] (zero outside).
+    def grouped(self, rows: Tensor) -> Tensor:
+        """A tensor [n, r, ...] of the rows viewed as [n, r / group, group, ...]: it broadcasts against
+        :meth:`window`'s maps (and ``.flatten(1, 2)`` gives it back)."""
+        return rows.unflatten(1, (-1, self.group))
 
-        The windows of all origin cells are unfolded once (a table of ``H0 W0`` windows per box), then each row
+    def window(self, values: Tensor) -> Tensor:
+        """``values`` [n, C', H, W] of the layer read at the window of each group of rows: [n, r / group, 1, C',
+        KH, KW] (zero outside), to combine with :meth:`grouped` rows.
+
+        The windows of all origin cells are unfolded once (a table of ``H0 W0`` windows per box), then each group
         takes its own: cheaper than a gather per coefficient when the rows are many."""
         n, channels = values.shape[:2]
         kh, kw = self.kernel
@@ -130,8 +149,9 @@ class Patches:
         columns = table.shape[-1] // rows_of_windows
         table = table.view(n, -1, rows_of_windows, columns)[:, :, :h0, :w0]
         table = table.permute(0, 2, 3, 1).reshape(n * h0 * w0, -1)
-        index = self.origin + torch.arange(n, device=self.origin.device).unsqueeze(1) * (h0 * w0)
-        return table.index_select(0, index.flatten()).view(n, -1, channels, kh, kw)
+        origin = self.origin[:, :: self.group]
+        index = origin + torch.arange(n, device=self.origin.device).unsqueeze(1) * (h0 * w0)
+        return table.index_select(0, index.flatten()).view(n, -1, 1, channels, kh, kw)
 
     def to_dense(self) -> Tensor:
         """The rows as dense tensors [n, r, C, H, W]."""
@@ -153,8 +173,9 @@ class Patches:
 
     def concretize_upper(self, bias: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
         """``max_{lower <= z <= upper} <coef, z> + bias`` [n, r] over the boxes [n, C, H, W] of the layer."""
-        centre, radius = self.window(torch.cat([(lower + upper) / 2, (upper - lower) / 2], dim=1)).chunk(2, dim=2)
-        return (self.coef * centre + self.coef.abs() * radius).flatten(2).sum(-1) + bias
+        centre, radius = self.window(torch.cat([(lower + upper) / 2, (upper - lower) / 2], dim=1)).chunk(2, dim=3)
+        coef = self.grouped(self.coef)
+        return (row_dot(coef, centre) + row_dot(coef.abs(), radius)) + bias
 
     def __add__(self, other: Patches) -> Patches | Tensor:
         """The sum of two sets of rows on the same layer from the same unit rows (a residual sum): on the union
@@ -173,7 +194,15 @@ class Patches:
         coef = placed(self.coef, 0, 0) + placed(other.coef, dy, dx)
         padding = (self.padding[0] - top, self.padding[1] - left)
         return Patches(coef, self.origin, self.origin_size, self.size, self.stride, padding,
-                       max(self.peak, other.peak), self.clean and other.clean)
+                       max(self.peak, other.peak), self.clean and other.clean, min(self.group, other.group))
+
+
+def row_dot(rows: Tensor, maps: Tensor) -> Tensor:
+    """``(rows * maps).flatten(3).sum(-1).flatten(1, 2)`` [n, r] for :meth:`Patches.grouped` rows [n, G, g, ...]
+    and :meth:`Patches.window` maps [n, G, 1, ...], as a batched matrix product (no product tensor)."""
+    n, groups, group = rows.shape[:3]
+    flat_rows = rows.reshape(n * groups, group, -1)
+    return torch.bmm(flat_rows, maps.reshape(n * groups, -1, 1)).view(n, groups * group)
 
 
 def add_rows(a: Patches | Tensor, b: Patches | Tensor) -> Patches | Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from explain.bounds.convert import converts, exact_type, lipschitz_factor, pair, unsupported
 from explain.bounds.node import Gain, Node, Records
+from explain.bounds.patches import row_dot
 from explain.bounds.relaxations import l2_norm_relaxation, window_expand, window_sum
 
 
@@ -143,18 +144,21 @@ class MaxPool(Node):
             return maps.view(*maps.shape[:2], *A.size)
 
         A = A.cleaned()  # the selected entry of an outside cell may lie inside
-        dominated, ceiling, index = A.window(records.derived(self, maps)).chunk(3, dim=2)
-        positive = A.coef.clamp(min=0)
-        coefficient = A.coef - positive + positive * dominated
-        offset = (positive * ceiling).flatten(2).sum(-1)
+        # maps per group of rows [n, r/g, 1, C, KH, KW], rows [n, r/g, g, C, KH, KW] (Patches.grouped)
+        dominated, ceiling, index = A.window(records.derived(self, maps)).chunk(3, dim=3)
+        rows = A.grouped(A.coef)
+        positive = rows.clamp(min=0)
+        coefficient = rows - positive + positive * dominated
+        offset = row_dot(positive, ceiling)
         n, r, channels, kh, kw = A.coef.shape
         taps = self.kernel[0] * self.kernel[1]
         if self.kernel == self.stride and self.dilation == (1, 1):  # disjoint windows: place, no fold
             (th, tw) = self.kernel
-            selected = index.unsqueeze(-1) == torch.arange(taps, device=index.device)  # [n, r, C, K, K, taps]
+            selected = index.unsqueeze(-1) == torch.arange(taps, device=index.device)  # [n, r/g, 1, C, K, K, taps]
             coef = (coefficient.unsqueeze(-1) * selected).view(n, r, channels, kh, kw, th, tw)
             coef = coef.permute(0, 1, 2, 3, 5, 4, 6).reshape(n, r, channels, kh * th, kw * tw)
             return A.moved(coef, self.stride, self.padding, tuple(lower.shape[-2:])), bias + offset
+        index = index.expand_as(coefficient)
         entries = A.coef.new_zeros(n * r, channels, taps, kh * kw)
         entries.scatter_(2, index.long().reshape(n * r, channels, 1, kh * kw), coefficient.reshape(n * r, channels, 1, -1))
         span = [(k - 1) * s + d * (t - 1) + 1 for k, s, d, t in zip((kh, kw), self.stride, self.dilation, self.kernel)]

@@ -115,5 +115,42 @@ def test_residual_sum_of_patches_is_the_dense_sum():
         assert isinstance(total, Patches)
         torch.testing.assert_close(total.to_dense(), first.to_dense() + second.to_dense())
         values = torch.randn(2, 7, 8, 8)
-        torch.testing.assert_close(total.window(values)[:, :, :, 1:2, 1:2], second.window(values) if second is b
+        torch.testing.assert_close(total.window(values)[..., 1:2, 1:2], second.window(values) if second is b
                                    else first.window(values))
+
+
+@pytest.mark.parametrize("name", ["conv-pool", "residual"])
+def test_rows_grouped_by_cell_give_the_bounds_of_single_rows(name, monkeypatch):
+    """Once every channel of a cell gets a row (auto_LiRPA's dense rule, at a large radius), the rows of a cell
+    form a group that reads the relaxation maps once (``Patches.group``); the same rows one by one (group 1)
+    give the same intermediate boxes and bounds."""
+    torch.manual_seed(0)
+    model = _randomize_batch_norm(NETWORKS[name]())
+    graph = build_graph(model)
+    images = torch.rand(2, 3, 12, 12)
+    spec, eps = margin_spec(torch.tensor([0, 2]), 3), 0.5
+    make_rows = Patches.unit_rows.__func__
+    groups = []
+
+    def recorded(cls, *args, **kwargs):
+        rows = make_rows(cls, *args, **kwargs)
+        groups.append(rows.group)
+        return rows
+
+    def single(cls, *args, **kwargs):
+        rows = make_rows(cls, *args, **kwargs)
+        rows.group = 1
+        return rows
+
+    results = []
+    for rows in (recorded, single):
+        monkeypatch.setattr(Patches, "unit_rows", classmethod(rows))
+        _, _, records = interval_bounds(graph.root, images - eps, images + eps, full_crown=True, patches=True)
+        boxes = [value for value in records.values() if isinstance(value, tuple)]
+        results.append((boxes, crown_spec_upper(graph.root, spec, records, images - eps, images + eps)))
+    assert max(groups) > 1  # the grouped path ran
+    (grouped_boxes, grouped_bound), (single_boxes, single_bound) = results
+    for grouped_box, single_box in zip(grouped_boxes, single_boxes, strict=True):
+        for a, b in zip(grouped_box, single_box):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grouped_bound, single_bound, rtol=1e-6, atol=1e-6)
