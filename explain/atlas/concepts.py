@@ -225,7 +225,7 @@ class ConceptOptions:
     maco_size: int | None = None  # side of the optimised image; None: the input side
     maco_input_size: int | None = None  # side of the crops fed to the model; None: the input side
     maco_batch: int | None = None  # most crops in one MACO network pass (whole concepts, balanced); None: 256 on a
-    # GPU, 32 on a CPU (memory: a pass of 32 crops of ResNet-50 at 224 px holds about 4 GB for its backward)
+    # GPU, one concept's crops on a CPU (memory: a pass of 32 crops of ResNet-50 at 224 px holds ~4 GB for backward)
     seed: int = 0
     batch_size: int = 64
 
@@ -269,9 +269,10 @@ class ConceptPredictor(L.LightningModule):
         return 32 if self.device.type == "cuda" else 4
 
     def concepts_per_pass(self, n_concepts: int) -> int:
-        """Concepts whose MACO crops share a network pass: at most ``maco_batch`` crops (default 256 on a GPU, 32
-        on a CPU), in passes of equal size (10 concepts of 32 crops: 2 passes of 5 concepts)."""
-        limit = self.options.maco_batch or (256 if self.device.type == "cuda" else 32)
+        """Concepts whose MACO crops share a network pass: at most ``maco_batch`` crops (default 256 on a GPU; on a
+        CPU one concept per pass, which measured faster than batching there: BENCHMARKS, bench_atlas.py), in passes
+        of equal size (10 concepts of 32 crops: 2 passes of 5 concepts)."""
+        limit = self.options.maco_batch or (256 if self.device.type == "cuda" else self.maco_crops)
         per_pass = max(1, min(n_concepts, limit // self.maco_crops))
         return math.ceil(n_concepts / math.ceil(n_concepts / per_pass))
 
