@@ -23,12 +23,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from explain.base import eval_mode, grad_enabled, model_device
-from explain.featureviz.maco import _prepare_magnitude, box_size_schedule, random_crops
+from explain.base import eval_mode, grad_enabled
+from explain.featureviz.maco import (
+    _prepare_magnitude,
+    box_size_schedule,
+    check_optimisation,
+    objective_model_and_device,
+    random_crops,
+)
 from explain.featureviz.objectives import SIMILARITIES, direction_similarity
 from explain.featureviz.parameterization import maco_image
 from explain.featureviz.spectrum import _pair
-from explain.validation import in_interval, one_of, positive_int
+from explain.validation import one_of, positive_int
 
 __all__ = ["BatchObjective", "concept_directions", "maco_batch"]
 
@@ -136,13 +142,8 @@ def maco_batch(
     if not callable(objective):
         raise TypeError(f"objective must be callable (crops, images -> scores), got {type(objective).__name__}")
     positive_int("count", count)
-    positive_int("steps", steps)
-    positive_int("crops_per_step", crops_per_step)
+    check_optimisation(steps, crops_per_step, lr, value_range, noise)
     per_pass = count if images_per_pass is None else positive_int("images_per_pass", images_per_pass)
-    in_interval("lr", lr, 0, low_open=True)
-    in_interval("noise", noise, 0)
-    if len(value_range) != 2 or not value_range[0] < value_range[1]:
-        raise ValueError(f"value_range must be a pair (low, high) with low < high, got {value_range!r}")
     seeds = [seeds] * count if isinstance(seeds, int) else list(seeds)
     if len(seeds) != count:
         raise ValueError(f"seeds must be one int or one per image ({count}), got {len(seeds)}")
@@ -150,9 +151,7 @@ def maco_batch(
     crop_size = size if input_size is None else _pair(input_size, "input_size")
     box_sizes = box_size_schedule(box_size, steps).tolist()
 
-    model = getattr(objective, "model", None)
-    model = model if isinstance(model, nn.Module) else nn.Identity()
-    device = torch.device(device) if device is not None else model_device(model)
+    model, device = objective_model_and_device(objective, device)
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
     chunks = [list(range(start, min(start + per_pass, count))) for start in range(0, count, per_pass)]
 

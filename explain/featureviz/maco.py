@@ -144,6 +144,33 @@ def _crops_gradient(objective: Callable[[Tensor], Tensor], crops: Tensor, batch_
     return torch.cat(gradients)
 
 
+def check_optimisation(
+    steps: int, crops_per_step: int, lr: float, value_range: tuple[float, float], noise: float
+) -> None:
+    """The checks of the optimisation arguments :func:`maco` and :func:`~explain.featureviz.maco_batch` share.
+
+    Raises:
+        ValueError: ``steps`` or ``crops_per_step`` not a positive int, ``lr`` not positive, a bad
+            ``value_range``, ``noise`` negative.
+    """
+    positive_int("steps", steps)
+    positive_int("crops_per_step", crops_per_step)
+    in_interval("lr", lr, 0, low_open=True)
+    if len(value_range) != 2 or not value_range[0] < value_range[1]:
+        raise ValueError(f"value_range must be a pair (low, high) with low < high, got {value_range!r}")
+    in_interval("noise", noise, 0)
+
+
+def objective_model_and_device(
+    objective: Callable, device: torch.device | str | None
+) -> tuple[nn.Module, torch.device]:
+    """The objective's ``model`` attribute (run in eval mode; ``nn.Identity`` if none) and the device of the
+    optimisation: ``device``, or the model's."""
+    model = getattr(objective, "model", None)
+    model = model if isinstance(model, nn.Module) else nn.Identity()
+    return model, torch.device(device) if device is not None else model_device(model)
+
+
 def maco(
     objective: Callable[[Tensor], Tensor],
     image_size: int | tuple[int, int],
@@ -209,18 +236,11 @@ def maco(
         raise TypeError(f"objective must be callable (crops [N,3,h,w] -> scores [N]), got {type(objective).__name__}")
     size = _pair(image_size, "image_size")
     crop_size = size if input_size is None else _pair(input_size, "input_size")
-    positive_int("steps", steps)
-    positive_int("crops_per_step", crops_per_step)
-    in_interval("lr", lr, 0, low_open=True)
-    if len(value_range) != 2 or not value_range[0] < value_range[1]:
-        raise ValueError(f"value_range must be a pair (low, high) with low < high, got {value_range!r}")
-    in_interval("noise", noise, 0)
+    check_optimisation(steps, crops_per_step, lr, value_range, noise)
     box_sizes = box_size_schedule(box_size, steps).tolist()
     batch = None if batch_size is None else resolve_batch_size("batch_size", batch_size, "maco")
 
-    model = getattr(objective, "model", None)
-    model = model if isinstance(model, nn.Module) else nn.Identity()
-    device = torch.device(device) if device is not None else model_device(model)
+    model, device = objective_model_and_device(objective, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     with grad_enabled(), eval_mode(model):
