@@ -14,6 +14,7 @@ forward/backward). Batches are the dicts of the data contract (``image``, ``labe
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -262,9 +263,10 @@ class HarmonizedClassifier(LightningModule):
         without_map = (~annotated).nonzero().flatten()
         # the orthogonal kernels of the Lipschitz zoo computed once for both passes (see orthogonal_kernels_once for
         # why not parametrize.cached()): one step then costs, and advances the power iteration, as one full pass.
-        # Ghost batches: the two passes are the two ghost batches, and the running statistics get one update with
-        # their pooled statistics (nothing to pool for networks without batch statistics).
-        with orthogonal_kernels_once(self.backbone), pooled_running_statistics(self.backbone):
+        # Ghost batches (coupled networks): the two passes are the two ghost batches, and the running statistics
+        # get one update with their pooled statistics.
+        pooled = pooled_running_statistics(self.backbone) if coupled else nullcontext()
+        with orthogonal_kernels_once(self.backbone), pooled:
             logits_map, gradient = input_gradient(self.backbone, images[with_map], labels[with_map], create_graph=True)
             logits_plain = self.backbone(images[without_map])
         logits = logits_map.new_empty(images.shape[0], logits_map.shape[1])
