@@ -4,7 +4,8 @@ The fused kernels of ``F.scaled_dot_product_attention`` (flash, memory-efficient
 double backward, so the harmonization loss (a gradient of an input gradient) used to run attention on the math
 kernel, which keeps every ``[L, S]`` attention matrix of the forward. :class:`DoubleBackwardAttention` runs the
 forward on whichever kernel PyTorch picks and saves only ``q, k, v``; its backward recomputes the softmax and is
-written in differentiable operations (:class:`AttentionBackward`, whose own backward recomputes it in turn, so the
+written in differentiable operations (:class:`AttentionBackward`, whose own backward, the double backward of
+attention, recomputes it in turn and is written out in closed form, :func:`attention_vjp_backward`; so the
 double-backprop graph keeps no attention matrix either):
 
 ``s = q k^T * scale + mask``, ``p = softmax(s)``, ``out = p v``;
@@ -94,9 +95,9 @@ class DoubleBackwardAttention(torch.autograd.Function):
 
 class AttentionBackward(torch.autograd.Function):
     """:func:`attention_vjp` as a function of ``q, k, v`` and the incoming gradient, saving only those: its own
-    backward (the double backward of attention) recomputes it under autograd, one layer at a time, so the graph
-    of the double backprop holds no ``[L, S]`` matrix. Differentiable twice in all (enough for a loss on an input
-    gradient)."""
+    backward (the double backward of attention, :func:`attention_vjp_backward`) recomputes the softmax one layer at
+    a time, so the graph of the double backprop holds no ``[L, S]`` matrix. Differentiable twice in all (enough
+    for a loss on an input gradient)."""
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, grad: Tensor, attn_mask: Tensor | None,
@@ -107,13 +108,45 @@ class AttentionBackward(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, *upstream: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx, grad_dq: Tensor, grad_dk: Tensor, grad_dv: Tensor) -> tuple[Tensor | None, ...]:
         query, key, value, grad, attn_mask = ctx.saved_tensors
-        inputs = [tensor.detach().requires_grad_(True) for tensor in (query, key, value, grad)]
-        with torch.enable_grad():
-            outputs = attention_vjp(*inputs, attn_mask, ctx.is_causal, ctx.scale)
-        grads = torch.autograd.grad(outputs, inputs, upstream)
+        grads = attention_vjp_backward(query, key, value, grad, grad_dq, grad_dk, grad_dv, attn_mask, ctx.is_causal,
+                                       ctx.scale)
         return *grads, None, None, None
+
+
+def attention_vjp_backward(
+    query: Tensor, key: Tensor, value: Tensor, grad: Tensor, grad_dq: Tensor, grad_dk: Tensor, grad_dv: Tensor,
+    attn_mask: Tensor | None, is_causal: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The double backward of attention, in closed form: the gradients of
+    ``phi = <u_q, dq> + <u_k, dk> + <u_v, dv>`` (``dq, dk, dv`` from :func:`attention_vjp`, ``u = grad_d*``) w.r.t.
+    ``q, k, v`` and the incoming gradient ``g``, with the softmax recomputed (11 batched products, against ~15 to
+    differentiate :func:`attention_vjp` under autograd). With ``dp = g v^T``, ``r = rowsum(p * dp)``,
+    ``ds = p * (dp - r)``, ``w = scale (u_q k^T + q u_k^T)`` (what ``phi`` pairs with ``ds``) and
+    ``c = rowsum(p * w)``:
+
+    ``d phi / d dp = p * (w - c)`` (``= a``), ``d phi / d p = (dp - r) * (w - c) + g u_v^T`` up to a constant per row,
+    which the softmax's backward removes, giving ``d phi / d s = p * (b - rowsum(p * b))`` (``= t``) for that ``b``;
+    ``d/dq = scale (ds u_k + t k)``, ``d/dk = scale (ds^T u_q + t^T q)``, ``d/dv = a^T g``, ``d/dg = p u_v + a v``.
+    """
+    p = attention_probabilities(query, key, attn_mask, is_causal, scale)
+    grad = grad.to(value.dtype)
+    grad_p = torch.matmul(grad, value.transpose(-2, -1))
+    row = (grad_p * p).sum(dim=-1, keepdim=True)
+    centred_grad_p = grad_p - row
+    grad_scores = p * centred_grad_p
+    paired = (torch.matmul(grad_dq, key.transpose(-2, -1)) + torch.matmul(query, grad_dk.transpose(-2, -1))) * scale
+    centred_paired = paired - (p * paired).sum(dim=-1, keepdim=True)
+    through_grad_p = p * centred_paired
+    through_p = centred_grad_p * centred_paired + torch.matmul(grad, grad_dv.transpose(-2, -1))
+    through_scores = p * (through_p - (p * through_p).sum(dim=-1, keepdim=True))
+    query_grad = (torch.matmul(grad_scores, grad_dk) + torch.matmul(through_scores, key)) * scale
+    key_grad = (torch.matmul(grad_scores.transpose(-2, -1), grad_dq)
+                + torch.matmul(through_scores.transpose(-2, -1), query)) * scale
+    value_grad = torch.matmul(through_grad_p.transpose(-2, -1), grad)
+    grad_grad = torch.matmul(p, grad_dv) + torch.matmul(through_grad_p, value)
+    return query_grad, key_grad, value_grad, grad_grad
 
 
 def math_attention(

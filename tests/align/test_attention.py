@@ -6,7 +6,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from align import HarmonizedClassifier
-from align.models.attention import double_backward_attention, scaled_dot_product_attention
+from align.models.attention import (
+    attention_vjp,
+    attention_vjp_backward,
+    double_backward_attention,
+    scaled_dot_product_attention,
+)
 
 MASKS = ["none", "bool", "float", "causal"]
 
@@ -148,3 +153,20 @@ def test_rrr_input_gradient_of_a_fused_vit_is_differentiable_and_equals_the_math
 
     for a, b in zip(parameter_gradient(True), parameter_gradient(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_closed_form_double_backward_equals_autograd_through_the_written_out_backward(kind):
+    """attention_vjp_backward (closed form) against autograd differentiating attention_vjp (the backward written
+    out in differentiable operations), w.r.t. q, k, v and the incoming gradient, for random upstream gradients."""
+    q, k, v = inputs(torch.float64, length=6, dim=5)
+    options = mask_options(kind, length=6, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(11)
+    grad = torch.randn(q.shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    upstream = [torch.randn(q.shape, generator=generator, dtype=torch.float64) for _ in range(3)]
+    mask, causal = options.get("attn_mask"), options.get("is_causal", False)
+    outputs = attention_vjp(q, k, v, grad, mask, causal, 0.3)
+    expected = torch.autograd.grad(outputs, (q, k, v, grad), upstream)
+    ours = attention_vjp_backward(q, k, v, grad, *upstream, mask, causal, 0.3)
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
