@@ -47,6 +47,20 @@ def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def synchronised_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The ``SyncBatchNorm`` layers of ``model`` that synchronise their batch statistics across processes when they
+    run now: training mode, in a process group of more than one process (the test ``SyncBatchNorm.forward``
+    makes). Their synchronised backward has no double backward in PyTorch (pytorch/pytorch#61222: "derivative for
+    batch_norm_backward_elemt is not implemented"), so a loss on an input gradient cannot go through them."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return []
+    return [
+        layer for layer in model.modules()
+        if isinstance(layer, nn.SyncBatchNorm) and layer.training
+        and torch.distributed.get_world_size(layer.process_group) > 1
+    ]
+
+
 @contextlib.contextmanager
 def recorded_batch_statistics(model: nn.Module) -> Iterator[Statistics]:
     """Within the block, each batch-statistics BatchNorm layer of ``model`` records the mean and biased variance it

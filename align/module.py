@@ -27,7 +27,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from align.batch_statistics import batch_norm_layers, frozen_statistics_input_gradient, pooled_running_statistics
+from align.batch_statistics import (
+    batch_norm_layers,
+    frozen_statistics_input_gradient,
+    pooled_running_statistics,
+    synchronised_batch_norms,
+)
 from align.certification import certified_correct, last_linear, margin_lipschitz
 from align.losses.harmonization import HarmonizationLoss, Reduce, check_reduce, input_gradient
 from align.losses.rrr import RRRLoss
@@ -99,6 +104,10 @@ class HarmonizedClassifier(LightningModule):
               are two ghost batches, each normalised with its own statistics, the annotated one through the exact
               double backprop; the running statistics get one update per step, as in a plain step, with the
               pooled statistics of both ghost batches.
+
+            Under DDP with synchronised BatchNorm (``Trainer(sync_batchnorm=True)``) only ``"frozen"`` works:
+            PyTorch cannot differentiate ``SyncBatchNorm``'s backward, and fitting stops with an error otherwise
+            (:meth:`check_double_backprop_layers`).
         channels_last: keep the backbone's weights and the images in ``torch.channels_last`` memory format
             (faster convolutions with ``bf16-mixed`` on tensor-core GPUs).
     """
@@ -251,12 +260,17 @@ class HarmonizedClassifier(LightningModule):
         """
         annotated = has_heatmap.reshape(-1).to(torch.bool)
         coupled = batch_coupled(self.backbone)
-        if bool(annotated.all()) or not self.split_annotated or (coupled and self.batch_statistics == "full"):
+        every_image = bool(annotated.all())
+        # frozen statistics split even a batch of annotated images when its BatchNorm is synchronised: the full-batch
+        # double backprop cannot go through SyncBatchNorm (see check_double_backprop_layers)
+        frozen = coupled and self.batch_statistics == "frozen" and self.split_annotated and (
+            not every_image or bool(synchronised_batch_norms(self.backbone)))
+        if not frozen and (every_image or not self.split_annotated or (coupled and self.batch_statistics != "ghost")):
             logits, gradient = input_gradient(self.backbone, images, labels, create_graph=True)
             return logits, self.harmonization(reduce_channels(gradient, self.reduce), human, has_heatmap)
         with_map = annotated.nonzero().flatten()
         scale = with_map.numel() / images.shape[0]  # the reference's mean over the whole batch
-        if coupled and self.batch_statistics == "frozen":
+        if frozen:
             with orthogonal_kernels_once(self.backbone):
                 logits, gradient = frozen_statistics_input_gradient(self.backbone, images, labels, with_map)
             return logits, self.harmonization(reduce_channels(gradient, self.reduce), human[with_map]) * scale
@@ -311,6 +325,37 @@ class HarmonizedClassifier(LightningModule):
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step}: {found}; training "
                 "stopped (check the learning rate, the harmonization_weight, the data, and the weights it started from)"
             )
+
+    @override
+    def on_fit_start(self) -> None:
+        """Refuse, before the first step, a double backprop through synchronised BatchNorm (``Trainer(sync_batchnorm=
+        True)`` under DDP): PyTorch cannot differentiate its backward (see
+        :func:`~align.batch_statistics.synchronised_batch_norms`), and would fail at the first annotated batch with
+        "derivative for batch_norm_backward_elemt is not implemented"."""
+        self.check_double_backprop_layers()
+
+    def check_double_backprop_layers(self) -> None:
+        """Raises ``RuntimeError`` when the alignment term would take a double backprop through a synchronised
+        ``SyncBatchNorm`` layer: always with ``alignment_loss="rrr"``, and with the harmonization loss unless
+        ``batch_statistics="frozen"`` (whose double-backprop pass normalises with the synchronised statistics held
+        constant, without synchronising)."""
+        if self.harmonization_weight == 0 or (self.alignment_loss == "harmonization" and self.split_annotated
+                                              and self.batch_statistics == "frozen"):
+            return
+        synchronised = synchronised_batch_norms(self.backbone)
+        if not synchronised:
+            return
+        remedy = ("train without synchronised BatchNorm (Trainer(sync_batchnorm=False): each process normalises with "
+                  "its own batch)")
+        if self.alignment_loss == "harmonization":
+            remedy = ("use batch_statistics='frozen' (the double backprop then normalises with the synchronised "
+                      "statistics held constant) or " + remedy)
+        raise RuntimeError(
+            f"{len(synchronised)} SyncBatchNorm layer(s) synchronise batch statistics across processes (e.g. "
+            f"{synchronised[0]}), and the {self.alignment_loss} loss with batch_statistics={self.batch_statistics!r} "
+            "takes a double backprop through them, which PyTorch cannot differentiate (pytorch/pytorch#61222); "
+            + remedy
+        )
 
     @override
     def on_train_start(self) -> None:

@@ -18,7 +18,12 @@ starts (unique storages saved for backward, counted by ``saved_tensors_hooks``: 
 bulk of the step's peak), and the step's peak above its start (CUDA: ``max_memory_allocated``; CPU: the peak
 resident set size, approximate because of the allocator's caching).
 
-    python benchmarks/bench_attention.py [--repeats 10] [--device cpu|cuda] [--batch-size 10 --annotated 2]
+With ``--profile``, the PyTorch profiler also splits one ``plain`` and one ``fused`` step (CPU) into the matrix
+products (``mm``, ``addmm``, ``bmm``, the fused attention kernels) and the rest, and prints the ratio the harmonized
+step would have if everything but its extra products were free: the floor of any eager implementation of the split
+double backprop on this machine.
+
+    python benchmarks/bench_attention.py [--repeats 10] [--device cpu|cuda] [--batch-size 10 --annotated 2] [--profile]
 """
 
 from __future__ import annotations
@@ -90,6 +95,33 @@ def make_step(module, optimizer, side: str):
     return step
 
 
+#: operators that are matrix products (the attention kernels hold the attention's products)
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product")
+
+
+def product_split(step, batch, steps: int = 2) -> tuple[float, float]:
+    """(ms of matrix products, ms of everything else) per step, self CPU time under the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(steps):
+            step(batch)
+    events = profiler.key_averages()
+    products = sum(event.self_cpu_time_total for event in events if event.key.startswith(PRODUCTS))
+    total = sum(event.self_cpu_time_total for event in events)
+    return products / steps / 1e3, (total - products) / steps / 1e3
+
+
+def print_product_floor(steps: dict, batch: dict) -> None:
+    plain_products, plain_rest = product_split(steps["plain"], batch)
+    fused_products, fused_rest = product_split(steps["fused"], batch)
+    plain = plain_products + plain_rest
+    print(f"  profiled (self CPU ms per step): plain {plain_products:.0f} products + {plain_rest:.0f} other; "
+          f"fused {fused_products:.0f} products + {fused_rest:.0f} other")
+    print(f"  floor with every non-product operator of the extra work free: "
+          f"{(plain + fused_products - plain_products) / plain:.2f}; measured in the profile {(fused_products + fused_rest) / plain:.2f}")
+
+
 def peak_memory(side: str, args) -> tuple[float, float]:
     """(MiB of the tensors the autograd graph holds when the step's ``loss.backward()`` starts, MiB of peak memory
     of the step above its start) for one step of ``side`` in this process (call it in a fresh one). The peak is
@@ -140,6 +172,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="split plain and fused steps into products and the rest")
     # the subprocess's job
     parser.add_argument("--memory-of", choices=("fused", "math", "explicit"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -174,6 +207,8 @@ def main() -> None:
     print(f"  harmonized / plain: fused attention {median['fused'] / median['plain']:.2f} (target <= 1.3), "
           f"math kernel {median['math'] / median['plain']:.2f}, explicit {median['explicit'] / median['plain']:.2f}; "
           f"fused / math {median['fused'] / median['math']:.2f}")
+    if args.profile:
+        print_product_floor(steps, batch)
     if args.skip_memory:
         return
     memory = {}

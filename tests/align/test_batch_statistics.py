@@ -14,6 +14,7 @@ from align.batch_statistics import (
     frozen_statistics_input_gradient,
     pooled_running_statistics,
     recorded_batch_statistics,
+    synchronised_batch_norms,
 )
 from align.losses import harmonization_loss
 from align.losses.harmonization import input_gradient
@@ -272,3 +273,67 @@ def test_pooled_running_statistics_restores_them_on_error_and_skips_single_runs(
 def test_batch_statistics_option_is_checked():
     with pytest.raises(ValueError, match="batch_statistics"):
         HarmonizedClassifier(network(), batch_statistics="frozen_ish")
+
+
+def distributed_world_of_two(monkeypatch):
+    """Make torch.distributed report an initialised group of two processes (SyncBatchNorm's own test)."""
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+
+
+def test_synchronised_batch_norms_are_the_sync_layers_in_training_in_a_group_of_several(monkeypatch):
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(network())
+    assert synchronised_batch_norms(model) == []  # no process group
+    distributed_world_of_two(monkeypatch)
+    sync = [layer for layer in model.modules() if isinstance(layer, nn.SyncBatchNorm)]
+    assert sync and synchronised_batch_norms(model) == sync
+    assert synchronised_batch_norms(network()) == []  # plain BatchNorm never synchronises
+    model.eval()
+    assert synchronised_batch_norms(model) == []
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    assert synchronised_batch_norms(model.train()) == []
+
+
+@pytest.mark.parametrize(("alignment_loss", "statistics", "split", "refused"), [
+    ("harmonization", "full", True, True),
+    ("harmonization", "ghost", True, True),
+    ("harmonization", "frozen", False, True),  # no split: the full-batch double backprop
+    ("harmonization", "frozen", True, False),
+    ("rrr", "frozen", True, True),
+])
+def test_fit_refuses_a_double_backprop_through_synchronised_batch_norm(
+    monkeypatch, alignment_loss, statistics, split, refused
+):
+    distributed_world_of_two(monkeypatch)
+    module = HarmonizedClassifier(nn.SyncBatchNorm.convert_sync_batchnorm(network()), alignment_loss=alignment_loss,
+                                  batch_statistics=statistics, split_annotated=split)
+    if not refused:
+        module.on_fit_start()
+        return
+    with pytest.raises(RuntimeError, match="SyncBatchNorm.*pytorch/pytorch#61222") as error:
+        module.on_fit_start()
+    assert ("use batch_statistics='frozen'" in str(error.value)) == (alignment_loss == "harmonization")
+    HarmonizedClassifier(network(), alignment_loss=alignment_loss, batch_statistics=statistics).on_fit_start()
+
+
+def test_frozen_statistics_split_a_fully_annotated_batch_only_when_batch_norm_is_synchronised(monkeypatch):
+    """Every image annotated: the exact full-batch step, unless the BatchNorm synchronises (its backward has no
+    double backward); then the frozen-statistics step, the double backprop on all images with the statistics of
+    the plain pass held constant."""
+    images, labels, human = batch()
+    every = torch.ones(len(images), dtype=torch.bool)
+    module = HarmonizedClassifier(network(), levels=2, batch_statistics="frozen").train()
+    state = copy.deepcopy(module.state_dict())
+    _, full = module.harmonized_forward(images, labels, human, every)
+    module.load_state_dict(state)
+    _, exact = input_gradient(module.backbone, images, labels, create_graph=True)
+    torch.testing.assert_close(full, module.harmonization(reduce_channels(exact, "mean"), human, every))
+
+    module.load_state_dict(state)
+    monkeypatch.setattr("align.module.synchronised_batch_norms", lambda model: [model])
+    _, frozen = module.harmonized_forward(images, labels, human, every)
+    module.load_state_dict(state)
+    _, gradient = frozen_statistics_input_gradient(module.backbone, images, labels, torch.arange(len(images)))
+    torch.testing.assert_close(frozen, module.harmonization(reduce_channels(gradient, "mean"), human))
+    assert not torch.allclose(frozen, full)
