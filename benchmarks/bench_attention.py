@@ -13,10 +13,11 @@ annotated images only, a plain pass on the others):
   harmonized ViT before.
 
 Time: median of ``--repeats`` steps, the sides alternating step by step; ratios to ``plain`` and ``fused / math``.
-Memory, each harmonized side in a fresh subprocess: the tensors the autograd graph holds when ``loss.backward()``
-starts (unique storages saved for backward, counted by ``saved_tensors_hooks``: deterministic, and on the CPU the
-bulk of the step's peak), and the step's peak above its start (CUDA: ``max_memory_allocated``; CPU: the peak
-resident set size, approximate because of the allocator's caching).
+Memory, each side in a fresh subprocess (the plain step too: the floor of any harmonized one): the tensors the
+autograd graph holds when ``loss.backward()`` starts (unique storages saved for backward, counted by
+``saved_tensors_hooks``: deterministic, and on the CPU the bulk of the step's peak), and the step's peak above its
+start (CUDA: ``max_memory_allocated``; CPU: the peak resident set size, approximate because of the allocator's
+caching).
 
 With ``--profile``, the PyTorch profiler also splits one ``plain`` and one ``fused`` step (CPU) into the matrix
 products (``mm``, ``addmm``, ``bmm``, the fused attention kernels) and the rest, and prints the ratio the harmonized
@@ -174,7 +175,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--profile", action="store_true", help="split plain and fused steps into products and the rest")
     # the subprocess's job
-    parser.add_argument("--memory-of", choices=("fused", "math", "explicit"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", choices=("plain", "fused", "math", "explicit"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         print(json.dumps(peak_memory(args.memory_of, args)))
@@ -212,7 +213,7 @@ def main() -> None:
     if args.skip_memory:
         return
     memory = {}
-    for side in ("fused", "math", "explicit"):
+    for side in ("plain", "fused", "math", "explicit"):
         command = [sys.executable, __file__, "--memory-of", side, "--device", args.device,
                    "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                    "--annotated", str(args.annotated)]
@@ -223,6 +224,9 @@ def main() -> None:
               + f"; fused / math {mib['fused'] / mib['math']:.2f}, "
               + f"fused / explicit {mib['fused'] / mib['explicit']:.2f}"
               + (" (target <= 0.7)" if index == 0 else ""))
+        print(f"    the plain step alone (no harmonization): {mib['plain'] / mib['math']:.2f} of math, the floor of "
+              f"any harmonized step that does not recompute its plain pass; what the harmonization adds, fused / "
+              f"math: {(mib['fused'] - mib['plain']) / (mib['math'] - mib['plain']):.2f}")
 
 
 if __name__ == "__main__":
