@@ -208,7 +208,9 @@ def main() -> None:
     print(f"  harmonized / plain: fused attention {median['fused'] / median['plain']:.2f} (target <= 1.3), "
           f"math kernel {median['math'] / median['plain']:.2f}, explicit {median['explicit'] / median['plain']:.2f}; "
           f"fused / math {median['fused'] / median['math']:.2f}")
-    if args.profile:
+    if args.profile and device.type == "cuda":
+        print("  --profile splits CPU operators' self time; on CUDA that is launch time, not kernel time: skipped")
+    elif args.profile:
         print_product_floor(steps, batch)
     if args.skip_memory:
         return

@@ -10,7 +10,8 @@
 #                                            ViT-S/16 (fused attention with its double backward) at 224 px, bf16,
 #                                            channels_last; the ViT-Tiny attention time/memory vs the math kernel;
 #                                            the profiler's top kernels of the harmonized resnet50 step; the frozen
-#                                            statistics' deviation from the exact step at batch 64, 224 px
+#                                            and ghost statistics' deviation from the exact step (and the exact step's
+#                                            own, other images redrawn) at batch 64, 224 px
 # OUT receives the logs. Needs the project's dependencies importable (PYTHONPATH) and a CUDA GPU.
 set -u
 part=$1
@@ -56,8 +57,10 @@ elif [ "$part" = issue24 ]; then
     --batch-statistics frozen --steps 3 --top 25 > "$out/profile_resnet50_frozen.txt" 2>&1
   timeout 60 python benchmarks/profile_harmonized.py --backbone vit_s16 --precision bf16-mixed --steps 3 --top 25 \
     > "$out/profile_vit_s16.txt" 2>&1
-  timeout 60 python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64 \
-    --batches 3 > "$out/frozen_deviation.txt" 2>&1
+  for mode in frozen ghost redrawn; do
+    timeout 60 python benchmarks/frozen_statistics_deviation.py --backbone resnet50 --image-size 224 --batch-size 64 \
+      --batches 3 --mode $mode >> "$out/frozen_deviation.txt" 2>&1
+  done
 elif [ "$part" = speed ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/speed.txt"
   for backbone in resnet50 vit_s16 lip_resnet; do
