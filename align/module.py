@@ -348,8 +348,8 @@ class HarmonizedClassifier(LightningModule):
         remedy = ("train without synchronised BatchNorm (Trainer(sync_batchnorm=False): each process normalises with "
                   "its own batch)")
         if self.alignment_loss == "harmonization":
-            remedy = ("use batch_statistics='frozen' (the double backprop then normalises with the synchronised "
-                      "statistics held constant) or " + remedy)
+            remedy = ("use batch_statistics='frozen' with split_annotated=True (the double backprop then normalises "
+                      "with the synchronised statistics held constant) or " + remedy)
         raise RuntimeError(
             f"{len(synchronised)} SyncBatchNorm layer(s) synchronise batch statistics across processes (e.g. "
             f"{synchronised[0]}), and the {self.alignment_loss} loss with batch_statistics={self.batch_statistics!r} "
