@@ -10,7 +10,8 @@ On top of Lightning's CLI (subclass mode for the model and the data, every ``--t
   :func:`choose_wandb_mode`), never prompting nor blocking; the resolved config is also logged to every logger;
 * ``--ckpt_path`` checked before Lightning reads it (:func:`check_checkpoint`), and a warning naming every
   ``--model.*`` value that the checkpoint's hyperparameters replace;
-* a ``checkpoint`` group (``ModelCheckpoint``: ``last.ckpt`` plus the best ``val/acc``);
+* a ``checkpoint`` group (``ModelCheckpoint``: the best ``val/acc``) and a ``last_checkpoint`` group (``last.ckpt``,
+  rewritten at every validation);
 * a rich progress bar;
 * ``run.test_after_fit``: after ``fit``, test the best checkpoint on the datamodule's test splits (skipped with a
   notice when it has none: :func:`has_test_split`);
@@ -280,7 +281,14 @@ class AlignCLI(LightningCLI):
             "this flag sets Lightning's `verbose` of `test`).",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": True})
+        parser.set_defaults({"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.save_last": False})
+        # last.ckpt: the state after the latest validation. Since Lightning 2.6, ModelCheckpoint(save_last=True)
+        # writes last.ckpt only when a top-k checkpoint is saved at the same step, so with the best-val/acc
+        # checkpoint it was a copy of the best epoch, and a resume from it went back in time. A second
+        # ModelCheckpoint without a monitor keeps one file, rewritten at every validation.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.filename": "last", "last_checkpoint.save_top_k": 1,
+                             "last_checkpoint.enable_version_counter": False})
 
     # ---------------------------------------------------------------- --ckpt_path
     @override
@@ -343,14 +351,15 @@ class AlignCLI(LightningCLI):
         self._warn_checkpoint_overrides(config)
         run_dir = self._run_dir(config)
         config.trainer.default_root_dir = str(run_dir)
-        if config.checkpoint.dirpath is None:
-            ckpt_path = config.get("ckpt_path") if self.subcommand != "fit" else None
-            if ckpt_path and Path(ckpt_path).is_file():
-                # test/validate/predict restore the fit's ModelCheckpoint state: keep its directory (they write no
-                # checkpoint), else Lightning warns that the directory changed and drops the best-k bookkeeping
-                config.checkpoint.dirpath = str(Path(ckpt_path).parent)
-            else:
-                config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        ckpt_path = config.get("ckpt_path") if self.subcommand != "fit" else None
+        for group in (config.checkpoint, config.last_checkpoint):
+            if group.dirpath is None:
+                if ckpt_path and Path(ckpt_path).is_file():
+                    # test/validate/predict restore the fit's ModelCheckpoint state: keep its directory (they write
+                    # no checkpoint), else Lightning warns that the directory changed and drops the best-k bookkeeping
+                    group.dirpath = str(Path(ckpt_path).parent)
+                else:
+                    group.dirpath = str(run_dir / "checkpoints")
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             self._place_logger(logger, run_dir, config)

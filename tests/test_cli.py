@@ -88,6 +88,22 @@ def test_demo_config_tests_after_fit_and_writes_everything_under_one_run_directo
     assert {"test/iid/acc", "test/flipped/acc"} <= set(cli.trainer.callback_metrics)  # run.test_after_fit: true
 
 
+def test_last_checkpoint_is_the_latest_epoch_and_the_best_one_is_kept_apart(tmp_path, tiny):
+    """With the learning rate at 0 val/acc never improves after epoch 0, so the best checkpoint stays epoch 0; last.ckpt
+    must still hold the last epoch (Lightning 2.6's save_last=True would have written a copy of the best one)."""
+    import torch
+
+    config = ROOT / "configs" / "shortcut" / "baseline_cnn.yaml"
+    fit = main(["fit", "--config", str(config), *tiny, "--trainer.max_epochs=3", "--run.root", str(tmp_path),
+                "--run.test_after_fit=false", "--model.init_args.optimizer.init_args.lr=0"])
+    (run_dir,) = run_dirs(tmp_path)
+    files = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert files == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    assert fit.trainer.checkpoint_callback.best_model_path.endswith("epoch=0-step=2.ckpt")
+
+
 @pytest.mark.parametrize("logger", ["CSVLogger", "TensorBoardLogger"])
 def test_other_loggers_write_into_the_run_directory(tmp_path, logger, tiny):
     config = ROOT / "configs" / "shortcut" / "baseline_cnn.yaml"
@@ -131,6 +147,32 @@ def test_ddp_on_two_cpu_processes(tmp_path, tiny):
     assert result.stdout.count("Test of harmonized_lipschitz/") == 1
     rows = [line.split()[0] for line in result.stdout.splitlines() if line.split()[:1] in (["iid"], ["flipped"])]
     assert rows == ["iid", "flipped"] and "spurious cue" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("statistics", ["frozen", "ghost"])
+def test_split_batch_statistics_train_under_ddp(tmp_path, tiny, statistics):
+    """A BatchNorm CNN harmonized with the split step on 2 CPU processes: the fit runs (every parameter gets a
+    gradient in each process, as DDP requires), and each BatchNorm layer's running statistics were updated once per
+    optimizer step, as in a plain step."""
+    import torch
+
+    config = ROOT / "configs" / "shortcut" / "harmonized_cnn.yaml"
+    command = [
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(config), *tiny, "--data.train_size=64",
+        "--data.annotated_fraction=0.3", "--trainer.max_epochs=2", "--trainer.strategy=ddp", "--trainer.devices=2",
+        f"--model.init_args.batch_statistics={statistics}", "--run.root", str(tmp_path), "--run.test_after_fit=false",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("ALIGN_RUN_VERSION", None)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    steps = state["global_step"]
+    assert steps == 2 * 64 // (2 * 16)  # 2 epochs of 32 images per process in batches of 16
+    tracked = [value.item() for name, value in state["state_dict"].items() if name.endswith("num_batches_tracked")]
+    assert tracked and all(count == steps for count in tracked)
 
 
 def test_processes_of_a_slurm_or_torchrun_job_share_the_run_version():
