@@ -173,6 +173,38 @@ def _job_version(environ: Mapping[str, str]) -> str | None:
 
 #: ``--ckpt_path`` values that Lightning resolves itself (not file paths)
 CHECKPOINT_ALIASES = ("best", "last", "hpc", "registry")
+#: aliases resolved here, in the experiment's runs: Lightning would look in this invocation's own, new run directory
+RUN_ALIASES = ("best", "last")
+
+
+def resolve_checkpoint_alias(alias: str, experiment_dir: Path) -> Path:
+    """``--ckpt_path last`` or ``best``: the newest run of the experiment (``<root>/<experiment>/<version>``, the
+    latest-written ``checkpoints/last.ckpt``), its ``last.ckpt`` or the best checkpoint its ``ModelCheckpoint``
+    recorded. Every invocation of the CLI gets a new run directory, where Lightning's own resolution of these
+    aliases would find nothing and go on from untrained weights.
+
+    Raises:
+        FileNotFoundError: no run of the experiment has a ``last.ckpt``, or its best checkpoint is gone.
+    """
+    runs = sorted(experiment_dir.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    if not runs:
+        raise FileNotFoundError(
+            f"--ckpt_path {alias}: no run under {experiment_dir} has a checkpoints/last.ckpt (set --run.root and "
+            "--run.experiment to the fit's, or give the checkpoint file's path)"
+        )
+    last = runs[-1]
+    if alias == "last":
+        return last
+    states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+    best = [state.get("best_model_path") for key, state in states.items()
+            if key.startswith("ModelCheckpoint") and state.get("monitor")]
+    best = [Path(path) for path in best if path]
+    if not best or not best[0].is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path best: {last} records no best checkpoint that still exists ({best[0] if best else 'none'}); "
+            "give the checkpoint file's path"
+        )
+    return best[0]
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:
@@ -299,6 +331,11 @@ class AlignCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in RUN_ALIASES:
+            config = self.config[subcommand]
+            ckpt_path = str(resolve_checkpoint_alias(ckpt_path, Path(config.run.root) / self._experiment(config)))
+            rank_zero_info(f"--ckpt_path {config.ckpt_path}: {ckpt_path}")
+            config.ckpt_path = ckpt_path
         self._asked_model = None
         if ckpt_path and ckpt_path not in CHECKPOINT_ALIASES:
             if "://" not in str(ckpt_path):  # remote checkpoints (fsspec URLs) are Lightning's to read
@@ -321,14 +358,19 @@ class AlignCLI(LightningCLI):
             )
 
     # ---------------------------------------------------------------- run directory
+    @staticmethod
+    def _experiment(config: Namespace) -> str:
+        """``--run.experiment``, by default the name of the last ``--config`` file (``default`` without one)."""
+        if config.run.experiment:
+            return config.run.experiment
+        configs = [str(path) for path in (config.get("config") or [])]
+        return Path(configs[-1]).stem if configs else "default"
+
     def _run_dir(self, config: Namespace) -> Path:
         """``<root>/<experiment>/<version>``, the same on every process of a DDP run: the processes Lightning
         launches itself inherit rank 0's version (``ALIGN_RUN_VERSION``); under SLURM or torchrun every process
         derives it from the job id (:func:`_job_version`); with another launcher pass ``--run.version``."""
-        experiment = config.run.experiment
-        if not experiment:
-            configs = [str(path) for path in (config.get("config") or [])]
-            experiment = Path(configs[-1]).stem if configs else "default"
+        experiment = self._experiment(config)
         version = config.run.version
         if not version and os.environ.get("LOCAL_RANK", "0") != "0":
             version = os.environ.get(VERSION_ENV)  # a DDP process launched by rank 0: use rank 0's directory

@@ -103,6 +103,13 @@ def test_last_checkpoint_is_the_latest_epoch_and_the_best_one_is_kept_apart(tmp_
     assert (last["epoch"], last["global_step"]) == (2, 6)
     assert fit.trainer.checkpoint_callback.best_model_path.endswith("epoch=0-step=2.ckpt")
 
+    # `--ckpt_path last|best` of a later command: the experiment's newest run, not the command's own new directory
+    for alias, name in (("last", "last.ckpt"), ("best", "epoch=0-step=2.ckpt")):
+        test = main(["test", "--config", str(config), *tiny, "--run.root", str(tmp_path), "--ckpt_path", alias])
+        assert test.config["test"]["ckpt_path"] == str(run_dir / "checkpoints" / name)
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no run under .*elsewhere.*baseline_cnn"):
+        main(["test", "--config", str(config), *tiny, "--run.root", str(tmp_path / "elsewhere"), "--ckpt_path", "last"])
+
 
 @pytest.mark.parametrize("logger", ["CSVLogger", "TensorBoardLogger"])
 def test_other_loggers_write_into_the_run_directory(tmp_path, logger, tiny):
