@@ -58,16 +58,25 @@ def attention_probabilities(
     return torch.softmax(scores, dim=-1)
 
 
+def _scores_gradient(
+    query: Tensor, key: Tensor, value: Tensor, grad: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``p``, the incoming gradient in ``v``'s dtype, ``dp - r`` and ``ds = p * (dp - r)`` (``dp = g v^T``,
+    ``r = rowsum(p * dp)``): what the backward and the double backward of attention share."""
+    p = attention_probabilities(query, key, attn_mask, is_causal, scale)
+    grad = grad.to(value.dtype)
+    grad_p = torch.matmul(grad, value.transpose(-2, -1))
+    centred_grad_p = grad_p - (grad_p * p).sum(dim=-1, keepdim=True)
+    return p, grad, centred_grad_p, p * centred_grad_p
+
+
 def attention_vjp(
     query: Tensor, key: Tensor, value: Tensor, grad: Tensor, attn_mask: Tensor | None, is_causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients of ``<grad, attention(q, k, v)>`` w.r.t. ``q, k, v``, softmax recomputed, in differentiable
     operations (see the module docstring)."""
-    p = attention_probabilities(query, key, attn_mask, is_causal, scale)
-    grad = grad.to(value.dtype)
+    p, grad, _, grad_scores = _scores_gradient(query, key, value, grad, attn_mask, is_causal, scale)
     grad_value = torch.matmul(p.transpose(-2, -1), grad)
-    grad_p = torch.matmul(grad, value.transpose(-2, -1))
-    grad_scores = p * (grad_p - (grad_p * p).sum(dim=-1, keepdim=True))
     grad_query = torch.matmul(grad_scores, key) * scale
     grad_key = torch.matmul(grad_scores.transpose(-2, -1), query) * scale
     return grad_query, grad_key, grad_value
@@ -130,12 +139,7 @@ def attention_vjp_backward(
     which the softmax's backward removes, giving ``d phi / d s = p * (b - rowsum(p * b))`` (``= t``) for that ``b``;
     ``d/dq = scale (ds u_k + t k)``, ``d/dk = scale (ds^T u_q + t^T q)``, ``d/dv = a^T g``, ``d/dg = p u_v + a v``.
     """
-    p = attention_probabilities(query, key, attn_mask, is_causal, scale)
-    grad = grad.to(value.dtype)
-    grad_p = torch.matmul(grad, value.transpose(-2, -1))
-    row = (grad_p * p).sum(dim=-1, keepdim=True)
-    centred_grad_p = grad_p - row
-    grad_scores = p * centred_grad_p
+    p, grad, centred_grad_p, grad_scores = _scores_gradient(query, key, value, grad, attn_mask, is_causal, scale)
     paired = (torch.matmul(grad_dq, key.transpose(-2, -1)) + torch.matmul(query, grad_dk.transpose(-2, -1))) * scale
     centred_paired = paired - (p * paired).sum(dim=-1, keepdim=True)
     through_grad_p = p * centred_paired
