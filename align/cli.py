@@ -452,9 +452,10 @@ class AlignCLI(LightningCLI):
                 "without test.csv), so the test after fit is skipped"
             )
         elif self.config.fit.run.test_after_fit:
-            checkpoint = self.trainer.checkpoint_callback
-            best = checkpoint.best_model_path if checkpoint is not None else ""
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None,
+            # the path itself: "best" would make Lightning warn that it picks the first of the two ModelCheckpoints
+            monitored = [callback for callback in self.trainer.checkpoint_callbacks if callback.monitor]
+            best = monitored[0].best_model_path if monitored else ""
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None,
                               verbose=self.config.fit.run.lightning_tables)
             self._print_summary()
         self._finish_wandb()
