@@ -333,8 +333,17 @@ class AlignCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path in RUN_ALIASES:
             config = self.config[subcommand]
-            ckpt_path = str(resolve_checkpoint_alias(ckpt_path, Path(config.run.root) / self._experiment(config)))
-            rank_zero_info(f"--ckpt_path {config.ckpt_path}: {ckpt_path}")
+            try:
+                ckpt_path = str(resolve_checkpoint_alias(ckpt_path, Path(config.run.root) / self._experiment(config)))
+            except FileNotFoundError as error:
+                if subcommand != "fit":  # testing untrained weights is never what was asked
+                    raise
+                # a fit with --ckpt_path last resumes when it can (a requeued job's first run starts afresh), as
+                # Lightning's own alias does
+                rank_zero_warn(f"{error}: the fit starts from the model's initial weights")
+                ckpt_path = None
+            else:
+                rank_zero_info(f"--ckpt_path {config.ckpt_path}: {ckpt_path}")
             config.ckpt_path = ckpt_path
         self._asked_model = None
         if ckpt_path and ckpt_path not in CHECKPOINT_ALIASES:

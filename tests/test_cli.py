@@ -109,6 +109,15 @@ def test_last_checkpoint_is_the_latest_epoch_and_the_best_one_is_kept_apart(tmp_
         assert test.config["test"]["ckpt_path"] == str(run_dir / "checkpoints" / name)
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path last: no run under .*elsewhere.*baseline_cnn"):
         main(["test", "--config", str(config), *tiny, "--run.root", str(tmp_path / "elsewhere"), "--ckpt_path", "last"])
+    # a fit resumes from the newest run's last.ckpt (3 epochs done: a 4th), and starts afresh, warned, without one
+    resumed = main(["fit", "--config", str(config), *tiny, "--trainer.max_epochs=4", "--run.root", str(tmp_path),
+                    "--run.test_after_fit=false", "--ckpt_path", "last"])
+    assert resumed.config["fit"]["ckpt_path"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert resumed.trainer.global_step == 8
+    with pytest.warns(UserWarning, match="no run under .*fresh.*starts from the model's initial weights"):
+        fresh = main(["fit", "--config", str(config), *tiny, "--run.root", str(tmp_path / "fresh"),
+                      "--run.test_after_fit=false", "--ckpt_path", "last"])
+    assert fresh.config["fit"]["ckpt_path"] is None and fresh.trainer.global_step == 2
 
 
 @pytest.mark.parametrize("logger", ["CSVLogger", "TensorBoardLogger"])
