@@ -41,17 +41,23 @@ def _reference():
 TOLERANCE = dict(rtol=1e-5, atol=2e-6)
 
 
+def assert_equal_to_reference(model, images, labels, reference: dict, method: str) -> None:
+    """Our margin upper bounds (``OURS[method]``, no Lipschitz boxes) equal the fixture's auto_LiRPA bounds at
+    every radius, to :data:`TOLERANCE`."""
+    graph = build_graph(model)
+    for eps, expected in zip(reference["radii"], reference["bounds"][method]):
+        ours = margin_upper_bounds(graph, images - eps, images + eps, labels, OURS[method], lipschitz_boxes=False)
+        expected = torch.tensor(expected, dtype=ours.dtype)
+        torch.testing.assert_close(ours, expected, **TOLERANCE, msg=lambda m: f"{method}, {eps}: {m}")
+
+
 @pytest.mark.parametrize("method", list(OURS))
 def test_bounds_equal_auto_lirpa_on_the_same_network(method):
     """Equal at every radius, 0.2 included: there more than 90% of a layer's neurons are unstable in some box, and
     auto_LiRPA (so ours) bounds all of them by CROWN (with only the unstable ones, ours moved by up to 1.5e-3)."""
     model, images, labels, reference = _reference()
-    graph = build_graph(model)
     assert 0.2 in reference["radii"]
-    for eps, expected in zip(reference["radii"], reference["bounds"][method]):
-        ours = margin_upper_bounds(graph, images - eps, images + eps, labels, OURS[method], lipschitz_boxes=False)
-        expected = torch.tensor(expected, dtype=ours.dtype)
-        torch.testing.assert_close(ours, expected, **TOLERANCE, msg=lambda m: f"{method}, {eps}: {m}")
+    assert_equal_to_reference(model, images, labels, reference, method)
 
 
 def test_the_reference_separates_the_methods():
@@ -103,11 +109,7 @@ def test_bounds_equal_auto_lirpa_on_efficientnet_operators(method):
     interval boxes, and from the fixture bounding its three boxes in one batch, where auto_LiRPA bounds a neuron
     unstable in any of them in all of them: 7e-5)."""
     model, images, labels, reference = _blocks_reference()
-    graph = build_graph(model)
-    for eps, expected in zip(reference["radii"], reference["bounds"][method]):
-        ours = margin_upper_bounds(graph, images - eps, images + eps, labels, OURS[method], lipschitz_boxes=False)
-        expected = torch.tensor(expected, dtype=ours.dtype)
-        torch.testing.assert_close(ours, expected, **TOLERANCE, msg=lambda m: f"{method}, {eps}: {m}")
+    assert_equal_to_reference(model, images, labels, reference, method)
 
 
 POOL_FIXTURE = Path(__file__).parent / "data" / "auto_lirpa_reference_pool.json"
@@ -130,11 +132,7 @@ def test_bounds_equal_auto_lirpa_with_max_pooling(method):
     """The input box of the max pooling after a ReLU is the ReLU of the ReLU's box (no CROWN pass of its own), that
     of the max pooling after a convolution is CROWN's, every entry."""
     model, images, labels, reference = _pool_reference()
-    graph = build_graph(model)
-    for eps, expected in zip(reference["radii"], reference["bounds"][method]):
-        ours = margin_upper_bounds(graph, images - eps, images + eps, labels, OURS[method], lipschitz_boxes=False)
-        expected = torch.tensor(expected, dtype=ours.dtype)
-        torch.testing.assert_close(ours, expected, **TOLERANCE, msg=lambda m: f"{method}, {eps}: {m}")
+    assert_equal_to_reference(model, images, labels, reference, method)
 
 
 def test_tight_boxes_are_sound_and_tighter_than_auto_lirpa_on_relu_and_max_pooling_networks():
